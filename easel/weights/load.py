@@ -1,0 +1,136 @@
+"""Read and write state dicts: `.safetensors` directly, `.ckpt`/`.pt` only through the safe unpickler."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be used; the message names the problem and the fix."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle checkpoint wanted to run code or build objects that plain weights never need."""
+
+
+def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load every tensor of a weights file on the CPU, with the safetensors metadata (empty for pickles)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no such checkpoint file: {path}")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        return _read_pickle(path), {}
+    raise CheckpointError(
+        f"{path.name}: unknown weights format '{path.suffix}'; easel reads .safetensors, "
+        f"and {', '.join(PICKLE_SUFFIXES)} through torch.load(weights_only=True)"
+    )
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a safetensors file; a truncated or foreign file gets a clear error."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys()}, metadata
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{path.name} is not a readable .safetensors file ({e}); "
+                              "re-download it or check that it is complete") from None
+
+
+def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """Read a pickle checkpoint without ever executing code from it."""
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=_is_zip(path))
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"{path.name} asks the unpickler to build objects that are not plain tensors ({_first_line(e)}). "
+            "easel refused to load it and ran none of its code. If you trust the file, convert it to "
+            ".safetensors with a tool you trust, or ask its author for a .safetensors version."
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path.name} is not a readable checkpoint ({_first_line(e)})") from None
+    return _unwrap(obj, path)
+
+
+def _is_zip(path: Path) -> bool:
+    """torch's zip format can be memory-mapped; old tar/legacy pickles cannot."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    """Lightning checkpoints nest the weights under 'state_dict'; keep only the tensors."""
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path.name} holds a {type(obj).__name__}, not a dictionary of weights")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def write_safetensors(sd: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file atomically (temp file + rename), so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a small text file atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def file_hash(path: str | os.PathLike) -> str:
+    """A1111's model hash (sha256 of the whole file, first 10 hex digits), cached by path, size and mtime."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    cache_file = cache_dir() / "hashes.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key not in cache:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        cache[key] = h.hexdigest()
+        try:
+            write_text_atomic(cache_file, json.dumps(cache))
+        except OSError:
+            pass  # a read-only cache only costs re-hashing next time
+    return cache[key][:10]
+
+
+def cache_dir() -> Path:
+    """easel's cache folder: $EASEL_CACHE, else ~/.cache/easel."""
+    return Path(os.environ.get("EASEL_CACHE") or Path.home() / ".cache" / "easel")
