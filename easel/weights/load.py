@@ -54,8 +54,11 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except pickle.UnpicklingError as e:
+        reason = _unpickler_reason(e)
+        if "GLOBAL" not in reason:
+            raise CheckpointError(f"{path.name} is not a readable checkpoint ({reason})") from None
         raise UnsafeCheckpointError(
-            f"{path.name} asks the unpickler to build objects that are not plain tensors ({_first_line(e)}). "
+            f"{path.name} asks the unpickler to build objects that are not plain tensors ({reason}). "
             "easel refused to load it and ran none of its code. If you trust the file, convert it to "
             ".safetensors with a tool you trust, or ask its author for a .safetensors version."
         ) from None
@@ -68,6 +71,14 @@ def _is_zip(path: Path) -> bool:
     """torch's zip format can be memory-mapped; old tar/legacy pickles cannot."""
     with open(path, "rb") as f:
         return f.read(4) == b"PK\x03\x04"
+
+
+def _unpickler_reason(e: Exception) -> str:
+    """The one informative line of torch's long weights_only error ('... unsupported GLOBAL posix.system ...')."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln or "error" in ln.lower()]
+    return (useful[-1] if useful else _first_line(e)).removeprefix("Please file an issue with the following so that "
+                                                                     "we can make `weights_only=True` compatible with your use case: ")
 
 
 def _first_line(e: Exception) -> str:

@@ -61,7 +61,7 @@ def list_models() -> list[ModelEntry]:
 
 def _entry(p: Path) -> ModelEntry | None:
     """A ModelEntry if `p` is a checkpoint file or a diffusers folder."""
-    if p.is_file() and p.suffix in WEIGHT_SUFFIXES and p.stat().st_size > 1 << 20 and _not_component(p):
+    if p.is_file() and p.suffix in WEIGHT_SUFFIXES and _not_component(p):
         return ModelEntry(p.stem, p, "single-file")
     if p.is_dir() and (p / "model_index.json").is_file():
         name = p.name
