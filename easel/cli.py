@@ -90,10 +90,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     base = params_from_image(args.from_image) if args.from_image else {}
     if args.prompt is None and not base:
         raise ValueError("give a PROMPT (or --from IMAGE.png to reproduce an image)")
+    req = request_from_args(args, base)
+    req.check()  # fail before the (slow) model load
     model = args.model or (base.get("model") if args.from_image and base.get("model") != "shapeworld" else None)
     pipe = easel.load(model, dtype=args.dtype, device=args.device, vae=args.vae, tokenizer=args.tokenizer,
                       prediction=args.prediction)
-    req = request_from_args(args, base)
     with progress_bar(req, pipe) as cb:
         results = pipe.generate(req, callback=cb)
     out = Path(args.out)

@@ -128,14 +128,14 @@ SD15 = ModelConfig(name="sd15", unet=UNetConfig(), vae=VAEConfig(), text_encoder
 SD15_INPAINT = dataclasses.replace(SD15, name="sd15-inpaint", unet=UNetConfig(in_channels=9))
 SD21 = ModelConfig(
     name="sd21", prediction="v", default_size=768, clip_skip=2,
-    unet=UNetConfig(num_head_channels=64, context_dim=1024, use_linear_in_transformer=True),
+    unet=UNetConfig(num_heads=-1, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True),
     vae=VAEConfig(), text_encoders=(OPENCLIP_H,),
 )
 SD21_BASE = dataclasses.replace(SD21, name="sd21-base", prediction="eps", default_size=512)
 SDXL = ModelConfig(
     name="sdxl", default_size=1024, clip_skip=2, text_final_norm=False, pooled_text=True,
     unet=UNetConfig(channel_mult=(1, 2, 4), transformer_depth=(0, 2, 10), transformer_depth_middle=10,
-                    num_head_channels=64, context_dim=2048, use_linear_in_transformer=True,
+                    num_heads=-1, num_head_channels=64, context_dim=2048, use_linear_in_transformer=True,
                     adm_in_channels=2816),
     vae=VAEConfig(scale_factor=0.13025), text_encoders=(CLIP_L, OPENCLIP_BIGG),
 )

@@ -29,8 +29,9 @@ class GenerationRequest:
 
     def resolved(self, default_size: int, default_batch: int) -> "GenerationRequest":
         """A copy with every default filled in and every value checked (raises ValueError naming the field)."""
-        r = dataclasses.replace(self, width=self.width or default_size, height=self.height or default_size,
-                                batch_size=self.batch_size or default_batch)
+        pick = lambda v, d: d if v is None else v  # noqa: E731  (0 is a value to reject, not "unset")
+        r = dataclasses.replace(self, width=pick(self.width, default_size), height=pick(self.height, default_size),
+                                batch_size=pick(self.batch_size, default_batch))
         if r.seed is None or r.seed < 0:
             r.seed = random.randrange(2**32)
         r.check()
@@ -52,6 +53,10 @@ class GenerationRequest:
             raise ValueError(f"clip skip must be 1 or more (got {self.clip_skip})")
         if self.seed is not None and self.seed >= 2**63:
             raise ValueError("seed must be below 2**63")
+        from easel.samplers import SCHEDULES, resolve_sampler
+        _, schedule = resolve_sampler(self.sampler)  # raises, listing the valid names
+        if (schedule or self.scheduler) not in SCHEDULES:
+            raise ValueError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULES)}")
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict."""

@@ -67,11 +67,8 @@ def _config_from_shapes(sd: dict[str, torch.Tensor]) -> ModelConfig:
     else:
         texts = (clip_config_from_hf(strip(sd, SDXL_TEXT[0]), CLIP_L),
                  clip_config_from_openclip(strip(sd, SDXL_TEXT[1]), OPENCLIP_BIGG))
-    base = {"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl"}[fam]
-    preset = PRESETS[base]
-    cfg = dataclasses.replace(preset, unet=unet, vae=vae, text_encoders=texts)
-    if fam == "sd2":
-        cfg = dataclasses.replace(cfg, prediction=_sd2_prediction(sd), name="sd2")
+    base = {"sd1": "sd15", "sd2": "sd21" if _sd2_prediction(sd) == "v" else "sd21-base", "sdxl": "sdxl"}[fam]
+    cfg = dataclasses.replace(PRESETS[base], unet=unet, vae=vae, text_encoders=texts)
     return dataclasses.replace(cfg, name=_preset_name(cfg))
 
 
@@ -84,11 +81,11 @@ def _preset_name(cfg: ModelConfig) -> str:
 
 
 def _sd2_prediction(sd: dict[str, torch.Tensor]) -> str:
-    """SD2 768-v and 512-base share every key; a 'v_pred' key or ComfyUI's statistic tells them apart."""
+    """(Only meaningful for SD2 files.) SD2 768-v and 512-base share every key; a 'v_pred' key or ComfyUI's statistic tells them apart."""
     if "v_pred" in sd:
         return "v"
     key = UNET + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
-    if key in sd and torch.std(sd[key].float(), unbiased=False) > 0.09:
+    if key in sd and not sd[key].is_meta and torch.std(sd[key].float(), unbiased=False) > 0.09:
         return "v"
     return "eps"
 

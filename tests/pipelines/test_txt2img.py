@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny
+from tests.conftest import make_tiny
 from easel.pipelines import common
 from easel.pipelines.pipeline import Pipeline
 from easel.pipelines.request import GenerationRequest
@@ -22,7 +22,7 @@ def test_matches_diffusers_stable_diffusion_pipeline(tmp_path, tiny_sd1_file):
     req = GenerationRequest("a red cat", "blue dog", width=32, height=32, steps=10, cfg_scale=6.0, sampler="euler",
                             scheduler="ddim_uniform", seed=123, batch_size=2).resolved(32, 1)
     seeds = [123, 124]
-    noise, _ = common.initial_noise(seeds, (4, 8, 8))
+    noise, _ = common.initial_noise(seeds, (4, 16, 16))  # the tiny VAE downsamples by 2
     ours = sample_latents(loaded, req, seeds)
     theirs = pipe(["a red cat"] * 2, negative_prompt=["blue dog"] * 2, num_inference_steps=10, guidance_scale=6.0,
                   height=32, width=32, latents=noise.clone(), output_type="latent").images
@@ -40,9 +40,12 @@ def test_same_seed_same_pixels_and_batches_count_up(tiny_sd1):
     a = pipe.txt2img("a red cat", seed=7, batch_size=2, **opts)
     b = pipe.txt2img("a red cat", seed=8, batch_size=1, **opts)
     c = pipe.txt2img("a red cat", seed=7, batch_size=1, **opts)
-    assert np.array_equal(np.asarray(a[0]), np.asarray(c[0]))
-    assert np.array_equal(np.asarray(a[1]), np.asarray(b[0]))  # image 2 of a batch == seed + 1 alone
-    assert not np.array_equal(np.asarray(a[0]), np.asarray(a[1]))
+    d = pipe.txt2img("a red cat", seed=7, batch_size=2, **opts)
+    px = lambda im: np.asarray(im).astype(int)  # noqa: E731
+    assert np.array_equal(px(a[0]), px(d[0])) and np.array_equal(px(a[1]), px(d[1]))  # same request: same bytes
+    # Image 2 of a batch is image 1 of seed + 1 alone (up to float summation order, which depends on batch size).
+    assert np.abs(px(a[1]) - px(b[0])).max() <= 2 and np.abs(px(a[0]) - px(c[0])).max() <= 2
+    assert np.abs(px(a[0]) - px(a[1])).mean() > 5
 
 
 def test_n_iter_and_params(tiny_sd1):

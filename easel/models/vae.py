@@ -1,0 +1,294 @@
+"""AutoencoderKL: the Stable Diffusion VAE (Rombach et al. 2022, "High-Resolution Image Synthesis with
+Latent Diffusion Models", CompVis `ldm/modules/diffusionmodules/model.py`).
+
+Module names equal the CompVis checkpoint keys after stripping `first_stage_model.`, so loading a
+single-file checkpoint is a prefix strip. The encoder maps an image in [-1, 1] to the mean and log
+variance of a diagonal Gaussian over latents 8x smaller per side; the decoder maps latents back.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from easel.models.configs import VAEConfig
+
+
+def _norm(channels: int, groups: int) -> nn.GroupNorm:
+    """GroupNorm as in CompVis `Normalize` (eps 1e-6, affine)."""
+    return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
+
+
+def _silu(x: torch.Tensor) -> torch.Tensor:
+    """SiLU, in place when no graph is being recorded (saves one full-size activation at inference)."""
+    return F.silu(x, inplace=not torch.is_grad_enabled())
+
+
+class ResnetBlock(nn.Module):
+    """Two GroupNorm-SiLU-conv3x3 stages with a residual; 1x1 `nin_shortcut` when channels change."""
+
+    def __init__(self, in_ch: int, out_ch: int, groups: int):
+        super().__init__()
+        self.norm1 = _norm(in_ch, groups)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm2 = _norm(out_ch, groups)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(_silu(self.norm1(x)))
+        h = self.conv2(_silu(self.norm2(h)))
+        # Adding into conv2's fresh output is safe for autograd (conv does not save its output).
+        return h.add_(self.nin_shortcut(x) if self.nin_shortcut is not None else x)
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all pixels; q/k/v/proj_out are 1x1 convs as in CompVis."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.norm = _norm(channels, groups)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        # (B, C, H, W) -> (B, 1, H*W, C): one head whose width is all channels.
+        q, k, v = (conv(h).flatten(2).transpose(1, 2).unsqueeze(1) for conv in (self.q, self.k, self.v))
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, 1, H*W, C), scale 1/sqrt(C)
+        out = out.squeeze(1).transpose(1, 2).reshape(B, C, H, W)
+        return x + self.proj_out(out)
+
+
+class Downsample(nn.Module):
+    """Stride-2 conv3x3 after padding right and bottom by one (CompVis's asymmetric padding)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 then conv3x3."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class MidBlock(nn.Module):
+    """ResnetBlock -> attention -> ResnetBlock at the lowest resolution."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, groups)
+        self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Level(nn.Module):
+    """One resolution level: `block` (ResnetBlocks) and an optional `downsample` / `upsample`."""
+
+    def __init__(self, channels: list[int], groups: int, resample: str | None):
+        super().__init__()
+        self.block = nn.ModuleList(ResnetBlock(a, b, groups) for a, b in zip(channels[:-1], channels[1:]))
+        if resample == "down":
+            self.downsample = Downsample(channels[-1])
+        elif resample == "up":
+            self.upsample = Upsample(channels[-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.block:
+            x = block(x)
+        # The resampler is registered under the checkpoint's name, or not at all (last level).
+        resample = getattr(self, "downsample", None) or getattr(self, "upsample", None)
+        return resample(x) if resample is not None else x
+
+
+class Encoder(nn.Module):
+    """Image (B, in_channels, H, W) -> moments (B, 2*z_channels, H/f, W/f)."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        prev = cfg.ch
+        for i, w in enumerate(widths):
+            last = i == len(widths) - 1
+            self.down.append(Level([prev] + [w] * cfg.num_res_blocks, cfg.norm_groups, None if last else "down"))
+            prev = w
+        self.mid = MidBlock(prev, cfg.norm_groups)
+        self.norm_out = _norm(prev, cfg.norm_groups)
+        self.conv_out = nn.Conv2d(prev, 2 * cfg.z_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level(h)
+        return self.conv_out(_silu(self.norm_out(self.mid(h))))
+
+
+class Decoder(nn.Module):
+    """Latent (B, z_channels, h, w) -> image (B, out_ch, h*f, w*f).
+
+    `up[i]` is the level at the resolution of encoder level i, so the forward pass walks `up` backwards
+    (diffusers' `up_blocks` count the other way).
+    """
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        self.conv_in = nn.Conv2d(cfg.z_channels, widths[-1], 3, padding=1)
+        self.mid = MidBlock(widths[-1], cfg.norm_groups)
+        levels = []
+        prev = widths[-1]
+        for i in reversed(range(len(widths))):
+            chans = [prev] + [widths[i]] * (cfg.num_res_blocks + 1)
+            levels.append(Level(chans, cfg.norm_groups, "up" if i > 0 else None))
+            prev = widths[i]
+        self.up = nn.ModuleList(reversed(levels))
+        self.norm_out = _norm(prev, cfg.norm_groups)
+        self.conv_out = nn.Conv2d(prev, cfg.out_ch, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            h = level(h)
+        return self.conv_out(_silu(self.norm_out(h)))
+
+
+class AutoencoderKL(nn.Module):
+    """The SD VAE: `encode` to a diagonal Gaussian over latents, `decode` latents to an image."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.config = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image (B, 3, H, W) in [-1, 1] -> posterior (mean, logvar), each (B, embed_dim, H/f, W/f)."""
+        _check_size(x, self.config.downsample)
+        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)  # CompVis DiagonalGaussianDistribution's clamp
+
+    def decode(self, z: torch.Tensor, tile: int | None = None, overlap: int | None = None) -> torch.Tensor:
+        """Unscaled latent (B, embed_dim, h, w) -> image (B, 3, h*f, w*f) in about [-1, 1].
+
+        With `tile` (latent cells), decode overlapping tiles and cross-fade them (see `decode_tiled`).
+        """
+        if tile is not None:
+            return decode_tiled(self._decode_full, z, tile, overlap, self.config.downsample)
+        return self._decode_full(z)
+
+    def _decode_full(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(z))
+
+    def encode_latents(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                       sample: bool = False) -> torch.Tensor:
+        """Image in [-1, 1] -> diffusion latents `(z - shift) * scale`; z is the mean or a posterior sample.
+
+        Sampling noise is drawn on the CPU from `generator`, so a seed gives the same latents on any device.
+        """
+        mean, logvar = self.encode(x)
+        z = mean
+        if sample:
+            z = mean + torch.exp(0.5 * logvar) * _cpu_randn(mean, generator)
+        return (z - self.config.shift_factor) * self.config.scale_factor
+
+    def decode_latents(self, latents: torch.Tensor, tile: int | None = None,
+                       overlap: int | None = None) -> torch.Tensor:
+        """Diffusion latents -> image in about [-1, 1]; `tile` (latent cells, e.g. 64) bounds the memory."""
+        z = latents / self.config.scale_factor + self.config.shift_factor
+        return self.decode(z, tile=tile, overlap=overlap)
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training pass: (reconstruction from a posterior sample, mean, logvar)."""
+        mean, logvar = self.encode(x)
+        z = mean + torch.exp(0.5 * logvar) * _cpu_randn(mean, generator)
+        return self.decode(z), mean, logvar
+
+
+def _cpu_randn(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise shaped like `like`, drawn on the CPU in fp32 then moved."""
+    noise = torch.randn(like.shape, generator=generator, device="cpu", dtype=torch.float32)
+    return noise.to(like.device, like.dtype)
+
+
+def _check_size(x: torch.Tensor, factor: int) -> None:
+    """Reject images whose sides the encoder cannot halve evenly (the latent grid would be misaligned)."""
+    if x.ndim != 4:
+        raise ValueError(f"VAE.encode expects images shaped (B, C, H, W), got {tuple(x.shape)}")
+    H, W = x.shape[-2:]
+    if H % factor or W % factor:
+        raise ValueError(f"image size {W}x{H} is not a multiple of {factor}: resize or crop it to a multiple "
+                         f"of {factor} (e.g. {W // factor * factor}x{H // factor * factor})")
+
+
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles of length `tile` covering [0, size), spread evenly, overlapping >= `overlap`."""
+    if size <= tile:
+        return [0]
+    n = 1 + math.ceil((size - tile) / (tile - overlap))
+    return [round(i * (size - tile) / (n - 1)) for i in range(n)]
+
+
+def _ramp(starts: list[int], i: int, tile: int, size: int, f: int) -> torch.Tensor:
+    """Blend weight along one axis of tile i: rises linearly over the overlap with each neighbour."""
+    length = min(tile, size) * f
+    t = torch.arange(length, dtype=torch.float32) + 0.5
+    w = torch.ones(length)
+    if i > 0:
+        w = torch.minimum(w, t / ((starts[i - 1] + tile - starts[i]) * f))
+    if i < len(starts) - 1:
+        w = torch.minimum(w, (length - t) / ((starts[i] + tile - starts[i + 1]) * f))
+    return w
+
+
+def decode_tiled(decode: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, tile: int,
+                 overlap: int | None, f: int) -> torch.Tensor:
+    """Decode latent tiles of `tile` cells overlapping by `overlap` (default tile // 4) and blend them.
+
+    Each pixel is a weighted mean of the tiles covering it, weights ramping linearly to ~0 at a tile's
+    inner edges, so there are no seams. Not bit-equal to a full decode: GroupNorm statistics and the
+    mid-block attention see one tile at a time.
+    """
+    overlap = tile // 4 if overlap is None else overlap
+    if tile < 1 or not 0 <= overlap < tile:
+        raise ValueError(f"tile ({tile}) must be >= 1 and overlap ({overlap}) in [0, tile)")
+    B, _, h, w = z.shape
+    ys, xs = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
+    if len(ys) == 1 and len(xs) == 1:
+        return decode(z)
+    out = weight = None
+    for iy, y in enumerate(ys):
+        wy = _ramp(ys, iy, tile, h, f).to(z.device)
+        for ix, x in enumerate(xs):
+            piece = decode(z[:, :, y:y + tile, x:x + tile]).float()  # (B, C, th*f, tw*f)
+            if out is None:
+                out = torch.zeros(B, piece.shape[1], h * f, w * f, device=z.device)
+                weight = torch.zeros(h * f, w * f, device=z.device)
+            wt = wy[:, None] * _ramp(xs, ix, tile, w, f).to(z.device)[None, :]  # (th*f, tw*f)
+            region = (slice(y * f, y * f + piece.shape[-2]), slice(x * f, x * f + piece.shape[-1]))
+            out[(..., *region)] += piece * wt
+            weight[region] += wt
+    return (out / weight).to(z.dtype)
