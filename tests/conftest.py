@@ -84,8 +84,10 @@ def make_tiny(tmp_path, family: str = "sd1", seed: int = 0):
         for p in model.parameters():  # zero-initialised output convs would make every UNet output 0
             if p.ndim >= 2 and float(p.abs().max()) == 0:
                 p.normal_(0, 0.05)
-    tok = CLIPTokenizer.from_files(vocab, merges)
-    return LoadedModel(model, [tok] * len(cfg.text_encoders), "", "")
+    # OpenCLIP-based encoders pad with "!" (id 0 in CLIP's vocabulary and in ours), OpenAI CLIP with <|endoftext|>.
+    toks = [CLIPTokenizer.from_files(vocab, merges, pad_token="!" if enc.pad_token_id == 0 else "<|endoftext|>")
+            for enc in cfg.text_encoders]
+    return LoadedModel(model, toks, "", "")
 
 
 @pytest.fixture

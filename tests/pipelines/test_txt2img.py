@@ -75,3 +75,56 @@ def test_callback_sees_every_step(tiny_sd1):
     seen = []
     Pipeline(tiny_sd1).txt2img("x", width=32, height=32, steps=3, seed=1, callback=lambda d: seen.append(d["i"]))
     assert seen == [0, 1, 2]
+
+
+def test_sdxl_matches_diffusers_sdxl_pipeline(tmp_path):
+    """Two text encoders, pooled text and size/crop conditioning give the same latents as diffusers' SDXL pipeline.
+
+    ddim_uniform equals diffusers' 'leading' spacing when the step count divides 1000 (ComfyUI's rule adds a step
+    otherwise), hence 5 steps."""
+    diffusers = pytest.importorskip("diffusers")
+    loaded = make_tiny(tmp_path, "sdxl")
+    folder = save_model(loaded, tmp_path / "xl", to="diffusers")
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(folder)
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    req = GenerationRequest("a red cat", "blue dog", width=32, height=32, steps=5, cfg_scale=5.0, sampler="euler",
+                            scheduler="ddim_uniform", seed=3, batch_size=1).resolved(32, 1)
+    noise, _ = common.initial_noise([3], (4, 16, 16))
+    ours = sample_latents(loaded, req, [3])
+    theirs = pipe("a red cat", negative_prompt="blue dog", num_inference_steps=5, guidance_scale=5.0, height=32,
+                  width=32, latents=noise.clone(), output_type="latent").images
+    assert ours.abs().max() > 0.1
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_diffusers_reads_our_single_file(tmp_path, tiny_sd1_file):
+    """diffusers' own single-file loader (given the component configs) reads the CompVis layout we write."""
+    diffusers = pytest.importorskip("diffusers")
+    loaded = load_model(tiny_sd1_file)
+    folder = save_model(loaded, tmp_path / "cfg", to="diffusers")
+    pipe = diffusers.StableDiffusionPipeline.from_single_file(str(tiny_sd1_file), config=str(folder),
+                                                              local_files_only=True, safety_checker=None)
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = getattr(pipe, name).state_dict(), getattr(ref, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in b), name
+
+
+def test_sd2_v_prediction_matches_diffusers(tmp_path):
+    """SD2 layout (OpenCLIP text encoder at the penultimate layer) with v-prediction, against diffusers."""
+    diffusers = pytest.importorskip("diffusers")
+    loaded = make_tiny(tmp_path, "sd2")
+    assert loaded.model.config.prediction == "v"
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(save_model(loaded, tmp_path / "sd2", to="diffusers"),
+                                                             safety_checker=None)
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    pipe.set_progress_bar_config(disable=True)
+    req = GenerationRequest("a red cat", "", width=32, height=32, steps=5, cfg_scale=4.0, sampler="euler",
+                            scheduler="ddim_uniform", seed=9, batch_size=1).resolved(32, 1)
+    noise, _ = common.initial_noise([9], (4, 16, 16))
+    ours = sample_latents(loaded, req, [9])
+    theirs = pipe("a red cat", negative_prompt="", num_inference_steps=5, guidance_scale=4.0, height=32, width=32,
+                  latents=noise.clone(), output_type="latent").images
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
