@@ -166,6 +166,19 @@ def cmd_samplers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tokenizer_install(args: argparse.Namespace) -> int:
+    """easel tokenizer install PATH: put a CLIP vocabulary into easel's cache for single-file checkpoints."""
+    from easel.text.tokenizer import install_bpe_gz, load_path
+    kinds = ["clip-l", "openclip"] if args.kind == "both" else [args.kind]
+    for kind in kinds:
+        if args.path.endswith(".gz"):
+            print(install_bpe_gz(args.path, kind))
+        else:
+            from easel.text.tokenizer import cache_dir
+            print(load_path(args.path, kind).save(cache_dir(kind)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command."""
     parser = argparse.ArgumentParser(prog="easel", description="Stable Diffusion you can run, train and see inside.")
@@ -187,6 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list the models easel can find").set_defaults(func=cmd_models)
     sub.add_parser("samplers", help="list samplers and schedulers").set_defaults(func=cmd_samplers)
+
+    t = sub.add_parser("tokenizer", help="manage tokenizers for single-file checkpoints")
+    tsub = t.add_subparsers(dest="tokenizer_command", required=True)
+    ti = tsub.add_parser("install", help="copy a CLIP vocabulary (bpe .gz, vocab.json or folder) into the cache")
+    ti.add_argument("path")
+    ti.add_argument("--kind", default="both", choices=["clip-l", "openclip", "both"],
+                    help="which encoders it serves (they share CLIP's vocabulary; only the pad token differs)")
+    ti.set_defaults(func=cmd_tokenizer_install)
 
     c = sub.add_parser("convert", help="convert between a single .safetensors file and a diffusers folder")
     c.add_argument("src")

@@ -57,3 +57,14 @@ def test_models_lists_files(tmp_path, tiny_sd1_file, capsys, monkeypatch):
     monkeypatch.setenv("EASEL_MODELS", str(tiny_sd1_file.parent))
     assert main(["models"]) == 0
     assert "tiny-sd1" in capsys.readouterr().out
+
+
+def test_tokenizer_install_fills_the_cache(tmp_path, monkeypatch, capsys):
+    from tests.conftest import write_tiny_vocab
+    from easel.text.tokenizer import CLIPTokenizer
+    monkeypatch.setenv("EASEL_CACHE", str(tmp_path / "cache"))
+    write_tiny_vocab(tmp_path / "tok")
+    assert main(["tokenizer", "install", str(tmp_path / "tok")]) == 0
+    for kind in ("clip-l", "openclip"):
+        tok = CLIPTokenizer.from_dir(tmp_path / "cache" / "tokenizers" / kind)
+        assert tok.encode("a red cat") == CLIPTokenizer.from_dir(tmp_path / "tok").encode("a red cat")

@@ -381,8 +381,8 @@ def _not_found_message(kind: str, searched: list[Path]) -> str:
             "model's tokenizer/ folder), a vocab.json, or CLIP's bpe_simple_vocab_16e6.txt.gz;\n"
             "  2. a tokenizer/ folder (tokenizer_2/ for OpenCLIP) inside the diffusers folder, or "
             "<checkpoint>.tokenizer/ or tokenizer/ beside a single-file checkpoint;\n"
-            f"  3. the cache: python -c \"from easel.text.tokenizer import install_bpe_gz; "
-            f"install_bpe_gz('bpe_simple_vocab_16e6.txt.gz', '{kind}')\" (writes {cache_dir(kind)}). "
+            f"  3. the cache, once for all models: `easel tokenizer install bpe_simple_vocab_16e6.txt.gz` "
+            f"(writes {cache_dir(kind)}). "
             "The .gz ships inside OpenCLIP: `pip download --no-deps open_clip_torch`, then unzip the wheel "
             "and take open_clip/bpe_simple_vocab_16e6.txt.gz;\n"
             "  4. pip install huggingface_hub and go online once (HF_HUB_OFFLINE unset).")
