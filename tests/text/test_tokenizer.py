@@ -227,7 +227,7 @@ def test_not_found_message_says_how_to_provide_one(isolated):
         find_tokenizer(str(isolated / "model"), kind="openclip")
     assert isinstance(err.value, FileNotFoundError)
     msg = str(err.value)
-    for needle in ("pip download --no-deps open_clip_torch", "bpe_simple_vocab_16e6.txt.gz", "install_bpe_gz",
+    for needle in ("pip download --no-deps open_clip_torch", "bpe_simple_vocab_16e6.txt.gz", "easel tokenizer install",
                    "tokenizer_2", str(tk.cache_dir("openclip")), "huggingface_hub"):
         assert needle in msg
     with pytest.raises(TokenizerNotFound, match="is not a folder with vocab.json"):
