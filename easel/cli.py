@@ -179,6 +179,15 @@ def cmd_tokenizer_install(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_world_sample(args: argparse.Namespace) -> int:
+    """easel world sample: a grid of ShapeWorld renders with their captions."""
+    from easel.world.dataset import sample_grid
+    if args.n < 1:
+        raise ValueError("-n must be at least 1")
+    print(sample_grid(args.n, args.seed, args.out, size=args.size))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command."""
     parser = argparse.ArgumentParser(prog="easel", description="Stable Diffusion you can run, train and see inside.")
@@ -208,6 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
     ti.add_argument("--kind", default="both", choices=["clip-l", "openclip", "both"],
                     help="which encoders it serves (they share CLIP's vocabulary; only the pad token differs)")
     ti.set_defaults(func=cmd_tokenizer_install)
+
+    w = sub.add_parser("world", help="ShapeWorld, the captioned world easel trains on")
+    wsub = w.add_subparsers(dest="world_command", required=True)
+    ws = wsub.add_parser("sample", help="write a grid of renders with their captions")
+    ws.add_argument("-n", type=int, default=16, help="number of scenes (default 16)")
+    ws.add_argument("--seed", type=int, default=0)
+    ws.add_argument("--size", type=int, default=64, choices=[64, 128])
+    ws.add_argument("--out", default="shapeworld-sample.png")
+    ws.set_defaults(func=cmd_world_sample)
 
     c = sub.add_parser("convert", help="convert between a single .safetensors file and a diffusers folder")
     c.add_argument("src")
