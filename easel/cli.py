@@ -188,6 +188,27 @@ def cmd_world_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """easel eval: the ShapeWorld benchmark on a model."""
+    import easel
+    from tqdm import tqdm
+    from easel.world.evaluate import EvalSettings, run_eval
+    settings = EvalSettings(per_category=args.per_category, images_per_prompt=args.images_per_prompt,
+                            steps=args.steps, sampler=args.sampler, scheduler=args.scheduler,
+                            cfg_scale=args.cfg_scale, seed=args.seed)
+    if settings.per_category < 1 or settings.images_per_prompt < 1:
+        raise ValueError("--per-category and --images-per-prompt must be at least 1")
+    pipe = easel.load(args.model, dtype=args.dtype, device=args.device)
+    from easel.world.benchmark import CATEGORIES
+    n_prompts = len(CATEGORIES) * settings.per_category
+    with tqdm(total=n_prompts, unit="prompt", file=sys.stderr, leave=False) as bar:
+        report = run_eval(pipe, settings, args.out, progress=lambda i: bar.update(i - bar.n))
+    from easel.world.benchmark import report_markdown
+    print(report_markdown(report["rows"]))
+    print(f"report: {Path(args.out) / 'report.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command."""
     parser = argparse.ArgumentParser(prog="easel", description="Stable Diffusion you can run, train and see inside.")
@@ -226,6 +247,20 @@ def build_parser() -> argparse.ArgumentParser:
     ws.add_argument("--size", type=int, default=64, choices=[64, 128])
     ws.add_argument("--out", default="shapeworld-sample.png")
     ws.set_defaults(func=cmd_world_sample)
+
+    e = sub.add_parser("eval", help="GenEval-style ShapeWorld benchmark of a model")
+    e.add_argument("--model", "-m", help="model to evaluate (default: the built-in model)")
+    e.add_argument("--per-category", type=int, default=32, help="prompts per category (default 32)")
+    e.add_argument("--images-per-prompt", type=int, default=4, help="images per prompt (default 4)")
+    e.add_argument("--steps", type=int)
+    e.add_argument("--sampler")
+    e.add_argument("--scheduler")
+    e.add_argument("--cfg-scale", type=float)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--out", default="eval", help="folder for report.json, report.md and grids (default: eval)")
+    e.set_defaults(func=cmd_eval)
 
     c = sub.add_parser("convert", help="convert between a single .safetensors file and a diffusers folder")
     c.add_argument("src")

@@ -4,12 +4,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
 from easel import __version__
+from easel.files import save_image
 
 # Our field -> A1111's label in the "Steps: 20, Sampler: ..." line, in A1111's order.
 LABELS = [("steps", "Steps"), ("sampler_label", "Sampler"), ("scheduler_label", "Schedule type"),
@@ -56,20 +56,10 @@ def parse_infotext(text: str) -> dict:
 
 def save_png(image: Image.Image, path: str | os.PathLike, params: dict) -> Path:
     """Write a PNG with both chunks, atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", infotext(params))
     info.add_text("easel", json.dumps(params, sort_keys=True))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return save_image(image, Path(path).with_suffix(".png"), pnginfo=info)
 
 
 def read_png_params(path: str | os.PathLike) -> dict:

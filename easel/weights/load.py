@@ -5,12 +5,13 @@ import hashlib
 import json
 import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from easel.files import atomic_path, write_text
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -96,27 +97,9 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
 
 def write_safetensors(sd: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file atomically (temp file + rename), so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write a small text file atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def file_hash(path: str | os.PathLike) -> str:
@@ -136,7 +119,7 @@ def file_hash(path: str | os.PathLike) -> str:
                 h.update(block)
         cache[key] = h.hexdigest()
         try:
-            write_text_atomic(cache_file, json.dumps(cache))
+            write_text(cache_file, json.dumps(cache))
         except OSError:
             pass  # a read-only cache only costs re-hashing next time
     return cache[key][:10]

@@ -6,15 +6,17 @@ sets never share a scene seed with training. Images are never flipped (left/righ
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from easel.files import save_image
+
 from .captions import caption, caption_corpus, vocabulary
+from .grid import captioned_grid
 from .render import render_array
 from .scenes import Scene, sample_scene
 
@@ -98,48 +100,8 @@ class ShapeWorldStream(IterableDataset):
             seed += step
 
 
-def _load_font(px: int) -> ImageFont.ImageFont:
-    """Pillow's default font (scalable when Pillow has FreeType)."""
-    try:
-        return ImageFont.load_default(size=px)
-    except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
-        return ImageFont.load_default()
-
-
-def _wrap(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int) -> list[str]:
-    """Greedy word wrap measured in pixels."""
-    lines: list[str] = []
-    for word in text.split():
-        if lines and draw.textlength(lines[-1] + " " + word, font=font) <= width:
-            lines[-1] += " " + word
-        else:
-            lines.append(word)
-    return lines
-
-
 def sample_grid(n: int, seed: int, path: str | os.PathLike, size: int = 64) -> Path:
-    """Write a PNG grid of n training renders (seeds seed..seed+n-1) with captions under each."""
-    scale = max(1, -(-160 // size))  # nearest-neighbour upscale so captions fit under the picture
-    cell, cols = size * scale, min(n, 6)
-    rows = -(-n // cols)
-    font, line_h, text_h = _load_font(11), 13, 13 * 4 + 6
-    sheet = Image.new("RGB", (cols * cell, rows * (cell + text_h)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for k in range(n):
-        s = seed + k
-        scene = sample_scene(s)
-        x, y = (k % cols) * cell, (k // cols) * (cell + text_h)
-        sheet.paste(Image.fromarray(render_array(scene, size)).resize((cell, cell), Image.NEAREST), (x, y))
-        for j, line in enumerate(_wrap(draw, caption(scene, s), font, cell - 6)[:4]):
-            draw.text((x + 3, y + cell + 3 + j * line_h), line, fill="black", font=font)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            sheet.save(f, format="PNG")
-        os.replace(tmp, path)  # atomic: readers never see a half-written grid
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+    """Write a PNG grid of n training renders (seeds seed..seed+n-1) with captions under each, atomically."""
+    scenes = [(sample_scene(s), s) for s in range(seed, seed + n)]
+    images = [Image.fromarray(render_array(scene, size)) for scene, _ in scenes]
+    return save_image(captioned_grid(images, [caption(scene, s) for scene, s in scenes]), path)
