@@ -262,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default="eval", help="folder for report.json, report.md and grids (default: eval)")
     e.set_defaults(func=cmd_eval)
 
+    from easel.training.cli import add_train_parser
+    add_train_parser(sub)
+
     c = sub.add_parser("convert", help="convert between a single .safetensors file and a diffusers folder")
     c.add_argument("src")
     c.add_argument("dst")

@@ -1,0 +1,284 @@
+"""`easel train all`: tokenizer -> CLIP -> VAE -> UNet, each stage resumable, then the built-in model.
+
+Layout of the output folder (default runs/shapeworld/):
+    tokenizer/   vocab.json merges.txt                    done.json
+    clip/        checkpoint.pt log.jsonl loss.png text_encoder.safetensors clip.safetensors metrics.json done.json
+    vae/         checkpoint.pt log.jsonl loss.png vae.safetensors metrics.json done.json
+    unet/        latents.pt checkpoint.pt log.jsonl loss.png unet_raw/unet_ema.safetensors metrics.json done.json
+    shapeworld.safetensors + shapeworld.tokenizer/        (the assembled model, loadable by `easel generate`)
+
+A stage is skipped when its done.json exists and records the same inputs (file digests) as now: a
+retrained VAE therefore re-runs the UNet stage (and re-encodes its latent cache) by itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from easel.models.configs import ModelConfig
+from easel.models.sd import StableDiffusion
+from easel.text.tokenizer import CLIPTokenizer
+from easel.training import presets
+from easel.training.common import DistInfo, LoopConfig, TrainingError, barrier, write_json
+from easel.training.unet import file_digest
+from easel.weights.model_io import LoadedModel
+
+STAGES = ("tokenizer", "clip", "vae", "unet")
+# Minutes per stage for the default ~75-minute run on two cores (see the lead's report for the measurements).
+DEFAULT_MINUTES = {"clip": 10.0, "vae": 14.0, "unet": 45.0}
+DEFAULT_LOOPS = {
+    "clip": LoopConfig(batch_size=64, lr=5e-4, warmup=100, ema_decay=0.99, ckpt_every=100),
+    "vae": LoopConfig(batch_size=32, lr=1e-3, warmup=100, ema_decay=0.995, bf16=True, ckpt_every=200),
+    "unet": LoopConfig(batch_size=32, lr=1e-3, warmup=200, ema_decay=0.995, ckpt_every=250),
+}
+MODEL_NAME = "shapeworld.safetensors"
+MAX_MODEL_MB = 30
+
+
+@dataclasses.dataclass
+class Layout:
+    """Where each stage reads and writes under the run folder."""
+
+    root: Path
+
+    def stage(self, name: str) -> Path:
+        """Folder of a stage."""
+        return self.root / name
+
+    @property
+    def tokenizer(self) -> Path:
+        """Tokenizer folder (vocab.json, merges.txt)."""
+        return self.root / "tokenizer"
+
+    @property
+    def text_encoder(self) -> Path:
+        """Trained CLIP text encoder weights."""
+        return self.root / "clip" / "text_encoder.safetensors"
+
+    @property
+    def vae(self) -> Path:
+        """Trained VAE weights with its config."""
+        return self.root / "vae" / "vae.safetensors"
+
+    @property
+    def model(self) -> Path:
+        """The assembled model file."""
+        return self.root / MODEL_NAME
+
+
+def _require(path: Path, stage: str, root: Path) -> Path:
+    if not path.exists():
+        raise TrainingError(f"{path} is missing: run `easel train {stage} --out {root}` first "
+                            f"(or `easel train all --out {root}`)")
+    return path
+
+
+def stage_inputs(layout: Layout, stage: str) -> dict[str, str]:
+    """Digests of the files a stage consumes (a change makes the stage stale)."""
+    tok = [layout.tokenizer / "vocab.json", layout.tokenizer / "merges.txt"]
+    need = {"tokenizer": [], "clip": tok, "vae": [], "unet": tok + [layout.text_encoder, layout.vae]}[stage]
+    return {str(p.relative_to(layout.root)): file_digest(p) for p in need if p.exists()}
+
+
+def is_done(layout: Layout, stage: str) -> bool:
+    """True when the stage finished with the same inputs as are there now."""
+    done = layout.stage(stage) / "done.json"
+    return done.exists() and json.loads(done.read_text()).get("inputs") == stage_inputs(layout, stage)
+
+
+def guard_resume(layout: Layout, stage: str, loop: LoopConfig, info: DistInfo) -> LoopConfig:
+    """Never resume a checkpoint started on other inputs (e.g. a retrained tokenizer): start over instead."""
+    started = layout.stage(stage) / "inputs.json"
+    now = stage_inputs(layout, stage)
+    if loop.resume and started.exists() and json.loads(started.read_text()) != now:
+        if info.main:
+            print(f"[{stage}] its inputs changed since the checkpoint was started: starting over", file=sys.stderr)
+        loop = dataclasses.replace(loop, resume=False)
+    barrier(info)  # every rank reads inputs.json before rank 0 rewrites it
+    if info.main:
+        write_json(started, now)
+    return loop
+
+
+def mark_done(layout: Layout, stage: str, metrics: dict) -> None:
+    """Record a finished stage with its inputs and metrics."""
+    write_json(layout.stage(stage) / "done.json", {"inputs": stage_inputs(layout, stage), "metrics": metrics})
+
+
+# --- the four stages ------------------------------------------------------------------------------
+
+def stage_tokenizer(layout: Layout, n_captions: int = 20000, info: DistInfo | None = None) -> dict:
+    """Train the BPE on the caption corpus (rank 0; others wait)."""
+    from easel.training.tokenizer import check_single_tokens, train_tokenizer
+    from easel.world.captions import vocabulary
+    info = info or DistInfo()
+    metrics = {}
+    if info.main:
+        tok = train_tokenizer(layout.tokenizer, n_captions)
+        metrics = {"vocab_size": tok.vocab_size, "merges": len(tok.merges),
+                   "multi_token_words": check_single_tokens(tok, vocabulary())}
+        mark_done(layout, "tokenizer", metrics)
+    barrier(info)
+    return metrics
+
+
+def _vocab_size(layout: Layout) -> int:
+    return CLIPTokenizer.from_dir(_require(layout.tokenizer, "tokenizer", layout.root)).vocab_size
+
+
+def stage_clip(layout: Layout, base: ModelConfig, loop: LoopConfig, info: DistInfo | None = None,
+               vision=None) -> dict:
+    """Contrastive training of the text encoder against a ViT."""
+    from easel.training.clip import ClipRun, train_clip
+    text = presets.text_config_for(base.text_encoders[0], _vocab_size(layout))
+    vision = vision or presets.VISION_PRESETS["tiny" if base.name == presets.TINY.name else "shapeworld"]
+    vision = dataclasses.replace(vision, image_size=base.default_size)
+    info = info or DistInfo()
+    loop = guard_resume(layout, "clip", loop, info)
+    metrics = train_clip(ClipRun(layout.stage("clip"), layout.tokenizer, text, vision, loop), info)
+    if info.main:
+        mark_done(layout, "clip", metrics)
+    return metrics
+
+
+def stage_vae(layout: Layout, base: ModelConfig, loop: LoopConfig, info: DistInfo | None = None) -> dict:
+    """VAE training with object-weighted reconstruction, then latent standardisation."""
+    from easel.training.vae import VaeRun, train_vae
+    info = info or DistInfo()
+    loop = guard_resume(layout, "vae", loop, info)
+    metrics = train_vae(VaeRun(layout.stage("vae"), base.vae, loop, image_size=base.default_size), info)
+    if info.main:
+        mark_done(layout, "vae", metrics)
+    return metrics
+
+
+def stage_unet(layout: Layout, base: ModelConfig, loop: LoopConfig, info: DistInfo | None = None,
+               n_latents: int = 60000, n_val: int = 512) -> dict:
+    """UNet training on cached latents (cache built by rank 0, then read by every rank)."""
+    from easel.training.clip import load_text_encoder
+    from easel.training.unet import UnetRun, load_or_build_cache, train_unet
+    from easel.training.vae import load_vae
+    info = info or DistInfo()
+    tok = CLIPTokenizer.from_dir(_require(layout.tokenizer, "tokenizer", layout.root))
+    vae_cfg = load_vae(_require(layout.vae, "vae", layout.root)).config
+    cfg = presets.shapeworld_config(tok.vocab_size, vae_cfg.scale_factor, base)
+    text = load_text_encoder(_require(layout.text_encoder, "clip", layout.root), cfg.text_encoders[0])
+    cache_path = layout.stage("unet") / "latents.pt"
+    if info.main:
+        load_or_build_cache(cache_path, layout.vae, layout.tokenizer, n_latents, n_val, base.default_size)
+    barrier(info)
+    data = load_or_build_cache(cache_path, layout.vae, layout.tokenizer, n_latents, n_val, base.default_size)
+    empty = tok([""], max_length=77)[0]
+    loop = guard_resume(layout, "unet", loop, info)
+    run = UnetRun(layout.stage("unet"), cfg, text, empty, data, loop)
+    metrics = train_unet(run, info)
+    if info.main:
+        mark_done(layout, "unet", metrics)
+    return metrics
+
+
+# --- assembling the built-in model ---------------------------------------------------------------
+
+def build_model(layout: Layout, base: ModelConfig, unet_variant: str) -> LoadedModel:
+    """The trained components as one StableDiffusion with its tokenizer (in memory)."""
+    from safetensors.torch import load_file
+
+    from easel.training.vae import load_vae
+    tok = CLIPTokenizer.from_dir(_require(layout.tokenizer, "tokenizer", layout.root))
+    vae = load_vae(_require(layout.vae, "vae", layout.root))
+    cfg = presets.shapeworld_config(tok.vocab_size, vae.config.scale_factor, base)
+    if vae.config != cfg.vae:
+        raise TrainingError(f"the trained VAE ({vae.config}) is not the preset's ({cfg.vae}): use the same --preset")
+    unet_file = _require(layout.stage("unet") / f"unet_{unet_variant}.safetensors", "unet", layout.root)
+    parts = {"unet": load_file(str(unet_file)), "vae": vae.state_dict(),
+             "text_encoder.0": load_file(str(_require(layout.text_encoder, "clip", layout.root)))}
+    model = StableDiffusion.empty(cfg)
+    model.load_components(parts, dtype=torch.float32)
+    return LoadedModel(model.eval().requires_grad_(False), [tok], str(layout.model), "")
+
+
+@torch.no_grad()
+def sample_batch(loaded: LoadedModel, prompts: list[str], seed: int = 1000, steps: int = 20,
+                 cfg_scale: float = 5.0) -> list:
+    """All prompts as one batch (DPM++ 2M Karras, CFG): PIL images, far faster than one request each."""
+    from easel.pipelines import common
+    model = loaded.model
+    cond = common.encode_prompts(model, loaded.tokenizers, prompts)
+    uncond = common.encode_prompts(model, loaded.tokenizers, [""] * len(prompts))
+    schedule = common.make_schedule(model)
+    denoiser = common.guided(common.make_denoiser(model, schedule), {"context": cond["context"]},
+                             {"context": uncond["context"]}, cfg_scale)
+    side = model.config.default_size // model.config.vae.downsample
+    noise, source = common.initial_noise([seed + i for i in range(len(prompts))],
+                                         (model.config.unet.in_channels, side, side))
+    latents = common.run_sampler("dpmpp_2m", denoiser, noise, common.sigmas_for(schedule, "karras", steps), source)
+    return common.decode(model, latents)
+
+
+def judge_score(loaded: LoadedModel, per_category: int = 8, steps: int = 20, cfg_scale: float = 5.0) -> dict:
+    """Benchmark pass rates (core categories) of a model with the analytic ShapeWorld judge."""
+    from easel.world.benchmark import CORE_CATEGORIES, evaluate, make_prompts, score
+    prompts = make_prompts(seed=7, per_category=per_category, categories=CORE_CATEGORIES)
+    images = []
+    for i in range(0, len(prompts), 64):
+        images += sample_batch(loaded, [p.text for p in prompts[i:i + 64]], 1000 + i, steps, cfg_scale)
+    return score(evaluate(images, prompts))
+
+
+def choose_unet(layout: Layout, base: ModelConfig, use_judge: bool = True) -> tuple[str, dict]:
+    """Raw or EMA UNet: by the judge's overall score when available, else by validation loss."""
+    metrics = json.loads((layout.stage("unet") / "metrics.json").read_text())
+    variants = [v for v in ("raw", "ema") if (layout.stage("unet") / f"unet_{v}.safetensors").exists()]
+    report = {f"{v}_val_loss": metrics.get(f"{v}_val_loss") for v in variants}
+    if use_judge and len(variants) > 1:
+        try:
+            scores = {v: judge_score(build_model(layout, base, v)) for v in variants}
+        except ImportError as e:  # the judge is optional for assembling
+            print(f"[all] judge unavailable ({e}); choosing the UNet by validation loss", file=sys.stderr)
+        else:
+            report.update({f"{v}_judge": s for v, s in scores.items()})
+            best = max(variants, key=lambda v: (scores[v].get("overall", 0), -(metrics.get(f"{v}_val_loss") or 0)))
+            return best, report
+    return metrics.get("chosen_by_val_loss", variants[0]), report
+
+
+def assemble(layout: Layout, base: ModelConfig = presets.SHAPEWORLD, use_judge: bool = True) -> Path:
+    """Write shapeworld.safetensors (+ shapeworld.tokenizer/) from the trained stages; -> its path."""
+    from easel.weights.model_io import save_model
+    variant, report = choose_unet(layout, base, use_judge)
+    loaded = build_model(layout, base, variant)
+    path = save_model(loaded, layout.model)
+    mb = path.stat().st_size / 2**20
+    write_json(layout.root / "model.json", {"unet": variant, "size_mb": round(mb, 2), **report})
+    if mb > MAX_MODEL_MB:
+        print(f"[all] warning: {path} is {mb:.1f} MB, over the {MAX_MODEL_MB} MB budget for the built-in model",
+              file=sys.stderr)
+    return path
+
+
+def train_all(layout: Layout, base: ModelConfig, loops: dict[str, LoopConfig], info: DistInfo | None = None,
+              redo: tuple[str, ...] = (), n_captions: int = 20000, n_latents: int = 60000,
+              use_judge: bool = True) -> Path | None:
+    """Run every stage that is not done (or is in `redo`), then assemble the model; -> its path on rank 0."""
+    info = info or DistInfo()
+    for stage in STAGES:
+        if stage not in redo and is_done(layout, stage):
+            if info.main:
+                print(f"[all] {stage}: done, skipping (pass --redo {stage} to train it again)", file=sys.stderr)
+            continue
+        if info.main:
+            print(f"[all] {stage}: training", file=sys.stderr)
+        if stage == "tokenizer":
+            stage_tokenizer(layout, n_captions, info)
+        elif stage == "clip":
+            stage_clip(layout, base, loops["clip"], info)
+        elif stage == "vae":
+            stage_vae(layout, base, loops["vae"], info)
+        else:
+            stage_unet(layout, base, loops["unet"], info, n_latents)
+        barrier(info)
+    return assemble(layout, base, use_judge) if info.main else None

@@ -1,0 +1,174 @@
+"""`easel train tokenizer|clip|vae|unet|all`: flags -> stage runs.
+
+Also runnable on its own, which is how data-parallel runs start:
+    torchrun --nproc_per_node 2 -m easel.training.cli unet --out runs/shapeworld
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from easel.training.common import LoopConfig, TrainingError, setup_distributed, teardown_distributed
+
+DEFAULT_OUT = "runs/shapeworld"
+LOOP_FLAGS = {  # flag -> LoopConfig field
+    "steps": "steps", "minutes": "minutes", "batch_size": "batch_size", "lr": "lr", "warmup": "warmup",
+    "ema_decay": "ema_decay", "ckpt_every": "ckpt_every", "seed": "seed", "resume": "resume", "bf16": "bf16",
+}
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"run folder (default {DEFAULT_OUT})")
+    p.add_argument("--threads", type=int, help="torch CPU threads per process (default: cores / processes)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train (default auto)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bars")
+
+
+def _loop_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="shapeworld", choices=["shapeworld", "tiny"],
+                   help="model sizes (tiny: a smoke test in seconds)")
+    p.add_argument("--steps", type=int, help="optimizer steps (the learning-rate schedule spans them)")
+    p.add_argument("--minutes", type=float, help="time budget instead of --steps (measured from the first steps)")
+    p.add_argument("--batch-size", type=int, help="global batch size, over all processes")
+    p.add_argument("--lr", type=float, help="peak learning rate (AdamW, warm-up then cosine)")
+    p.add_argument("--warmup", type=int, help="warm-up steps")
+    p.add_argument("--ema-decay", type=float, help="largest EMA decay (0 disables the EMA)")
+    p.add_argument("--ckpt-every", type=int, help="checkpoint every N steps")
+    p.add_argument("--seed", type=int, help="seed of data order, noise and initial weights")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
+                   help="continue from the stage's checkpoint if there is one (default: yes)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on for the VAE, off otherwise)")
+
+
+def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `train` with its sub-commands on an argparse sub-parsers object."""
+    train = subparsers.add_parser("train", help="train the ShapeWorld model from scratch")
+    sub = train.add_subparsers(dest="stage", required=True)
+    t = sub.add_parser("tokenizer", help="byte-level BPE on the ShapeWorld captions")
+    _common(t)
+    t.add_argument("--captions", type=int, default=20000, help="captions in the corpus (default 20000)")
+    for stage, text in (("clip", "CLIP text encoder, contrastively against a small ViT"),
+                        ("vae", "the VAE (object-weighted reconstruction)"),
+                        ("unet", "the UNet on cached latents (needs tokenizer, clip and vae)")):
+        p = sub.add_parser(stage, help=text)
+        _common(p)
+        _loop_flags(p)
+        if stage == "unet":
+            p.add_argument("--latents", type=int, default=60000, help="training images to encode (default 60000)")
+    a = sub.add_parser("all", help="every stage in order (finished ones skipped), then the built-in model")
+    _common(a)
+    a.add_argument("--preset", default="shapeworld", choices=["shapeworld", "tiny"])
+    a.add_argument("--minutes", type=float, help="total training minutes, split over clip/vae/unet as the defaults")
+    for stage in ("clip", "vae", "unet"):
+        a.add_argument(f"--{stage}-minutes", type=float, help=f"minutes for {stage}")
+        a.add_argument(f"--{stage}-steps", type=int, help=f"steps for {stage} (instead of minutes)")
+    a.add_argument("--redo", action="append", default=[], choices=["tokenizer", "clip", "vae", "unet"],
+                   help="train this stage again even if it is done (repeatable)")
+    a.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue unfinished stages from their checkpoints (default: yes)")
+    a.add_argument("--captions", type=int, default=20000, help="tokenizer corpus size")
+    a.add_argument("--latents", type=int, default=60000, help="training images encoded for the UNet")
+    a.add_argument("--no-judge", dest="judge", action="store_false",
+                   help="choose raw vs EMA UNet by validation loss only (skip the benchmark)")
+    train.set_defaults(func=cmd_train)
+    return train
+
+
+def loop_from_args(stage: str, args: argparse.Namespace) -> LoopConfig:
+    """The stage's default LoopConfig with the flags that were given."""
+    from easel.training.all import DEFAULT_LOOPS, DEFAULT_MINUTES
+    cfg = dataclasses.replace(DEFAULT_LOOPS[stage], minutes=DEFAULT_MINUTES[stage], progress=args.progress)
+    given = {f: getattr(args, flag) for flag, f in LOOP_FLAGS.items() if getattr(args, flag, None) is not None}
+    if "steps" in given and "minutes" not in given:
+        given["minutes"] = None  # --steps alone replaces the default time budget
+    cfg = dataclasses.replace(cfg, **given)
+    if cfg.ema_decay == 0:
+        cfg = dataclasses.replace(cfg, ema_decay=None)
+    _check_loop(cfg)
+    return cfg
+
+
+def _check_loop(cfg: LoopConfig) -> None:
+    if cfg.minutes is None and cfg.steps < 1:
+        raise TrainingError(f"--steps must be at least 1 (got {cfg.steps})")
+    if cfg.minutes is not None and cfg.minutes <= 0:
+        raise TrainingError(f"--minutes must be positive (got {cfg.minutes})")
+    if cfg.batch_size < 1 or cfg.lr <= 0:
+        raise TrainingError(f"--batch-size must be >= 1 and --lr > 0 (got {cfg.batch_size}, {cfg.lr})")
+    if cfg.ema_decay is not None and not 0 < cfg.ema_decay < 1:
+        raise TrainingError(f"--ema-decay must be in (0, 1), or 0 to disable (got {cfg.ema_decay})")
+
+
+def all_loops(args: argparse.Namespace) -> dict[str, LoopConfig]:
+    """Per-stage LoopConfigs for `train all`: defaults, scaled by --minutes, overridden per stage."""
+    from easel.training.all import DEFAULT_LOOPS, DEFAULT_MINUTES
+    scale = args.minutes / sum(DEFAULT_MINUTES.values()) if args.minutes else 1.0
+    loops = {}
+    for stage, base in DEFAULT_LOOPS.items():
+        minutes = getattr(args, f"{stage}_minutes") or DEFAULT_MINUTES[stage] * scale
+        steps = getattr(args, f"{stage}_steps")
+        cfg = dataclasses.replace(base, minutes=None if steps else minutes, steps=steps or base.steps,
+                                  resume=args.resume, progress=args.progress)
+        _check_loop(cfg)
+        loops[stage] = cfg
+    return loops
+
+
+def _threads(args: argparse.Namespace) -> None:
+    """One thread per core, shared between the processes of a data-parallel run on this machine."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    n = args.threads or max(1, (os.cpu_count() or 1) // local)
+    torch.set_num_threads(n)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Dispatch `easel train STAGE`."""
+    from easel.training import all as stages
+    from easel.training.presets import MODEL_PRESETS
+    _threads(args)
+    info = setup_distributed(args.device)
+    layout = stages.Layout(Path(args.out))
+    try:
+        if args.stage == "tokenizer":
+            print(stages.stage_tokenizer(layout, args.captions, info))
+        elif args.stage == "all":
+            path = stages.train_all(layout, MODEL_PRESETS[args.preset], all_loops(args), info, tuple(args.redo),
+                                    args.captions, args.latents, args.judge)
+            if path is not None:
+                print(path)
+        else:
+            base, loop = MODEL_PRESETS[args.preset], loop_from_args(args.stage, args)
+            run = {"clip": stages.stage_clip, "vae": stages.stage_vae}.get(args.stage)
+            metrics = (run(layout, base, loop, info) if run else
+                       stages.stage_unet(layout, base, loop, info, args.latents))
+            if info.main:
+                print(metrics)
+    finally:
+        teardown_distributed()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m easel.training.cli STAGE ...` (the same as `easel train STAGE ...`)."""
+    parser = argparse.ArgumentParser(prog="easel-train")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train_parser(sub)
+    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted: the last checkpoint is kept; run the same command again to continue", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError) as e:
+        print(f"easel train: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""Train the denoising UNet (Ho et al. 2020; latent diffusion, Rombach et al. 2022) on cached VAE latents.
+
+Images are rendered and encoded once (posterior mean, scaled) and cached with their captions' token
+ids; the cache is rebuilt whenever the VAE file or the tokenizer changes. The frozen CLIP text encoder
+runs on the fly (no grad): it is small, and a cache of 77 x 128 states per caption would not fit.
+
+Objective: eps-prediction (or v) with min-SNR-5 loss weights (Hang et al. 2023), uniform integer
+timesteps, 10% empty captions so that classifier-free guidance works (Ho & Salimans 2022).
+"""
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from easel.models.clip import CLIPTextModel
+from easel.models.configs import ModelConfig
+from easel.models.unet import UNetModel
+from easel.samplers.denoisers import DiscreteSchedule, EpsDenoiser, VDenoiser, make_alphas_cumprod
+from easel.text.tokenizer import CLIPTokenizer
+from easel.training.common import DistInfo, LoopConfig, Trainer, TrainingError, save_atomic, step_generator, write_json
+from easel.world.dataset import TRAIN_SEEDS, eval_seeds, render_batch
+
+CACHE_VERSION = 1
+
+
+def file_digest(*paths: Path) -> str:
+    """sha256 over files' bytes: the cache key of the VAE and tokenizer a latent cache was made with."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(Path(p).read_bytes())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def encode_dataset(vae, tok: CLIPTokenizer, seeds: list[int], size: int = 64, captions_per_image: int = 2,
+                   chunk: int = 256, progress: bool = True) -> dict:
+    """Render and encode scenes: latents (N, C, h, w) fp16 (scaled), token ids (N, R, 77) int32, captions."""
+    from tqdm import tqdm
+
+    from easel.world.captions import caption
+    from easel.world.scenes import sample_scene
+    latents, ids, captions = [], [], []
+    for i in tqdm(range(0, len(seeds), chunk), desc="encode latents", disable=not progress, file=sys.stderr):
+        batch = seeds[i:i + chunk]
+        x, _ = render_batch(batch, size)
+        latents.append(vae.encode_latents(x).half())
+        # Paraphrase r of a scene is the caption of seed + r * TRAIN_SEEDS (as ShapeWorldDataset rounds).
+        caps = [[caption(sample_scene(s), s + r * TRAIN_SEEDS) for r in range(captions_per_image)] for s in batch]
+        flat = [c for row in caps for c in row]
+        ids.append(tok(flat, max_length=77).to(torch.int32).view(len(batch), captions_per_image, 77))
+        captions += caps
+    return {"latents": torch.cat(latents), "ids": torch.cat(ids), "captions": captions}
+
+
+def load_or_build_cache(path: Path, vae_path: Path, tok_dir: Path, n_train: int, n_val: int, size: int,
+                        progress: bool = True) -> dict:
+    """The latent cache at `path`, rebuilt when missing or made with another VAE/tokenizer/size."""
+    from easel.training.vae import load_vae
+    key = {"version": CACHE_VERSION, "vae": file_digest(vae_path),
+           "tokenizer": file_digest(tok_dir / "vocab.json", tok_dir / "merges.txt"),
+           "n_train": n_train, "n_val": n_val, "size": size}
+    if path.exists():
+        cache = torch.load(path, weights_only=False)
+        if cache.get("key") == key:
+            return cache
+        print(f"[unet] latent cache {path} is stale (VAE, tokenizer or size changed): re-encoding", file=sys.stderr)
+    vae, tok = load_vae(vae_path), CLIPTokenizer.from_dir(tok_dir)
+    cache = {"key": key, "scale_factor": vae.config.scale_factor,
+             "train": encode_dataset(vae, tok, list(range(n_train)), size, progress=progress),
+             "val": encode_dataset(vae, tok, eval_seeds(n_val), size, captions_per_image=1, progress=progress)}
+    save_atomic(cache, path)
+    return cache
+
+
+class LatentBatches:
+    """Global batch of a step = the next `batch` positions of an endless sequence of epoch permutations."""
+
+    def __init__(self, data: dict, batch: int, seed: int):
+        self.latents, self.ids = data["latents"], data["ids"]
+        self.n, self.batch, self.seed = len(self.latents), batch, seed
+
+    @lru_cache(maxsize=2)
+    def _perm(self, epoch: int) -> Tensor:
+        return torch.randperm(self.n, generator=step_generator(self.seed, epoch, stream=7))
+
+    def indices(self, step: int) -> Tensor:
+        """Dataset indices of the step's global batch (a function of the step alone: exact resume)."""
+        pos = torch.arange(step * self.batch, (step + 1) * self.batch)
+        out = torch.empty(self.batch, dtype=torch.long)
+        for epoch in pos.div(self.n, rounding_mode="floor").unique().tolist():
+            sel = pos.div(self.n, rounding_mode="floor") == epoch
+            out[sel] = self._perm(epoch)[pos[sel] % self.n]
+        return out
+
+
+def make_denoiser(unet: UNetModel, cfg: ModelConfig):
+    """The eps/v wrapper of the model's prediction type over its training schedule."""
+    schedule = DiscreteSchedule(make_alphas_cumprod(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end,
+                                                    cfg.beta_schedule))
+    return (VDenoiser if cfg.prediction == "v" else EpsDenoiser)(unet, schedule)
+
+
+@dataclass
+class UnetRun:
+    """What `train_unet` needs besides the loop settings."""
+
+    out: Path
+    model: ModelConfig  # the full model config: UNet, text encoder, schedule, prediction
+    text_encoder: CLIPTextModel
+    empty_ids: Tensor  # (77,) token ids of the empty caption (the unconditional input)
+    data: dict  # the cache from `load_or_build_cache`
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    caption_dropout: float = 0.1
+    min_snr_gamma: float | None = 5.0
+
+
+def sample_inputs(run: UnetRun, step: int, batches: LatentBatches, schedule: DiscreteSchedule):
+    """The global batch of a step: dataset indices, paraphrase choice, dropout, timesteps and noise."""
+    B = run.loop.batch_size
+    gen = step_generator(run.loop.seed, step)
+    idx = batches.indices(step)
+    paraphrase = torch.randint(0, batches.ids.shape[1], (B,), generator=gen)
+    drop = torch.rand(B, generator=gen) < run.caption_dropout
+    t = torch.randint(0, schedule.num_timesteps, (B,), generator=gen)
+    noise = torch.randn(B, *batches.latents.shape[1:], generator=gen)
+    return idx, paraphrase, drop, schedule.sigmas[t], noise
+
+
+def unet_step(run: UnetRun, denoiser, batches: LatentBatches, step: int, info: DistInfo) -> tuple[Tensor, dict]:
+    """Loss of one step on this rank's slice of the global batch."""
+    idx, paraphrase, drop, sigma, noise = sample_inputs(run, step, batches, denoiser.schedule)
+    mine = info.shard(run.loop.batch_size)
+    idx, paraphrase, drop, sigma, noise = idx[mine], paraphrase[mine], drop[mine], sigma[mine], noise[mine]
+    ids = batches.ids[idx, paraphrase].long()  # (b, 77)
+    ids[drop] = run.empty_ids
+    with torch.no_grad():
+        context, _ = run.text_encoder(ids.to(info.device), clip_skip=run.model.clip_skip,
+                                      final_norm=run.model.text_final_norm)
+    x0 = batches.latents[idx].float().to(info.device)
+    loss = denoiser.loss(x0, noise.to(info.device), sigma.to(info.device), min_snr_gamma=run.min_snr_gamma,
+                         context=context.float())
+    return loss, {}
+
+
+@torch.no_grad()
+def validation_loss(run: UnetRun, denoiser, n: int | None = None, seed: int = 99) -> float:
+    """Unweighted denoising loss on held-out latents at fixed noise, stratified over 8 timestep bands."""
+    val = run.data["val"]
+    n = min(n or len(val["latents"]), len(val["latents"]))
+    gen = torch.Generator().manual_seed(seed)
+    total = 0.0
+    T = denoiser.schedule.num_timesteps
+    dev = next(run.text_encoder.parameters()).device
+    for band in range(8):
+        t = torch.randint(band * T // 8, (band + 1) * T // 8, (n,), generator=gen)
+        noise = torch.randn(n, *val["latents"].shape[1:], generator=gen)
+        for i in range(0, n, 128):
+            ids = val["ids"][i:i + 128, 0].long().to(dev)
+            context, _ = run.text_encoder(ids, clip_skip=run.model.clip_skip, final_norm=run.model.text_final_norm)
+            x0 = val["latents"][i:i + 128].float().to(dev)
+            sigma = denoiser.schedule.sigmas[t[i:i + 128]].to(dev)
+            total += float(denoiser.loss(x0, noise[i:i + 128].to(dev), sigma, reduce=False, context=context).sum())
+    return total / (8 * n)
+
+
+def train_unet(run: UnetRun, info: DistInfo | None = None) -> dict:
+    """Train; save raw and EMA weights (unet_raw / unet_ema .safetensors) and their validation losses."""
+    info = info or DistInfo()
+    if run.model.unet.context_dim != run.text_encoder.config.hidden_size:
+        raise TrainingError(f"UNet context_dim {run.model.unet.context_dim} != text encoder width "
+                            f"{run.text_encoder.config.hidden_size}")
+    torch.manual_seed(run.loop.seed)
+    unet = UNetModel(run.model.unet).to(info.device)
+    run.text_encoder.to(info.device).eval().requires_grad_(False)
+    denoiser = make_denoiser(unet, run.model)
+    batches = LatentBatches(run.data["train"], run.loop.batch_size, run.loop.seed)
+    trainer = Trainer("unet", run.out, unet, run.loop, info)
+    trainer.run(lambda step: unet_step(run, denoiser, batches, step, info))
+    if not info.main:
+        return {}
+    unet.eval()
+    metrics = {"steps": trainer.step, "samples_seen": trainer.step * run.loop.batch_size}
+    for name in ("raw", "ema") if trainer.ema else ("raw",):
+        weights = trainer.final_weights(name == "ema")
+        unet.load_state_dict(weights)
+        metrics[f"{name}_val_loss"] = round(validation_loss(run, denoiser), 5)
+        cpu = {k: v.float().cpu().contiguous() for k, v in weights.items()}
+        save_file(cpu, str(run.out / f"unet_{name}.safetensors"))
+    metrics["chosen_by_val_loss"] = min(("raw", "ema") if trainer.ema else ("raw",),
+                                        key=lambda k: metrics[f"{k}_val_loss"])
+    write_json(run.out / "metrics.json", metrics)
+    return metrics
