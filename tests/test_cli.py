@@ -26,7 +26,10 @@ def test_generate_info_and_reproduce(tmp_path, tiny_sd1_file, capsys):
     again = tmp_path / "again"
     assert main(["generate", "--from", str(files[1]), "--model", str(tiny_sd1_file), "--out", str(again)]) == 0
     redo = next(again.glob("*.png"))
-    assert np.array_equal(np.asarray(Image.open(redo)), np.asarray(Image.open(files[1])))
+    assert redo.name == "00000-12.png"
+    # Made alone rather than as image 2 of a batch: equal up to float summation order (batch-size dependent).
+    diff = np.abs(np.asarray(Image.open(redo)).astype(int) - np.asarray(Image.open(files[1])).astype(int))
+    assert diff.max() <= 2
 
 
 def test_convert_both_ways(tmp_path, tiny_sd1_file):
