@@ -92,6 +92,19 @@ def _pad_from_config(folder: Path) -> str | None:
     return None
 
 
+def merge_pair(symbols: list[str] | tuple[str, ...], pair: tuple[str, str]) -> list[str]:
+    """Replace every occurrence of `pair` in `symbols` by its merge, left to right (one BPE merge step)."""
+    out, i = [], 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+            out.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            out.append(symbols[i])
+            i += 1
+    return out
+
+
 class CLIPTokenizer:
     """CLIP byte-level BPE tokenizer: text -> ids, ids -> text, and padded (B, 77) batches."""
 
@@ -202,15 +215,7 @@ class CLIPTokenizer:
             pair = min(zip(symbols, symbols[1:]), key=lambda p: self._ranks.get(p, float("inf")))
             if pair not in self._ranks:
                 break
-            merged, i = [], 0
-            while i < len(symbols):  # merge every occurrence of the pair, left to right
-                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
-                    merged.append(symbols[i] + symbols[i + 1])
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            symbols = merged
+            symbols = merge_pair(symbols, pair)
         if len(self._cache) > 100_000:  # bound the memory of a long-running server
             self._cache.clear()
         self._cache[word] = symbols

@@ -13,7 +13,7 @@ import unicodedata
 from collections import Counter
 from pathlib import Path
 
-from easel.text.tokenizer import _WS_RUN, BOS, CLIP_PATTERN, EOS, GPT2_PATTERN, CLIPTokenizer, bytes_to_unicode
+from easel.text.tokenizer import _WS_RUN, BOS, CLIP_PATTERN, EOS, GPT2_PATTERN, CLIPTokenizer, bytes_to_unicode, merge_pair
 
 Word = tuple[str, ...]
 
@@ -40,16 +40,8 @@ def _pair_counts(words: Counter) -> Counter:
 
 
 def _merge_word(word: Word, pair: tuple[str, str]) -> Word:
-    """Replace every occurrence of `pair` in `word`, left to right (as the tokenizer applies merges)."""
-    out, i = [], 0
-    while i < len(word):
-        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
-            out.append(word[i] + word[i + 1])
-            i += 2
-        else:
-            out.append(word[i])
-            i += 1
-    return tuple(out)
+    """Apply one merge to a word, exactly as the tokenizer applies merges."""
+    return tuple(merge_pair(word, pair))
 
 
 def train_bpe(corpus: list[str], max_merges: int = 5000,
