@@ -90,6 +90,19 @@ def make_tiny(tmp_path, family: str = "sd1", seed: int = 0):
     return LoadedModel(model, toks, "", "")
 
 
+def _single_thread():
+    """Tiny tensors gain nothing from a second thread, and on a busy 2-core machine an OpenMP barrier waiting
+    for a descheduled thread makes them 10-100x slower; golden images are also defined at one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+one_thread = pytest.fixture(_single_thread)
+one_thread_module = pytest.fixture(scope="module")(_single_thread)
+
+
 @pytest.fixture
 def tiny_sd1(tmp_path):
     return make_tiny(tmp_path, "sd1")

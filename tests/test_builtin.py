@@ -15,15 +15,6 @@ pytestmark = pytest.mark.skipif(builtin_model() is None, reason="this install ha
 GOLDEN = "7efcb5af9762813c14662d19d26cfdbd102e6c07e1c0f62e0c3ff2f30276b71c"
 
 
-@pytest.fixture
-def one_thread():
-    """Float summation order depends on the thread count; the golden images are defined at one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_golden_images(one_thread):
     images = easel.load().txt2img("three red stars", seed=1)
     assert len(images) == 4 and images[0].size == (64, 64)

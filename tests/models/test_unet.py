@@ -12,12 +12,8 @@ diffusers = pytest.importorskip("diffusers")
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and 2 OpenMP threads on a busy 2-core machine stall ~100x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread_module):
+    """Every test here runs single-threaded (see tests/conftest.py)."""
 
 SD1_TINY = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), transformer_depth=(1, 1, 0), num_heads=4,
                       context_dim=32, norm_groups=8)

@@ -43,13 +43,9 @@ class TinyNet(nn.Module):
         return x + 0.5 * torch.tanh(self.conv_out(h))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tensors this small gain nothing from threads, and on a busy machine thread hand-offs cost 50x
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_thread_module):
+    """Every test here runs single-threaded (see tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

@@ -30,13 +30,9 @@ S = torch.linspace(0.5, 1.5, DIM)
 SCHEDULE = DiscreteSchedule(make_alphas_cumprod())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tensors this small gain nothing from threads, and on a busy machine thread hand-offs dominate
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_thread_module):
+    """Every test here runs single-threaded (see tests/conftest.py)."""
 
 
 def gaussian_denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
