@@ -8,9 +8,12 @@ import logging
 import sys
 from pathlib import Path
 
+from PIL import Image
+
 from easel.pipelines.request import GenerationRequest
 
 # Request field -> (flags, help). The request schema drives the flags; defaults come from the schema.
+# REQUEST_FLAGS go on every generating command; the other tables on the commands that use them.
 REQUEST_FLAGS = {
     "negative_prompt": (("--negative-prompt", "--neg"), "what the image should not show"),
     "batch_size": (("-n", "--batch-size"), "images per batch (default: the model's default)"),
@@ -20,21 +23,65 @@ REQUEST_FLAGS = {
     "sampler": (("--sampler",), "sampler name (easel or A1111 label); see `easel samplers`"),
     "scheduler": (("--scheduler",), "sigma schedule; see `easel samplers`"),
     "seed": (("--seed",), "seed of the first image (-1: random); later images count up"),
-    "width": (("--width", "-W"), "width in pixels, multiple of 8 (default: the model's size)"),
-    "height": (("--height", "-H"), "height in pixels, multiple of 8 (default: the model's size)"),
+    "width": (("--width", "-W"), "width in pixels, multiple of 8 (default: the model's size; edits: the image's)"),
+    "height": (("--height", "-H"), "height in pixels, multiple of 8 (default: the model's size; edits: the image's)"),
     "clip_skip": (("--clip-skip",), "use an earlier CLIP layer (A1111's clip skip)"),
     "eta": (("--eta",), "noise multiplier of ancestral/SDE samplers"),
+    "subseed": (("--subseed",), "variation seed (-1: random), mixed in by --subseed-strength"),
+    "subseed_strength": (("--subseed-strength",), "how much of the variation seed's noise to mix in, 0..1"),
+    "preview_every": (("--preview-every",), "a live preview every N steps (0: none)"),
+    "preview_mode": (("--preview-mode",), "previews by the fast latent->RGB map or a full VAE decode: approx|full"),
 }
+HIRES_FLAGS = {
+    "enable_hr": (("--hires",), "hires fix: generate at the base size, upscale, repaint with img2img"),
+    "hr_scale": (("--hr-scale",), "hires upscale factor"),
+    "hr_resize_x": (("--hr-resize-x",), "hires width in pixels instead of --hr-scale (0: use the scale)"),
+    "hr_resize_y": (("--hr-resize-y",), "hires height in pixels instead of --hr-scale (0: use the scale)"),
+    "hr_upscaler": (("--hr-upscaler",), "latent|latent-nearest|latent-bicubic|latent-antialiased|lanczos"),
+    "hr_denoising_strength": (("--hr-denoising-strength",), "how much the second pass repaints, 0..1"),
+    "hr_second_pass_steps": (("--hr-steps",), "steps the second pass runs (0: steps x strength)"),
+    "hr_sampler": (("--hr-sampler",), "second-pass sampler (default: --sampler)"),
+    "hr_scheduler": (("--hr-scheduler",), "second-pass schedule (default: --scheduler)"),
+    "hr_prompt": (("--hr-prompt",), "second-pass prompt (default: the prompt)"),
+    "hr_negative_prompt": (("--hr-negative-prompt",), "second-pass negative prompt (default: the negative prompt)"),
+    "hr_cfg_scale": (("--hr-cfg-scale",), "second-pass guidance scale (default: --cfg-scale)"),
+}
+IMG2IMG_FLAGS = {
+    "denoising_strength": (("--denoising-strength", "--strength"), "how much to repaint: 0 keeps the image, 1 "
+                                                                   "replaces it"),
+    "resize_mode": (("--resize-mode",), "fit the image to --width/--height: just_resize|crop_and_resize|"
+                                        "resize_and_fill"),
+}
+INPAINT_FLAGS = {
+    "mask_blur": (("--mask-blur",), "blur radius of the mask edge in pixels"),
+    "inpainting_fill": (("--inpainting-fill",), "what the masked area starts from: original|fill|latent-noise|"
+                                                "latent-nothing"),
+    "inpaint_full_res": (("--inpaint-full-res",), "repaint only the masked region at full resolution"),
+    "inpaint_full_res_padding": (("--inpaint-full-res-padding",), "context pixels around the region"),
+    "inpainting_mask_invert": (("--invert-mask",), "repaint the black part of the mask instead of the white"),
+}
+OUTPAINT_FLAGS = {f"outpaint_{side}": ((f"--{side}",), f"pixels to add on the {side}") for side in
+                  ("left", "right", "up", "down")}
+ALL_FLAGS = {**REQUEST_FLAGS, **HIRES_FLAGS, **IMG2IMG_FLAGS, **INPAINT_FLAGS, **OUTPAINT_FLAGS}
 FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(GenerationRequest)}
 log = logging.getLogger("easel")
 
 
-def add_request_flags(p: argparse.ArgumentParser) -> None:
-    """Flags for every request field in REQUEST_FLAGS (default None: 'not given')."""
-    for name, (flags, help_text) in REQUEST_FLAGS.items():
+def add_request_flags(p: argparse.ArgumentParser, table: dict | None = None) -> None:
+    """Flags for every request field in `table` (default REQUEST_FLAGS; default None: 'not given')."""
+    for name, (flags, help_text) in (REQUEST_FLAGS if table is None else table).items():
         default = next(f.default for f in dataclasses.fields(GenerationRequest) if f.name == name)
-        kind = {"int": int, "float": float}.get(str(FIELD_TYPES[name]).split(" ")[0].split("|")[0].strip(), str)
+        kind_name = str(FIELD_TYPES[name]).split(" ")[0].split("|")[0].strip()
+        if kind_name == "bool":
+            p.add_argument(*flags, dest=name, action="store_true", default=None, help=help_text)
+            continue
+        kind = {"int": int, "float": float}.get(kind_name, str)
         p.add_argument(*flags, dest=name, type=kind, default=None, help=f"{help_text} (default: {default})")
+    if table is None:  # flags that are not one field each
+        p.add_argument("--seed-resize-from", metavar="WxH", help="make the variation noise as if the image were WxH "
+                       "(keeps a composition when changing the size)")
+        p.add_argument("--lora", dest="loras", action="append", metavar="NAME_OR_PATH:WEIGHT",
+                       help="apply a LoRA (repeatable; same as <lora:name:weight> in the prompt)")
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -53,11 +100,40 @@ def request_from_args(args: argparse.Namespace, base: dict | None = None) -> Gen
     fields = dict(base or {})
     if getattr(args, "prompt", None) is not None:
         fields["prompt"] = args.prompt
-    for name in REQUEST_FLAGS:
+    for name in ALL_FLAGS:
         if getattr(args, name, None) is not None:
             fields[name] = getattr(args, name)
+    if getattr(args, "loras", None):
+        fields["loras"] = list(args.loras)
+    if getattr(args, "seed_resize_from", None):
+        fields["seed_resize_from_w"], fields["seed_resize_from_h"] = parse_size(args.seed_resize_from,
+                                                                                "--seed-resize-from")
     known = {f.name for f in dataclasses.fields(GenerationRequest)}
     return GenerationRequest(**{k: v for k, v in fields.items() if k in known})
+
+
+def parse_size(text: str, flag: str) -> tuple[int, int]:
+    """'512x768' -> (512, 768); errors name the flag."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"{flag} takes WIDTHxHEIGHT in pixels, e.g. 512x512 (got {text!r})") from None
+    return w, h
+
+
+def read_image(path: str, what: str = "image") -> Image.Image:
+    """Open an image file fully, with errors that say which file and what is wrong."""
+    from PIL import UnidentifiedImageError
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}" if not p.is_dir() else f"{what} {path} is a folder, "
+                                "not an image file")
+    try:
+        with Image.open(p) as im:
+            im.load()
+            return im.copy()
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{what} {path} is not an image easel can read (PNG, JPEG, WebP, ...): {e}") from None
 
 
 def params_from_image(path: str) -> dict:
@@ -71,12 +147,25 @@ def params_from_image(path: str) -> dict:
     a = parse_infotext(stored["parameters"])
     out = {"prompt": a["prompt"], "negative_prompt": a["negative_prompt"]}
     conv = {"Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int),
-            "Clip skip": ("clip_skip", int), "Sampler": ("sampler", str), "Schedule type": ("scheduler", str)}
+            "Clip skip": ("clip_skip", int), "Sampler": ("sampler", str), "Schedule type": ("scheduler", str),
+            "Variation seed": ("subseed", int), "Variation seed strength": ("subseed_strength", float),
+            "Hires upscale": ("hr_scale", float), "Hires steps": ("hr_second_pass_steps", int),
+            "Hires sampler": ("hr_sampler", str), "Hires prompt": ("hr_prompt", str),
+            "Hires negative prompt": ("hr_negative_prompt", str), "Hires CFG Scale": ("hr_cfg_scale", float)}
     for label, (name, kind) in conv.items():
         if label in a:
             out[name] = kind(a[label])
     if "Size" in a:
-        out["width"], out["height"] = (int(v) for v in a["Size"].split("x"))
+        out["width"], out["height"] = parse_size(a["Size"], "Size")
+    if "Seed resize from" in a:
+        out["seed_resize_from_w"], out["seed_resize_from_h"] = parse_size(a["Seed resize from"], "Seed resize from")
+    if "Hires resize" in a:
+        out["hr_resize_x"], out["hr_resize_y"] = parse_size(a["Hires resize"], "Hires resize")
+    if "Hires upscaler" in a or "Hires upscale" in a or "Hires resize" in a:
+        out["enable_hr"] = True
+        out["hr_upscaler"] = _upscaler_name(a.get("Hires upscaler", "Latent"))
+        if "Denoising strength" in a:
+            out["hr_denoising_strength"] = float(a["Denoising strength"])
     if "scheduler" in out:
         from easel.samplers import resolve_sampler
         out["scheduler"] = resolve_sampler("euler " + out["scheduler"])[1] or out["scheduler"]
@@ -85,30 +174,62 @@ def params_from_image(path: str) -> dict:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """easel generate PROMPT ..."""
-    import easel
-    from easel.pipelines.metadata import save_png
     base = params_from_image(args.from_image) if args.from_image else {}
     if args.prompt is None and not base:
         raise ValueError("give a PROMPT (or --from IMAGE.png to reproduce an image)")
     req = request_from_args(args, base)
-    req.check()  # fail before the (slow) model load
     model = args.model or (base.get("model") if args.from_image and base.get("model") != "shapeworld" else None)
+    return run_and_save(args, req, model)
+
+
+def cmd_img2img(args: argparse.Namespace) -> int:
+    """easel img2img IMAGE PROMPT ..."""
+    req = request_from_args(args)
+    req.init_images = [read_image(args.image, "image")]
+    return run_and_save(args, req, args.model)
+
+
+def cmd_inpaint(args: argparse.Namespace) -> int:
+    """easel inpaint IMAGE MASK PROMPT ..."""
+    req = request_from_args(args)
+    image = read_image(args.image, "image")
+    mask = read_image(args.mask, "mask").convert("L")
+    if mask.size != image.size:  # a mask drawn at another resolution still marks the same region
+        log.info("resizing the mask from %dx%d to the image's %dx%d", *mask.size, *image.size)
+        mask = mask.resize(image.size, Image.BILINEAR)
+    req.init_images, req.mask = [image], mask
+    return run_and_save(args, req, args.model)
+
+
+def cmd_outpaint(args: argparse.Namespace) -> int:
+    """easel outpaint IMAGE PROMPT --left/--right/--up/--down N ..."""
+    req = request_from_args(args)
+    if not any(getattr(req, f"outpaint_{side}") for side in ("left", "right", "up", "down")):
+        raise ValueError("outpaint needs at least one of --left, --right, --up, --down (pixels to add)")
+    req.init_images = [read_image(args.image, "image")]
+    return run_and_save(args, req, args.model)
+
+
+def run_and_save(args: argparse.Namespace, req: GenerationRequest, model: str | None) -> int:
+    """Check the request, load the model, run the request's mode and write numbered PNGs with parameters."""
+    import easel
+    from easel.pipelines.metadata import save_png
+    req.check()  # fail before the (slow) model load
     pipe = easel.load(model, dtype=args.dtype, device=args.device, vae=args.vae, tokenizer=args.tokenizer,
                       prediction=args.prediction)
     with progress_bar(req, pipe) as cb:
         results = pipe.generate(req, callback=cb)
     out = Path(args.out)
     for r in results:
-        path = save_png(r.image, next_image_path(out, r.params["seed"]), r.params)
-        print(path)
+        print(save_png(r.image, next_image_path(out, r.params["seed"]), r.params))
     return 0
 
 
 class progress_bar:
-    """A tqdm bar over all steps of all batches, fed by the step callback."""
+    """A tqdm bar over all steps of all batches (and passes), fed by the step callback."""
 
     def __init__(self, req: GenerationRequest, pipe):
-        self.total = req.steps * req.n_iter
+        self.total = planned_steps(req) * req.n_iter
 
     def __enter__(self):
         from tqdm import tqdm
@@ -119,11 +240,29 @@ class progress_bar:
         self.bar.close()
 
 
+def planned_steps(req: GenerationRequest) -> int:
+    """Sampler steps one batch of the request runs (img2img runs int(steps * strength); hires adds its pass)."""
+    if req.mode != "txt2img":
+        return int(req.steps * req.denoising_strength)
+    if not req.enable_hr:
+        return req.steps
+    return req.steps + (req.hr_second_pass_steps or int(req.steps * req.hr_denoising_strength))
+
+
 def next_image_path(out: Path, seed: int) -> Path:
     """A1111-style numbered file name: 00007-<seed>.png, never overwriting."""
     out.mkdir(parents=True, exist_ok=True)
     nums = [int(p.name.split("-")[0]) for p in out.glob("*.png") if p.name.split("-")[0].isdigit()]
     return out / f"{max(nums, default=-1) + 1:05d}-{seed}.png"
+
+
+def _upscaler_name(label: str) -> str:
+    """A1111's upscaler label ('Latent (bicubic)') -> our name; other upscalers (ESRGAN, ...) become lanczos."""
+    from easel.pipelines.hires import UPSCALER_LABELS
+    names = {v.lower(): k for k, v in UPSCALER_LABELS.items()}
+    if label.lower() not in names:
+        log.warning("hires upscaler %r is not available; using lanczos", label)
+    return names.get(label.lower(), "lanczos")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -209,6 +348,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_generation_flags(p: argparse.ArgumentParser, *tables: dict) -> None:
+    """The request flags every generating command takes, the given mode tables, model flags and --out."""
+    add_request_flags(p)
+    for table in tables:
+        add_request_flags(p, table)
+    add_model_flags(p)
+    p.add_argument("--out", "-o", default="outputs", help="output folder (default: outputs)")
+
+
+def add_edit_parsers(sub) -> None:
+    """img2img, inpaint and outpaint sub-commands."""
+    i = sub.add_parser("img2img", help="repaint an image guided by a prompt")
+    i.add_argument("image", help="the image to start from")
+    i.add_argument("prompt", nargs="?", default="", help="what to draw")
+    add_generation_flags(i, IMG2IMG_FLAGS)
+    i.set_defaults(func=cmd_img2img)
+
+    m = sub.add_parser("inpaint", help="repaint the white part of a mask")
+    m.add_argument("image", help="the image to edit")
+    m.add_argument("mask", help="mask image: white = repaint, black = keep (resized to the image if needed)")
+    m.add_argument("prompt", nargs="?", default="", help="what to draw in the masked area")
+    add_generation_flags(m, IMG2IMG_FLAGS, INPAINT_FLAGS)
+    m.set_defaults(func=cmd_inpaint)
+
+    o = sub.add_parser("outpaint", help="extend an image beyond its borders")
+    o.add_argument("image", help="the image to extend")
+    o.add_argument("prompt", nargs="?", default="", help="what to draw in the new area")
+    add_generation_flags(o, OUTPAINT_FLAGS, IMG2IMG_FLAGS, INPAINT_FLAGS)
+    o.set_defaults(func=cmd_outpaint)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command."""
     parser = argparse.ArgumentParser(prog="easel", description="Stable Diffusion you can run, train and see inside.")
@@ -217,11 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="text to image")
     g.add_argument("prompt", nargs="?", help="what to draw")
-    add_request_flags(g)
-    add_model_flags(g)
+    add_generation_flags(g, HIRES_FLAGS)
     g.add_argument("--from", dest="from_image", help="reproduce the image whose parameters this PNG carries")
-    g.add_argument("--out", "-o", default="outputs", help="output folder (default: outputs)")
     g.set_defaults(func=cmd_generate)
+    add_edit_parsers(sub)
 
     i = sub.add_parser("info", help="print the generation parameters stored in a PNG")
     i.add_argument("image")

@@ -71,3 +71,116 @@ def test_tokenizer_install_fills_the_cache(tmp_path, monkeypatch, capsys):
     for kind in ("clip-l", "openclip"):
         tok = CLIPTokenizer.from_dir(tmp_path / "cache" / "tokenizers" / kind)
         assert tok.encode("a red cat") == CLIPTokenizer.from_dir(tmp_path / "tok").encode("a red cat")
+
+
+def _has_inpaint() -> bool:
+    try:
+        import easel.pipelines.inpaint  # noqa: F401
+        import easel.pipelines.outpaint  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_inpaint = pytest.mark.skipif(not _has_inpaint(), reason="easel.pipelines.inpaint/outpaint not available yet")
+
+
+def _source(tmp_path, size=(32, 32)):
+    y, x = np.mgrid[0:size[1], 0:size[0]]
+    arr = np.stack([x * 7 % 256, y * 7 % 256, np.full_like(x, 100)], -1).astype(np.uint8)
+    path = tmp_path / "src.png"
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def test_img2img_writes_the_image_size_and_parameters(tmp_path, tiny_sd1_file, capsys):
+    out = tmp_path / "out"
+    assert main(["img2img", str(_source(tmp_path, (40, 24))), "a red cat", "--model", str(tiny_sd1_file),
+                 "--denoising-strength", "0.5", "--resize-mode", "crop-and-resize", "--steps", "2", "--seed", "3",
+                 "-n", "1", "--out", str(out)]) == 0
+    path = next(out.glob("*.png"))
+    assert Image.open(path).size == (40, 24)  # no --width/--height: the image's size
+    capsys.readouterr()
+    assert main(["info", "--json", str(path)]) == 0
+    params = json.loads(capsys.readouterr().out)
+    assert (params["mode"], params["denoising_strength"], params["resize_mode"]) == ("img2img", 0.5, "crop_and_resize")
+    assert main(["info", str(path)]) == 0
+    assert "Denoising strength: 0.5" in capsys.readouterr().out
+
+
+@needs_inpaint
+def test_inpaint_resizes_a_mask_of_another_size(tmp_path, tiny_sd1_file, capsys):
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 4:12] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")  # half the image's size
+    out = tmp_path / "out"
+    assert main(["inpaint", str(_source(tmp_path)), str(tmp_path / "mask.png"), "a red cat", "--model",
+                 str(tiny_sd1_file), "--mask-blur", "2", "--inpainting-fill", "latent-noise", "--steps", "2",
+                 "--seed", "3", "-n", "1", "--out", str(out)]) == 0
+    path = next(out.glob("*.png"))
+    assert Image.open(path).size == (32, 32)
+    capsys.readouterr()
+    assert main(["info", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "Mask blur: 2" in text and "Masked content: latent noise" in text
+
+
+@needs_inpaint
+def test_outpaint_extends_the_canvas(tmp_path, tiny_sd1_file):
+    out = tmp_path / "out"
+    assert main(["outpaint", str(_source(tmp_path)), "a red cat", "--model", str(tiny_sd1_file), "--right", "16",
+                 "--steps", "2", "--seed", "3", "-n", "1", "--out", str(out)]) == 0
+    assert Image.open(next(out.glob("*.png"))).size == (48, 32)
+
+
+def test_generate_hires_records_the_options(tmp_path, tiny_sd1_file, capsys):
+    out = tmp_path / "out"
+    assert main(["generate", "a red cat", "--model", str(tiny_sd1_file), "--hires", "--hr-scale", "1.5",
+                 "--hr-upscaler", "latent-bicubic", "--hr-steps", "1", "--hr-denoising-strength", "0.4",
+                 "--steps", "2", "--width", "16", "--height", "16", "--seed", "5", "-n", "1", "--out", str(out)]) == 0
+    path = next(out.glob("*.png"))
+    assert Image.open(path).size == (24, 24)
+    capsys.readouterr()
+    assert main(["info", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "Size: 16x16" in text and "Hires upscale: 1.5" in text and "Hires steps: 1" in text
+    assert "Hires upscaler: Latent (bicubic)" in text and "Denoising strength: 0.4" in text
+    # An A1111-written image carries only the text chunk: its hires options are read back from it.
+    from PIL import PngImagePlugin
+    from easel.cli import params_from_image
+    from easel.pipelines.metadata import read_png_params
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", read_png_params(path)["parameters"])
+    Image.open(path).save(tmp_path / "a1111.png", pnginfo=info)
+    p = params_from_image(str(tmp_path / "a1111.png"))
+    assert (p["enable_hr"], p["hr_scale"], p["hr_upscaler"], p["hr_second_pass_steps"]) == (True, 1.5, "latent-bicubic", 1)
+    assert p["hr_denoising_strength"] == 0.4
+
+
+def test_generation_flags_reach_the_request():
+    from easel.cli import build_parser, request_from_args
+    args = build_parser().parse_args(["generate", "x", "--lora", "a:0.5", "--lora", "b.safetensors:1", "--subseed",
+                                      "9", "--subseed-strength", "0.3", "--seed-resize-from", "64x48",
+                                      "--preview-every", "2", "--preview-mode", "full", "--hr-sampler", "euler",
+                                      "--hr-prompt", "y"])
+    req = request_from_args(args)
+    assert req.loras == ["a:0.5", "b.safetensors:1"] and (req.subseed, req.subseed_strength) == (9, 0.3)
+    assert (req.seed_resize_from_w, req.seed_resize_from_h) == (64, 48)
+    assert (req.preview_every, req.preview_mode, req.hr_sampler, req.hr_prompt) == (2, "full", "euler", "y")
+    assert req.enable_hr is False  # --hires not given: the schema's default
+
+
+@pytest.mark.parametrize("make_args,match", [
+    (lambda t: ["img2img", str(t / "missing.png"), "x"], "image not found"),
+    (lambda t: ["img2img", str(t / "bad.png"), "x"], "is not an image"),
+    (lambda t: ["img2img", str(_source(t)), "x", "--denoising-strength", "2"], "denoising_strength"),
+    (lambda t: ["inpaint", str(_source(t)), str(t / "missing.png"), "x"], "mask not found"),
+    (lambda t: ["outpaint", str(_source(t)), "x"], "--left"),
+    (lambda t: ["generate", "x", "--seed-resize-from", "64"], "WIDTHxHEIGHT"),
+    (lambda t: ["generate", "x", "--hires", "--hr-upscaler", "esrgan"], "hr_upscaler"),
+])
+def test_edit_errors_are_one_clear_line(tmp_path, tiny_sd1_file, capsys, make_args, match):
+    (tmp_path / "bad.png").write_text("not a png")
+    assert main(make_args(tmp_path) + ["--model", str(tiny_sd1_file), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("easel: error:") and match in err and "Traceback" not in err

@@ -99,11 +99,12 @@ class CLIPTextEmbeddings(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        """(B, T) token ids -> (B, T, C)."""
+    def forward(self, input_ids: Tensor, inputs_embeds: Tensor | None = None) -> Tensor:
+        """(B, T) token ids -> (B, T, C); `inputs_embeds` (B, T, C) replaces the token-embedding lookup."""
         T = input_ids.shape[1]
+        tokens = self.token_embedding(input_ids) if inputs_embeds is None else inputs_embeds
         # Slicing the table instead of keeping a `position_ids` buffer keeps the state dict free of it.
-        return self.token_embedding(input_ids) + self.position_embedding.weight[:T]
+        return tokens + self.position_embedding.weight[:T]
 
 
 class CLIPEncoder(nn.Module):
@@ -137,17 +138,19 @@ class CLIPTextModel(nn.Module):
             self.text_projection = None
 
     def forward(self, input_ids: Tensor, clip_skip: int = 1, final_norm: bool = True,
-                need_pooled: bool = False) -> tuple[Tensor, Tensor | None]:
+                need_pooled: bool = False, inputs_embeds: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Token ids (B, T) -> (hidden states (B, T, C) of layer `clip_skip` from the end, pooled (B, P) or None).
 
         clip_skip=1 is the last layer's output, 2 the penultimate (SD2, SDXL); `final_norm` applies the
         final LayerNorm to it. The pooled output is the final-normed last layer at the first
-        end-of-text token, projected by `text_projection` when the model has one.
+        end-of-text token, projected by `text_projection` when the model has one. `inputs_embeds`
+        (B, T, C), when given, are the token embeddings to use instead of looking `input_ids` up (textual
+        inversion puts learned vectors there); `input_ids` still locate the end-of-text token.
         """
         cfg = self.config
-        self._check_inputs(input_ids, clip_skip)
+        self._check_inputs(input_ids, clip_skip, inputs_embeds)
         tm = self.text_model
-        x = tm.embeddings(input_ids)  # (B, T, C)
+        x = tm.embeddings(input_ids, inputs_embeds)  # (B, T, C)
         want = cfg.num_hidden_layers - clip_skip  # index of the layer whose output is returned
         # Layers after `want` only matter for the pooled output: skip them when it is not needed.
         last = cfg.num_hidden_layers if need_pooled else want + 1
@@ -170,10 +173,14 @@ class CLIPTextModel(nn.Module):
             pooled = self.text_projection(pooled)  # (B, P)
         return pooled
 
-    def _check_inputs(self, input_ids: Tensor, clip_skip: int) -> None:
+    def _check_inputs(self, input_ids: Tensor, clip_skip: int, inputs_embeds: Tensor | None = None) -> None:
         cfg = self.config
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
+        want = (*input_ids.shape, cfg.hidden_size)
+        if inputs_embeds is not None and tuple(inputs_embeds.shape) != want:
+            raise ValueError(f"inputs_embeds must be (batch, tokens, width) = {want} to match input_ids, "
+                             f"got {tuple(inputs_embeds.shape)}")
         if input_ids.shape[1] > cfg.max_position_embeddings:
             raise ValueError(f"{input_ids.shape[1]} tokens exceed the encoder's {cfg.max_position_embeddings} "
                              "positions: truncate, or split the prompt into chunks (easel.text.prompt)")

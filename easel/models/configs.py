@@ -140,4 +140,14 @@ SDXL = ModelConfig(
     vae=VAEConfig(scale_factor=0.13025), text_encoders=(CLIP_L, OPENCLIP_BIGG),
 )
 
-PRESETS: dict[str, ModelConfig] = {c.name: c for c in (SD15, SD15_INPAINT, SD21, SD21_BASE, SDXL)}
+# The SDXL refiner (SGM `sd_xl_refiner.yaml`): OpenCLIP bigG alone, penultimate layer as context (1280), and
+# y = pooled text (1280) + 5 x 256 (original size, crop, aesthetic score; no target size) = 2560.
+SDXL_REFINER = ModelConfig(
+    name="sdxl-refiner", default_size=1024, clip_skip=2, text_final_norm=False, pooled_text=True,
+    unet=UNetConfig(model_channels=384, channel_mult=(1, 2, 4, 4), transformer_depth=(0, 4, 4, 0),
+                    transformer_depth_middle=4, num_heads=-1, num_head_channels=64, context_dim=1280,
+                    use_linear_in_transformer=True, adm_in_channels=2560),
+    vae=VAEConfig(scale_factor=0.13025), text_encoders=(OPENCLIP_BIGG,),
+)
+
+PRESETS: dict[str, ModelConfig] = {c.name: c for c in (SD15, SD15_INPAINT, SD21, SD21_BASE, SDXL, SDXL_REFINER)}

@@ -52,18 +52,22 @@ class StableDiffusion(nn.Module):
         return out
 
     @torch.no_grad()
-    def encode_text(self, token_ids: list[torch.Tensor], clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode_text(self, token_ids: list[torch.Tensor], clip_skip: int = 1,
+                    inputs_embeds: list[torch.Tensor | None] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token ids per encoder (B, 77) -> context (B, 77, sum of widths) and pooled (B, D) or None.
 
         `clip_skip` is A1111's: 1 keeps the preset's layer, 2 goes one layer further back, ...
+        `inputs_embeds`, per encoder (B, 77, width) or None, replace the token-embedding lookup (textual inversion).
         """
         cfg = self.config
         layer = cfg.clip_skip + max(clip_skip, 1) - 1
+        embeds = inputs_embeds if inputs_embeds is not None else [None] * len(self.text_encoders)
         hidden, pooled = [], None
-        for i, (enc, ids) in enumerate(zip(self.text_encoders, token_ids)):
+        for i, (enc, ids, emb) in enumerate(zip(self.text_encoders, token_ids, embeds)):
             last = i == len(self.text_encoders) - 1
+            emb = None if emb is None else emb.to(self.device, next(enc.parameters()).dtype)
             h, p = enc(ids.to(self.device), clip_skip=layer, final_norm=cfg.text_final_norm,
-                       need_pooled=cfg.pooled_text and last)
+                       need_pooled=cfg.pooled_text and last, inputs_embeds=emb)
             hidden.append(h)
             if p is not None:
                 pooled = p

@@ -16,6 +16,15 @@ from easel.text.tokenizer import CLIPTokenizer
 StepCallback = Callable[[dict], None]
 
 
+class Interrupted(Exception):
+    """Raised by a step callback to stop the whole request; the images already finished are returned
+    (A1111's "interrupt")."""
+
+
+class Skipped(Exception):
+    """Raised by a step callback to drop the current batch and go on with the next one (A1111's "skip")."""
+
+
 def encode_prompts(model: StableDiffusion, tokenizers: list[CLIPTokenizer], prompts: list[str],
                    clip_skip: int = 1) -> dict[str, torch.Tensor]:
     """Prompts -> the UNet's conditioning {'context': (B, 77, D), 'y': (B, adm) for SDXL}."""
@@ -90,6 +99,97 @@ def run_sampler(sampler: str, denoiser, noise: torch.Tensor, sigmas: torch.Tenso
     x = noise * scale if latent is None else latent + noise * scale
     options = {} if eta is None else {"eta": eta}
     return SAMPLERS[sampler](denoiser, x, sigmas, callback=callback, noise=noise_source, **options)
+
+
+def img2img_sigmas(sigmas: torch.Tensor, strength: float, run_steps: int | None = None) -> torch.Tensor:
+    """The tail of a schedule that img2img runs: the last `run_steps` steps (default int(steps * strength), as
+    diffusers and A1111 count them), so that denoising starts from a partly noised image."""
+    steps = len(sigmas) - 1
+    n = int(steps * strength) if run_steps is None else run_steps
+    return sigmas[steps - min(max(n, 0), steps):]
+
+
+def guided_denoiser(loaded, req, batch: int, schedule: DiscreteSchedule):
+    """CFG denoiser over `req.prompt` and `req.negative_prompt` at the request's size (SDXL's size embedding)."""
+    model = loaded.model
+    text = encode_prompts(model, loaded.tokenizers, [req.prompt] * batch + [req.negative_prompt] * batch,
+                          req.clip_skip)
+    cond_all = unet_conditioning(model, text, req.width, req.height)
+    cond = {k: v[:batch] for k, v in cond_all.items()}
+    uncond = {k: v[batch:] for k, v in cond_all.items()}
+    return guided(make_denoiser(model, schedule), cond, uncond, req.cfg_scale)
+
+
+@torch.no_grad()
+def sample(loaded, req, seeds: list[int], init_latent: torch.Tensor | None = None, strength: float = 1.0,
+           callback: StepCallback | None = None, *, run_steps: int | None = None, noise: torch.Tensor | None = None,
+           wrap_denoiser: Callable | None = None) -> torch.Tensor:
+    """Denoised latents (B, C, H/f, W/f) of one batch: the sampling core of txt2img, img2img, hires and inpaint.
+
+    txt2img (`init_latent` None) starts from seeded noise at the schedule's first sigma. img2img runs the last
+    `run_steps` (default int(steps * strength)) steps of a `req.steps` schedule from `init_latent + noise * sigma`
+    (SDEdit, Meng et al. 2021). `noise` (B, C, h, w) replaces the seeds' unit noise (variation seeds, latent noise
+    fill); `wrap_denoiser(denoiser) -> denoiser` adds behaviour around the guided denoiser (inpainting blends).
+    The size is `req.width` x `req.height`, or `init_latent`'s.
+    """
+    model = loaded.model
+    schedule = make_schedule(model)
+    denoiser = guided_denoiser(loaded, req, len(seeds), schedule)
+    if wrap_denoiser is not None:
+        denoiser = wrap_denoiser(denoiser)
+    sigmas = sigmas_for(schedule, req.scheduler, req.steps)
+    f = model.config.vae.downsample
+    shape = (model.config.vae.embed_dim, req.height // f, req.width // f) if init_latent is None \
+        else tuple(init_latent.shape[1:])
+    unit, source = seed_noise(req, seeds, shape, f)  # drawn even when replaced, so ancestral noise continues alike
+    unit = unit if noise is None else noise.float().cpu()
+    if init_latent is not None:
+        sigmas = img2img_sigmas(sigmas, strength, run_steps)
+        if len(sigmas) < 2:  # strength 0 (or too few steps to run one): nothing to denoise
+            return init_latent.float().to(model.device).expand(len(seeds), *shape).clone()
+        init_latent = init_latent.float().to(model.device).expand(len(seeds), *shape)
+    cb = None if callback is None else (lambda d: callback({**d, "steps": len(sigmas) - 1}))
+    return run_sampler(req.sampler, denoiser, unit.to(model.device), sigmas.to(model.device), source, callback=cb,
+                       eta=req.eta, full_denoise=init_latent is None, latent=init_latent)
+
+
+def seed_noise(req, seeds: list[int], shape: tuple[int, ...], factor: int) -> tuple[torch.Tensor, NoiseSource]:
+    """The seeds' unit noise (B, *shape), with A1111's variation seed and "resize seed from" when requested."""
+    resize = (req.seed_resize_from_w, req.seed_resize_from_h)
+    if req.subseed_strength <= 0 and not all(resize):
+        return initial_noise(seeds, shape)
+    from easel.pipelines.noise import variation_noise
+    subseeds = [req.subseed + (s - req.seed) for s in seeds]  # variation seeds count up with the seeds (A1111)
+    return variation_noise(seeds, shape, subseeds, req.subseed_strength, resize if all(resize) else None, factor)
+
+
+def run_batches(req, make_batch: Callable[[int, list[int]], list]) -> list:
+    """Call `make_batch(index, seeds)` for each of `req.n_iter` batches (seeds count up from `req.seed`, as A1111);
+    a step callback raising Skipped drops that batch, Interrupted returns what is finished."""
+    out = []
+    for it in range(req.n_iter):
+        seeds = [req.seed + it * req.batch_size + i for i in range(req.batch_size)]
+        try:
+            out.extend(make_batch(it, seeds))
+        except Skipped:
+            continue
+        except Interrupted:
+            break
+    return out
+
+
+def batch_callback(callback: StepCallback | None, it: int, n_iter: int, **tags) -> StepCallback | None:
+    """Tag each step with the batch index (and e.g. the pass) so progress bars can span all batches."""
+    if callback is None:
+        return None
+    return lambda d: callback({**d, "batch": it, "n_iter": n_iter, **tags})
+
+
+@torch.no_grad()
+def encode(model: StableDiffusion, images: list[Image.Image]) -> torch.Tensor:
+    """PIL images -> diffusion latents (B, C, H/f, W/f): the VAE posterior mean, scaled and shifted."""
+    vae_dtype = next(model.vae.parameters()).dtype
+    return model.vae.encode_latents(from_pil(images).to(model.device, vae_dtype)).float()
 
 
 @torch.no_grad()

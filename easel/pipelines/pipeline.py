@@ -25,14 +25,55 @@ class Pipeline:
         """Generate images from text; options are GenerationRequest fields (steps, seed, width, ...)."""
         return [g.image for g in self.generate(GenerationRequest(prompt, negative_prompt, **options), callback)]
 
+    def img2img(self, image: Image.Image, prompt: str, negative_prompt: str = "", callback=None,
+                **options) -> list[Image.Image]:
+        """Repaint an image guided by the prompt (`denoising_strength`, `resize_mode`, ... as options)."""
+        req = GenerationRequest(prompt, negative_prompt, init_images=[image], **options)
+        return [g.image for g in self.generate(req, callback)]
+
+    def inpaint(self, image: Image.Image, mask: Image.Image, prompt: str, negative_prompt: str = "", callback=None,
+                **options) -> list[Image.Image]:
+        """Repaint the white part of `mask` (`mask_blur`, `inpainting_fill`, ... as options)."""
+        req = GenerationRequest(prompt, negative_prompt, init_images=[image], mask=mask, **options)
+        return [g.image for g in self.generate(req, callback)]
+
+    def outpaint(self, image: Image.Image, prompt: str, left: int = 0, right: int = 0, up: int = 0, down: int = 0,
+                 negative_prompt: str = "", callback=None, **options) -> list[Image.Image]:
+        """Extend the image by the given pixels on each side and paint the new area."""
+        if not (left or right or up or down):
+            raise ValueError("outpaint needs at least one of left, right, up, down (pixels to add)")
+        req = GenerationRequest(prompt, negative_prompt, init_images=[image], outpaint_left=left,
+                                outpaint_right=right, outpaint_up=up, outpaint_down=down, **options)
+        return [g.image for g in self.generate(req, callback)]
+
     def generate(self, request: GenerationRequest, callback=None) -> list[GeneratedImage]:
-        """Run a request; each result carries the parameters that reproduce it."""
+        """Run a request by its mode (txt2img, hires fix, img2img, inpaint, outpaint); each result carries the
+        parameters that reproduce it."""
         request.dtype, request.device = self.dtype, self.device
-        return txt2img(self.loaded, request, callback)
+        return run_mode(request.mode, request.enable_hr)(self.loaded, request, callback)
 
     def save(self, dst: str | os.PathLike, to: str = "single-file"):
         """Write the model as a single `.safetensors` file or a diffusers folder."""
         return save_model(self.loaded, dst, to)
+
+
+def run_mode(mode: str, enable_hr: bool = False):
+    """The function `(loaded, req, callback) -> list[GeneratedImage]` that runs a mode (imported when needed)."""
+    if mode == "txt2img" and enable_hr:
+        from easel.pipelines.hires import hires
+        return hires
+    if mode == "txt2img":
+        return txt2img
+    if mode == "img2img":
+        from easel.pipelines.img2img import img2img
+        return img2img
+    if mode == "inpaint":
+        from easel.pipelines.inpaint import inpaint
+        return inpaint
+    if mode == "outpaint":
+        from easel.pipelines.outpaint import outpaint
+        return outpaint
+    raise ValueError(f"unknown mode {mode!r}; choose one of txt2img, img2img, inpaint, outpaint")
 
 
 def load(path_or_id: str | os.PathLike | None = None, dtype: str = "fp32", device: str = "cpu",

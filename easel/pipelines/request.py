@@ -1,9 +1,21 @@
 """One request schema for every way in: CLI flags, Python keyword arguments, HTTP bodies, the web UI."""
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
+import io
 import random
 from dataclasses import dataclass, field
+
+from PIL import Image
+
+# Allowed values of the choice fields; A1111's API sends these as integers (index into the tuple).
+RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_fill")
+INPAINTING_FILLS = ("original", "fill", "latent_noise", "latent_nothing")
+HR_UPSCALERS = ("latent", "latent-nearest", "latent-bicubic", "latent-antialiased", "lanczos")
+PREVIEW_MODES = ("approx", "full")
+IMAGE_FIELDS = ("init_images", "mask")
 
 
 @dataclass
@@ -12,7 +24,7 @@ class GenerationRequest:
 
     prompt: str = ""
     negative_prompt: str = ""
-    width: int | None = None  # None: the model's default size
+    width: int | None = None  # None: the model's default size (img2img: the init image's size)
     height: int | None = None
     steps: int = 20
     cfg_scale: float = 7.0
@@ -25,7 +37,59 @@ class GenerationRequest:
     eta: float | None = None  # noise multiplier of ancestral / SDE samplers (None: sampler default)
     dtype: str = "fp32"
     device: str = "cpu"
-    extra: dict = field(default_factory=dict)  # mode-specific options (img2img, hires, ...)
+    extra: dict = field(default_factory=dict)  # free-form options a mode may read
+    # img2img / inpaint / outpaint
+    init_images: list = field(default_factory=list)  # PIL images; empty: txt2img
+    mask: Image.Image | None = None  # white = repaint
+    denoising_strength: float = 0.75
+    resize_mode: str = "just_resize"
+    mask_blur: int = 4
+    inpainting_fill: str = "original"
+    inpaint_full_res: bool = False
+    inpaint_full_res_padding: int = 32
+    inpainting_mask_invert: bool = False
+    outpaint_left: int = 0
+    outpaint_right: int = 0
+    outpaint_up: int = 0
+    outpaint_down: int = 0
+    # hires fix
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str = "latent"
+    hr_second_pass_steps: int = 0  # 0: same as steps
+    hr_denoising_strength: float = 0.5
+    hr_sampler: str | None = None  # None: the first pass's
+    hr_scheduler: str | None = None
+    hr_prompt: str | None = None
+    hr_negative_prompt: str | None = None
+    hr_resize_x: int = 0  # 0: use hr_scale
+    hr_resize_y: int = 0
+    hr_cfg_scale: float | None = None
+    # variation seeds
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    seed_resize_from_w: int = 0
+    seed_resize_from_h: int = 0
+    # LoRA, refiner, previews
+    loras: list = field(default_factory=list)  # "name_or_path:weight"
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float = 0.8
+    preview_every: int = 0  # 0: no previews
+    preview_mode: str = "approx"
+
+    def __post_init__(self):
+        # A1111's API sends choice fields as indices, the CLI with hyphens: store the canonical names.
+        self.resize_mode = _choice_name(self.resize_mode, RESIZE_MODES)
+        self.inpainting_fill = _choice_name(self.inpainting_fill, INPAINTING_FILLS)
+
+    @property
+    def mode(self) -> str:
+        """'outpaint' | 'inpaint' | 'img2img' | 'txt2img', from which inputs are present."""
+        if any(getattr(self, f"outpaint_{side}") > 0 for side in ("left", "right", "up", "down")):
+            return "outpaint"
+        if self.mask is not None:
+            return "inpaint"
+        return "img2img" if self.init_images else "txt2img"
 
     def resolved(self, default_size: int, default_batch: int) -> "GenerationRequest":
         """A copy with every default filled in and every value checked (raises ValueError naming the field)."""
@@ -34,11 +98,20 @@ class GenerationRequest:
                                 batch_size=pick(self.batch_size, default_batch))
         if r.seed is None or r.seed < 0:
             r.seed = random.randrange(2**32)
+        if r.subseed is None or r.subseed < 0:
+            # Drawn even when unused so that parameters always reproduce; only recorded when strength > 0.
+            r.subseed = random.randrange(2**32)
         r.check()
         return r
 
     def check(self) -> None:
         """Validate ranges; errors say which field and what is allowed."""
+        self._check_basic()
+        self._check_edit()
+        self._check_hires()
+        self._check_extras()
+
+    def _check_basic(self) -> None:
         for name in ("width", "height"):
             v = getattr(self, name)
             if v is not None and (v < 8 or v % 8):
@@ -53,20 +126,144 @@ class GenerationRequest:
             raise ValueError(f"clip skip must be 1 or more (got {self.clip_skip})")
         if self.seed is not None and self.seed >= 2**63:
             raise ValueError("seed must be below 2**63")
-        from easel.samplers import SCHEDULES, resolve_sampler
-        _, schedule = resolve_sampler(self.sampler)  # raises, listing the valid names
-        if (schedule or self.scheduler) not in SCHEDULES:
-            raise ValueError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULES)}")
+        _check_sampler("sampler", self.sampler, "scheduler", self.scheduler)
 
-    def to_dict(self) -> dict:
-        """Plain JSON-able dict."""
-        return dataclasses.asdict(self)
+    def _check_edit(self) -> None:
+        _in_range("denoising_strength", self.denoising_strength, 0.0, 1.0)
+        _one_of("resize_mode", self.resize_mode, RESIZE_MODES)
+        _one_of("inpainting_fill", self.inpainting_fill, INPAINTING_FILLS)
+        for name in ("mask_blur", "inpaint_full_res_padding", "outpaint_left", "outpaint_right", "outpaint_up",
+                     "outpaint_down"):
+            _at_least(name, getattr(self, name), 0)
+        for i, im in enumerate(self.init_images):
+            if not isinstance(im, Image.Image):
+                raise ValueError(f"init_images[{i}] must be a PIL image (got {type(im).__name__}); "
+                                 "decode paths or base64 first (GenerationRequest.from_dict decodes base64)")
+        if self.mask is not None and not isinstance(self.mask, Image.Image):
+            raise ValueError(f"mask must be a PIL image or None (got {type(self.mask).__name__})")
+        if self.mode in ("inpaint", "outpaint") and not self.init_images:
+            raise ValueError(f"{self.mode} needs an image to edit: set init_images")
+
+    def _check_hires(self) -> None:
+        if self.hr_scale <= 0:
+            raise ValueError(f"hr_scale must be positive (got {self.hr_scale})")
+        _one_of("hr_upscaler", self.hr_upscaler, HR_UPSCALERS)
+        _at_least("hr_second_pass_steps", self.hr_second_pass_steps, 0)
+        _in_range("hr_denoising_strength", self.hr_denoising_strength, 0.0, 1.0)
+        _at_least("hr_resize_x", self.hr_resize_x, 0)
+        _at_least("hr_resize_y", self.hr_resize_y, 0)
+        if self.hr_sampler is not None or self.hr_scheduler is not None:
+            _check_sampler("hr_sampler", self.hr_sampler or self.sampler, "hr_scheduler",
+                           self.hr_scheduler or self.scheduler)
+
+    def _check_extras(self) -> None:
+        _in_range("subseed_strength", self.subseed_strength, 0.0, 1.0)
+        if self.subseed is not None and self.subseed >= 2**63:
+            raise ValueError("subseed must be below 2**63")
+        _at_least("seed_resize_from_w", self.seed_resize_from_w, 0)
+        _at_least("seed_resize_from_h", self.seed_resize_from_h, 0)
+        for i, spec in enumerate(self.loras):
+            if not isinstance(spec, str) or not spec.strip():
+                raise ValueError(f"loras[{i}] must be a string 'name_or_path:weight' (got {spec!r})")
+        if not 0.0 < self.refiner_switch_at <= 1.0:
+            raise ValueError(f"refiner_switch_at must be in (0, 1] (got {self.refiner_switch_at})")
+        _at_least("preview_every", self.preview_every, 0)
+        _one_of("preview_mode", self.preview_mode, PREVIEW_MODES)
+
+    def to_dict(self, images: str = "marker") -> dict:
+        """Plain JSON-able dict; images become a marker '<image WxH>' ('marker'), base64 PNG ('base64') or are
+        left out ('drop')."""
+        # asdict deep-copies: take the images out first, then put JSON-able stand-ins back.
+        d = dataclasses.asdict(dataclasses.replace(self, init_images=[], mask=None))
+        encode = {"marker": image_marker, "base64": image_to_base64}.get(images)
+        if images == "drop":
+            del d["init_images"], d["mask"]
+        elif encode is None:
+            raise ValueError(f"images must be 'marker', 'base64' or 'drop' (got {images!r})")
+        else:
+            d["init_images"] = [encode(im) for im in self.init_images]
+            d["mask"] = None if self.mask is None else encode(self.mask)
+        return d
 
     @staticmethod
     def from_dict(d: dict) -> "GenerationRequest":
-        """Build from a dict, rejecting unknown fields by name."""
+        """Build from a dict, rejecting unknown fields by name; images may be PIL images or base64 strings."""
         names = {f.name for f in dataclasses.fields(GenerationRequest)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown request field(s): {', '.join(unknown)}")
+        d = dict(d)
+        if d.get("init_images") is not None:
+            d["init_images"] = [decode_image(im, f"init_images[{i}]") for i, im in enumerate(d["init_images"])]
+        else:
+            d.pop("init_images", None)
+        if d.get("mask") is not None:
+            d["mask"] = decode_image(d["mask"], "mask")
         return GenerationRequest(**d)
+
+
+def image_marker(image: Image.Image) -> str:
+    """A short JSON-able stand-in for an image: '<image WxH>'."""
+    return f"<image {image.width}x{image.height}>"
+
+
+def image_to_base64(image: Image.Image) -> str:
+    """PNG bytes of an image, base64-encoded (what HTTP bodies carry)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def decode_image(value, name: str = "image") -> Image.Image:
+    """A PIL image from a PIL image, base64 text or a data: URL; errors name the field."""
+    if isinstance(value, Image.Image):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a PIL image or base64 text (got {type(value).__name__})")
+    if value.startswith("<image ") and value.endswith(">"):
+        raise ValueError(f"{name} is a placeholder {value!r} (images are left out of to_dict() by default): "
+                         "pass the image itself or use to_dict(images='base64')")
+    text = value.split(",", 1)[1] if value.startswith("data:") else value
+    try:
+        im = Image.open(io.BytesIO(base64.b64decode(text, validate=True)))
+        im.load()
+    except (binascii.Error, ValueError, OSError) as e:
+        raise ValueError(f"{name} is not a base64-encoded image ({e})") from None
+    return im
+
+
+def _choice_name(value, choices: tuple[str, ...]):
+    """An A1111 index or a hyphenated spelling -> the canonical name (anything else is left for check())."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(choices):
+        return choices[value]
+    if isinstance(value, str):
+        name = value.strip().lower().replace("-", "_").replace(" ", "_")
+        return name if name in choices else value
+    return value
+
+
+def _one_of(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+
+
+def _in_range(name: str, value: float, lo: float, hi: float) -> None:
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be between {lo:g} and {hi:g} (got {value})")
+
+
+def _at_least(name: str, value: int, lo: int) -> None:
+    if value < lo:
+        raise ValueError(f"{name} must be at least {lo} (got {value})")
+
+
+def _check_sampler(sampler_field: str, sampler: str, scheduler_field: str, scheduler: str) -> None:
+    from easel.samplers import SCHEDULES, resolve_sampler
+    try:
+        _, schedule = resolve_sampler(sampler)  # raises, listing the valid names
+    except ValueError as e:
+        if sampler_field == "sampler":
+            raise
+        raise ValueError(f"{sampler_field}: {e}") from None
+    if (schedule or scheduler) not in SCHEDULES:
+        raise ValueError(f"unknown {scheduler_field} {scheduler!r}; choose one of {', '.join(SCHEDULES)}")

@@ -24,60 +24,61 @@ def txt2img(loaded: LoadedModel, req: GenerationRequest, callback: common.StepCa
     """Generate `n_iter` batches of `batch_size` images; seeds count up from `req.seed` (as A1111)."""
     cfg = loaded.model.config
     req = normalise(req).resolved(cfg.default_size, cfg.default_batch)
-    out = []
-    for it in range(req.n_iter):
-        seeds = [req.seed + it * req.batch_size + i for i in range(req.batch_size)]
-        latents = sample_latents(loaded, req, seeds, _batch_callback(callback, it, req.n_iter))
-        for img, seed in zip(common.decode(loaded.model, latents), seeds):
-            out.append(GeneratedImage(img, image_params(loaded, req, seed)))
-    return out
+
+    def batch(it: int, seeds: list[int]) -> list[GeneratedImage]:
+        latents = sample_latents(loaded, req, seeds, common.batch_callback(callback, it, req.n_iter))
+        return [GeneratedImage(img, image_params(loaded, req, seed))
+                for img, seed in zip(common.decode(loaded.model, latents), seeds)]
+    return common.run_batches(req, batch)
 
 
 def normalise(req: GenerationRequest) -> GenerationRequest:
-    """Accept A1111 sampler labels ('DPM++ 2M Karras') as well as easel names."""
+    """Accept A1111 sampler labels ('DPM++ 2M Karras') as well as easel names (also for the hires pass)."""
     sampler, schedule = resolve_sampler(req.sampler)
-    return dataclasses.replace(req, sampler=sampler, scheduler=schedule or req.scheduler)
+    req = dataclasses.replace(req, sampler=sampler, scheduler=schedule or req.scheduler)
+    if req.hr_sampler is not None:
+        hr_sampler, hr_schedule = resolve_sampler(req.hr_sampler)
+        req = dataclasses.replace(req, hr_sampler=hr_sampler, hr_scheduler=hr_schedule or req.hr_scheduler)
+    return req
 
 
-@torch.no_grad()
 def sample_latents(loaded: LoadedModel, req: GenerationRequest, seeds: list[int],
                    callback: common.StepCallback | None = None) -> torch.Tensor:
-    """The denoised latents (B, C, H/f, W/f) of one batch."""
-    model = loaded.model
-    f = model.config.vae.downsample
-    schedule = common.make_schedule(model)
-    denoiser = _guided_denoiser(loaded, req, len(seeds), schedule)
-    sigmas = common.sigmas_for(schedule, req.scheduler, req.steps)
-    noise, source = common.initial_noise(seeds, (model.config.vae.embed_dim, req.height // f, req.width // f))
-    return common.run_sampler(req.sampler, denoiser, noise.to(model.device), sigmas.to(model.device), source,
-                              callback=callback, eta=req.eta)
-
-
-def _guided_denoiser(loaded: LoadedModel, req: GenerationRequest, batch: int, schedule):
-    """CFG denoiser over the prompt and the negative prompt."""
-    model = loaded.model
-    text = common.encode_prompts(model, loaded.tokenizers, [req.prompt] * batch + [req.negative_prompt] * batch,
-                                 req.clip_skip)
-    cond_all = common.unet_conditioning(model, text, req.width, req.height)
-    cond = {k: v[:batch] for k, v in cond_all.items()}
-    uncond = {k: v[batch:] for k, v in cond_all.items()}
-    denoiser = common.make_denoiser(model, schedule)
-    return common.guided(denoiser, cond, uncond, req.cfg_scale)
-
-
-def _batch_callback(callback, it: int, n_iter: int):
-    """Tag each step with the batch index so progress bars can span all batches."""
-    if callback is None:
-        return None
-    return lambda d: callback({**d, "batch": it, "n_iter": n_iter})
+    """The denoised latents (B, C, H/f, W/f) of one txt2img batch (see `common.sample`)."""
+    return common.sample(loaded, req, seeds, callback=callback)
 
 
 def image_params(loaded: LoadedModel, req: GenerationRequest, seed: int) -> dict:
-    """The parameters stored with an image (enough to reproduce it with `easel generate --from`)."""
-    return {
-        "mode": "txt2img", "prompt": req.prompt, "negative_prompt": req.negative_prompt, "steps": req.steps,
+    """The parameters stored with an image (enough to reproduce it with `easel generate --from`); fields of a
+    mode or feature appear only when it is used."""
+    p = {
+        "mode": req.mode, "prompt": req.prompt, "negative_prompt": req.negative_prompt, "steps": req.steps,
         "sampler": req.sampler, "scheduler": req.scheduler, "sampler_label": SAMPLER_LABELS.get(req.sampler, req.sampler),
         "scheduler_label": SCHEDULE_LABELS.get(req.scheduler, req.scheduler), "cfg_scale": req.cfg_scale, "seed": seed,
         "width": req.width, "height": req.height, "clip_skip": req.clip_skip, "eta": req.eta,
         "model": loaded.name, "model_hash": loaded.hash, "dtype": req.dtype,
     }
+    if req.mode != "txt2img":
+        p.update(_fields(req, "denoising_strength", "resize_mode"))
+    if req.mode in ("inpaint", "outpaint"):
+        p.update(_fields(req, "mask_blur", "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding",
+                         "inpainting_mask_invert"))
+    if req.mode == "outpaint":
+        p.update(_fields(req, "outpaint_left", "outpaint_right", "outpaint_up", "outpaint_down"))
+    if req.mode == "txt2img" and req.enable_hr:
+        p.update(_fields(req, "enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_denoising_strength",
+                         "hr_sampler", "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_resize_x", "hr_resize_y",
+                         "hr_cfg_scale"))
+    if req.subseed_strength > 0:
+        p.update(subseed=req.subseed + (seed - req.seed), subseed_strength=req.subseed_strength)  # counts up (A1111)
+    if req.seed_resize_from_w > 0 and req.seed_resize_from_h > 0:
+        p.update(_fields(req, "seed_resize_from_w", "seed_resize_from_h"))
+    if req.loras:
+        p["loras"] = list(req.loras)
+    if req.refiner_checkpoint:
+        p.update(_fields(req, "refiner_checkpoint", "refiner_switch_at"))
+    return p
+
+
+def _fields(req: GenerationRequest, *names: str) -> dict:
+    return {n: getattr(req, n) for n in names}

@@ -1,4 +1,4 @@
-"""`easel train tokenizer|clip|vae|unet|all`: flags -> stage runs.
+"""`easel train tokenizer|clip|vae|unet|all|lcm-lora`: flags -> stage runs.
 
 Also runnable on its own, which is how data-parallel runs start:
     torchrun --nproc_per_node 2 -m easel.training.cli unet --out runs/shapeworld
@@ -76,6 +76,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     a.add_argument("--latents", type=int, default=60000, help="training images encoded for the UNet")
     a.add_argument("--no-judge", dest="judge", action="store_false",
                    help="choose raw vs EMA UNet by validation loss only (skip the benchmark)")
+    from easel.training.lcm import add_lcm_parser
+    add_lcm_parser(sub, _common)
     train.set_defaults(func=cmd_train)
     return train
 
@@ -137,6 +139,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         if args.stage == "tokenizer":
             print(stages.stage_tokenizer(layout, args.captions, info))
+        elif args.stage == "lcm-lora":
+            from easel.training.lcm import run_from_args
+            metrics = run_from_args(args, info)
+            if info.main:
+                print(metrics)
         elif args.stage == "all":
             path = stages.train_all(layout, MODEL_PRESETS[args.preset], all_loops(args), info, tuple(args.redo),
                                     args.captions, args.latents, args.judge)

@@ -21,12 +21,18 @@ VAE = "first_stage_model."
 SD1_TEXT = "cond_stage_model.transformer."
 SD2_TEXT = "cond_stage_model.model."
 SDXL_TEXT = ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")
+# The SDXL refiner conditions on OpenCLIP bigG alone, so its tower is embedder 0 (OpenCLIP layout).
+SDXL_REFINER_TEXT = "conditioner.embedders.0.model."
+# SDXL's size/crop/aesthetic-score conditioning: each number becomes one 256-wide sinusoidal embedding in `y`.
+SDXL_EMBED_DIM = 256
 
 
 def family(sd: dict[str, torch.Tensor]) -> str:
-    """'sd1', 'sd2' or 'sdxl' from which text-encoder prefix the checkpoint uses."""
+    """'sd1', 'sd2', 'sdxl' or 'sdxl-refiner' from which text-encoder prefix the checkpoint uses."""
     if any(k.startswith(SDXL_TEXT[1]) for k in sd):
         return "sdxl"
+    if any(k.startswith(SDXL_REFINER_TEXT) for k in sd):
+        return "sdxl-refiner"
     if any(k.startswith(SD2_TEXT) for k in sd):
         return "sd2"
     if any(k.startswith(SD1_TEXT) for k in sd):
@@ -59,17 +65,34 @@ def _config_from_shapes(sd: dict[str, torch.Tensor]) -> ModelConfig:
     unet_sd = strip(sd, UNET)
     heads = dict(num_heads=8, num_head_channels=-1) if fam == "sd1" else dict(num_heads=-1, num_head_channels=64)
     unet = unet_config_from_shapes(unet_sd, **heads)
-    vae = vae_config_from_shapes(strip(sd, VAE), scale_factor=0.13025 if fam == "sdxl" else 0.18215)
+    vae = vae_config_from_shapes(strip(sd, VAE), scale_factor=0.13025 if fam.startswith("sdxl") else 0.18215)
     if fam == "sd1":
         texts = (clip_config_from_hf(strip(sd, SD1_TEXT), CLIP_L),)
     elif fam == "sd2":
         texts = (clip_config_from_openclip(strip(sd, SD2_TEXT), OPENCLIP_H),)
+    elif fam == "sdxl-refiner":
+        texts = (clip_config_from_openclip(strip(sd, SDXL_REFINER_TEXT), OPENCLIP_BIGG),)
     else:
         texts = (clip_config_from_hf(strip(sd, SDXL_TEXT[0]), CLIP_L),
                  clip_config_from_openclip(strip(sd, SDXL_TEXT[1]), OPENCLIP_BIGG))
-    base = {"sd1": "sd15", "sd2": "sd21" if _sd2_prediction(sd) == "v" else "sd21-base", "sdxl": "sdxl"}[fam]
+    base = {"sd1": "sd15", "sd2": "sd21" if _sd2_prediction(sd) == "v" else "sd21-base", "sdxl": "sdxl",
+            "sdxl-refiner": "sdxl-refiner"}[fam]
     cfg = dataclasses.replace(PRESETS[base], unet=unet, vae=vae, text_encoders=texts)
     return dataclasses.replace(cfg, name=_preset_name(cfg))
+
+
+def is_refiner(cfg: ModelConfig) -> bool:
+    """True for SDXL-refiner-style models: `y` = pooled text + (original size, crop, aesthetic score) embeddings.
+
+    The layout of `y` follows from its width (as diffusers checks it): the SDXL base adds six 256-wide
+    embeddings to the pooled text (original size, crop, target size), the refiner five (aesthetic score
+    instead of the target size).
+    """
+    if not cfg.pooled_text or not cfg.unet.adm_in_channels or not cfg.text_encoders:
+        return False
+    last = cfg.text_encoders[-1]
+    pooled = last.projection_dim or last.hidden_size
+    return cfg.unet.adm_in_channels == pooled + 5 * SDXL_EMBED_DIM
 
 
 def _preset_name(cfg: ModelConfig) -> str:

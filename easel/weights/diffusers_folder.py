@@ -12,6 +12,7 @@ import torch
 
 from easel.models.configs import PRESETS, ModelConfig
 from easel.weights import keys_clip, keys_unet, keys_vae
+from easel.weights.detect import is_refiner
 from easel.weights.load import CheckpointError, read_state_dict, write_safetensors
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
@@ -51,15 +52,22 @@ def _config_from_folder(folder: Path, index: dict, texts: list[str]) -> ModelCon
                      for n, e in zip(texts, encoders))
     sched = _json(folder / "scheduler" / "scheduler_config.json") if (folder / "scheduler").is_dir() else {}
     xl = len(encoders) == 2
-    base = PRESETS["sdxl" if xl else "sd21" if encoders[0].hidden_act == "gelu" else "sd15"]
+    refiner = _is_refiner_folder(index, encoders, unet)
+    base = PRESETS["sdxl" if xl else "sdxl-refiner" if refiner else
+                   "sd21" if encoders[0].hidden_act == "gelu" else "sd15"]
     return dataclasses.replace(
         base, name=f"{base.name}-diffusers", unet=unet, vae=vae, text_encoders=encoders,
-        clip_skip=2 if xl else 1,  # diffusers' SD2 text encoder already ends at the penultimate layer
+        clip_skip=2 if xl or refiner else 1,  # diffusers' SD2 text encoder already ends at the penultimate layer
         prediction="v" if sched.get("prediction_type") == "v_prediction" else "eps",
         num_train_timesteps=sched.get("num_train_timesteps", 1000), beta_start=sched.get("beta_start", 0.00085),
         beta_end=sched.get("beta_end", 0.012), beta_schedule=sched.get("beta_schedule", "scaled_linear"),
         default_size=_unet_json(folder).get("sample_size", 64) * vae.downsample,
     )
+
+
+def _is_refiner_folder(index: dict, encoders: tuple, unet) -> bool:
+    """An SDXL refiner folder: text_encoder_2 alone feeding a UNet with `y` (diffusers' `requires_aesthetics_score`)."""
+    return len(encoders) == 1 and bool(index.get("requires_aesthetics_score") or unet.adm_in_channels)
 
 
 def _with_tokenizer_ids(tok_dir: Path, enc):
@@ -131,19 +139,23 @@ def _write_components(root: Path, cfg: ModelConfig, parts: dict[str, dict], toke
                "diffusion_pytorch_model.safetensors")
     _component(root / "vae", keys_vae.diffusers_config(cfg.vae), keys_vae.to_diffusers(parts["vae"], cfg.vae),
                "diffusion_pytorch_model.safetensors")
-    xl = len(cfg.text_encoders) == 2
-    index = {"_class_name": "StableDiffusionXLPipeline" if xl else
+    xl, refiner = len(cfg.text_encoders) == 2, is_refiner(cfg)
+    index = {"_class_name": "StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline" if xl else
              "StableDiffusionInpaintPipeline" if cfg.is_inpaint else "StableDiffusionPipeline",
              "_diffusers_version": "0.30.0", "unet": ["diffusers", "UNet2DConditionModel"],
              "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
-    for i, enc_cfg in enumerate(cfg.text_encoders):
-        suffix = f"_{i + 1}" if i else ""
+    for i, (enc_cfg, suffix) in enumerate(zip(cfg.text_encoders, _text_suffixes(cfg))):
         te = keys_clip.diffusers_config(enc_cfg)
         _component(root / f"text_encoder{suffix}", te, keys_clip.to_hf(parts[f"text_encoder.{i}"]), "model.safetensors")
         tokenizers[i].save(root / f"tokenizer{suffix}")
         index[f"text_encoder{suffix}"] = ["transformers", te["architectures"][0]]
         index[f"tokenizer{suffix}"] = ["transformers", "CLIPTokenizer"]
-    if xl:
+    if refiner:
+        # As stabilityai/stable-diffusion-xl-refiner-1.0 publishes it: no CLIP-L, aesthetic-score conditioning,
+        # and an empty negative prompt is encoded rather than zeroed.
+        index.update(text_encoder=[None, None], tokenizer=[None, None], requires_aesthetics_score=True,
+                     force_zeros_for_empty_prompt=False)
+    elif xl:
         index["force_zeros_for_empty_prompt"] = True
     else:
         index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
@@ -151,6 +163,15 @@ def _write_components(root: Path, cfg: ModelConfig, parts: dict[str, dict], toke
     (root / "scheduler").mkdir()
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config(cfg), indent=2))
     (root / "easel_config.json").write_text(cfg.to_json())
+
+
+def _text_suffixes(cfg: ModelConfig) -> list[str]:
+    """Folder suffix of each text encoder ('' -> text_encoder/, '_2' -> text_encoder_2/).
+
+    The refiner's only encoder is OpenCLIP bigG, which diffusers keeps in text_encoder_2/ as in the SDXL base."""
+    if is_refiner(cfg):
+        return ["_2"]
+    return [f"_{i + 1}" if i else "" for i in range(len(cfg.text_encoders))]
 
 
 def _diffusers_text_encoders(parts: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]:

@@ -7,7 +7,7 @@ import torch
 
 from easel.models.configs import ModelConfig
 from easel.weights import keys_clip
-from easel.weights.detect import SD1_TEXT, SD2_TEXT, SDXL_TEXT, UNET, VAE, strip
+from easel.weights.detect import SD1_TEXT, SD2_TEXT, SDXL_REFINER_TEXT, SDXL_TEXT, UNET, VAE, is_refiner, strip
 from easel.weights.load import CheckpointError
 
 # Keys real checkpoints carry that are not weights of the three networks (schedule buffers, EMA
@@ -21,6 +21,8 @@ def text_layout(cfg: ModelConfig) -> list[tuple[str, str]]:
     """(prefix, 'hf' | 'openclip') for each text encoder, following the family's original layout."""
     if len(cfg.text_encoders) == 2:
         return [(SDXL_TEXT[0], "hf"), (SDXL_TEXT[1], "openclip")]
+    if len(cfg.text_encoders) == 1 and is_refiner(cfg):
+        return [(SDXL_REFINER_TEXT, "openclip")]  # SGM refiner: bigG is its only (first) embedder
     if len(cfg.text_encoders) == 1:
         openclip = cfg.text_encoders[0].hidden_act == "gelu"  # OpenCLIP towers (SD2) use exact GELU
         return [(SD2_TEXT, "openclip") if openclip else (SD1_TEXT, "hf")]

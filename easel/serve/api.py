@@ -1,0 +1,165 @@
+"""easel's native HTTP API under /api/v1: jobs in, progress and PNGs out, plus the lists a client needs."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import json
+from pathlib import Path
+
+from fastapi import APIRouter, FastAPI
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from easel.serve.jobs import DONE, FAILED, FINISHED, Job, model_entries
+from easel.serve.preview import to_png
+from easel.serve.schema import JobBody, request_from_body
+
+PREFIX = "/api/v1"
+SSE_POLL_S = 0.1  # how often an event stream looks at its job
+
+
+def router(app: FastAPI) -> APIRouter:
+    """The native API routes (jobs, progress, lists)."""
+    from easel.serve.app import failure
+    r = APIRouter(prefix=PREFIX, tags=["native"])
+    queue = app.state.queue
+
+    def find(job_id: str) -> Job:
+        job = queue.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id!r} (unknown, or finished long enough ago to be forgotten)")
+        return job
+
+    @r.post("/jobs", status_code=202, summary="Queue a generation request")
+    def submit(body: JobBody) -> JSONResponse:
+        from easel.serve.app import enqueue
+        req, model = request_from_body(body.model_dump(exclude_unset=True))
+        job = enqueue(app, req, model)
+        return JSONResponse(job_summary(job, queue), status_code=202,
+                            headers={"Location": f"{PREFIX}/jobs/{job.id}"})
+
+    @r.get("/jobs", summary="Every remembered job, oldest first")
+    def list_jobs() -> list[dict]:
+        return [{k: v for k, v in job_summary(j, queue).items() if k not in ("request", "params")}
+                for j in queue.jobs()]
+
+    @r.get("/jobs/{job_id}", summary="A job's state, progress and image parameters")
+    def get_job(job_id: str) -> dict:
+        return job_summary(find(job_id), queue)
+
+    @r.delete("/jobs/{job_id}", summary="Cancel a job (queued: removed; running: stops at the next step)")
+    def cancel(job_id: str) -> dict:
+        job = find(job_id)
+        if job.state in FINISHED:
+            raise HTTPException(409, f"job {job_id} already finished ({job.state}); nothing to cancel")
+        queue.cancel(job_id)
+        return {"id": job.id, "state": job.state, "cancel_requested": True}
+
+    @r.get("/jobs/{job_id}/images/{n}.png", summary="Image n of a finished job, as PNG with its parameters",
+           response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    def image(job_id: str, n: int) -> Response:
+        job = find(job_id)
+        if job.state not in FINISHED:
+            raise HTTPException(409, f"job {job_id} is {job.state}; images are ready when it is done")
+        if job.state == FAILED:  # the job's error, with the status that says whose fault it was
+            status, message = failure(job)
+            raise HTTPException(status, f"job {job_id} failed: {message}")
+        if not 0 <= n < len(job.results):
+            raise HTTPException(404, f"job {job_id} has {len(job.results)} image(s); ask for 0..{len(job.results) - 1}")
+        result = job.results[n]
+        return Response(to_png(result.image, result.params), media_type="image/png")
+
+    @r.get("/jobs/{job_id}/events", summary="Server-sent events: progress, previews, then done")
+    async def events(job_id: str) -> StreamingResponse:
+        job = find(job_id)
+        return StreamingResponse(_event_stream(job, queue), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @r.get("/progress", summary="Progress of the running job (or of job_id), with a preview as base64 PNG")
+    def progress(job_id: str | None = None, preview: bool = True) -> dict:
+        p = queue.progress(job_id, preview=preview)
+        p["preview"] = base64.b64encode(p["preview"]).decode("ascii") if p.get("preview") else None
+        return p
+
+    @r.post("/interrupt", summary="Stop the running job, keeping finished images")
+    def interrupt() -> dict:
+        job = queue.interrupt()
+        return {"id": job.id if job else None}
+
+    @r.post("/skip", summary="Drop the running job's current batch and go on with the next")
+    def skip() -> dict:
+        job = queue.skip()
+        return {"id": job.id if job else None}
+
+    _add_lists(r, queue)
+    return r
+
+
+def _add_lists(r: APIRouter, queue) -> None:
+    """GET /models, /samplers, /schedulers, /loras."""
+
+    @r.get("/models", summary="Models a request may name")
+    def models() -> list[dict]:
+        return [{"name": e.name, "kind": e.kind, "default": e.name == queue.default_model}
+                for e in model_entries(queue)]
+
+    @r.get("/samplers", summary="Sampler names and their A1111 labels")
+    def samplers() -> list[dict]:
+        from easel.samplers import SAMPLER_LABELS, SAMPLERS
+        return [{"name": n, "label": SAMPLER_LABELS.get(n, n)} for n in SAMPLERS]
+
+    @r.get("/schedulers", summary="Sigma schedule names and their A1111 labels")
+    def schedulers() -> list[dict]:
+        from easel.samplers import SCHEDULE_LABELS, SCHEDULES
+        return [{"name": n, "label": SCHEDULE_LABELS.get(n, n)} for n in SCHEDULES]
+
+    @r.get("/loras", summary="LoRA files found in the model folders")
+    def loras() -> list:
+        try:
+            from easel.weights.lora import list_loras
+        except ImportError:
+            return []  # this build has no LoRA support yet
+        return [_plain(x) for x in list_loras()]
+
+
+def _plain(x):
+    """A JSON-able form of a registry entry (dataclass, path or plain value)."""
+    if dataclasses.is_dataclass(x):
+        return {k: _plain(v) for k, v in dataclasses.asdict(x).items() if k != "path"}
+    return str(x) if isinstance(x, Path) else x
+
+
+def job_summary(job: Job, queue) -> dict:
+    """A job as the native API shows it: state, progress, parameters and image URLs."""
+    d = job.to_dict()
+    d["position"] = queue.position(job)
+    d["images"] = [f"{PREFIX}/jobs/{job.id}/images/{i}.png" for i in range(len(job.results))]
+    return d
+
+
+def _sse(event: str, data: dict) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, default=str)}\n\n".encode()
+
+
+async def _event_stream(job: Job, queue):
+    """progress events when the job changes, preview events every `preview_every` steps, then one done event."""
+    seen_version, sent_preview = -1, None
+    every = job.request.preview_every
+    while True:
+        finished = job.state in FINISHED  # read first: the last progress event then always precedes done
+        if job.version != seen_version:
+            seen_version = job.version
+            yield _sse("progress", {"id": job.id, "state": job.state, "step": job.step, "total": job.total,
+                                    "eta_s": job.eta_s(), "position": queue.position(job)})
+            step = job.preview_step
+            if every and step is not None and (sent_preview is None or step // every > sent_preview // every):
+                png = await run_in_threadpool(job.preview_png)  # a 'full' preview runs the VAE: not on the loop
+                if png:
+                    sent_preview = step
+                    yield _sse("preview", {"id": job.id, "step": step, "image": base64.b64encode(png).decode()})
+        if finished:
+            yield _sse("done", job_summary(job, queue) | {"ok": job.state == DONE})
+            return
+        await asyncio.sleep(SSE_POLL_S)

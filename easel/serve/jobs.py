@@ -1,0 +1,518 @@
+"""The job queue behind the server: bounded FIFO, one worker thread per device, each running one job at a time.
+
+    queue = JobQueue(max_queued=16)
+    job = queue.submit(GenerationRequest("a red star"), model=None)   # None: the server's current default model
+    job.wait(); job.state == "done"; job.results[0].image, job.results[0].params
+
+Jobs are cancelled, interrupted or skipped from any thread: the worker's step callback sees the flag and
+raises `Interrupted` / `Skipped` (easel.pipelines.common), which the pipelines turn into A1111's semantics.
+A failed job says whose fault it was: error_kind "user" (a bad input the pipeline found: answer 400) or
+"server" (anything unexpected: 500, with the traceback in the log).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import logging
+import math
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from easel.pipelines.common import Interrupted, Skipped
+from easel.pipelines.request import GenerationRequest
+
+log = logging.getLogger("easel.serve")
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+FINISHED = (DONE, FAILED, CANCELLED)
+USER_ERROR, SERVER_ERROR = "user", "server"  # Job.error_kind of a failed job
+Loader = Callable[[str | None, str], object]  # (model name, None: the built-in model; device) -> Pipeline
+BUILTIN_NAME = "shapeworld"  # the registry's name for the built-in model
+_EASEL_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # .../easel/
+
+
+class QueueFull(RuntimeError):
+    """The bounded queue has no room; `retry_after` is a guess in seconds at when it will."""
+
+    def __init__(self, max_queued: int, retry_after: int):
+        super().__init__(f"the queue is full ({max_queued} jobs waiting); retry in about {retry_after} s")
+        self.max_queued, self.retry_after = max_queued, retry_after
+
+
+@dataclass(eq=False)
+class Job:
+    """One request waiting, running or finished; results are GeneratedImage (image, params) items."""
+
+    id: str
+    request: GenerationRequest
+    model: str | None
+    state: str = QUEUED
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    step: int = 0
+    total: int = 0
+    error: str | None = None
+    error_kind: str | None = None  # when failed: USER_ERROR (the request's fault) or SERVER_ERROR
+    results: list = field(default_factory=list)
+    runs: int = 0  # how many times a worker took it (always 0 or 1; tests hold us to that)
+    device: str | None = None
+    version: int = 0  # bumped on every change so watchers (server-sent events) know when to send
+    _flags: set = field(default_factory=set, repr=False)
+    _step_times: list = field(default_factory=list, repr=False)
+    _last_t: float | None = field(default=None, repr=False)
+    _preview: tuple | None = field(default=None, repr=False)  # (step, "image" | "latent", value)
+    _preview_png: tuple | None = field(default=None, repr=False)  # (step, PNG bytes) cache
+    _decoder: Callable | None = field(default=None, repr=False)  # latent -> PIL image, set while running
+    _done: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the job is finished (done, failed or cancelled); False on timeout."""
+        return self._done.wait(timeout)
+
+    @property
+    def pending(self) -> frozenset[str]:
+        """Stop requests made for this job: "cancel" and "interrupt" (kept once made) and "skip" (until the
+        batch it drops is gone)."""
+        return frozenset(self._flags)
+
+    @property
+    def images(self) -> list:
+        """The finished PIL images."""
+        return [r.image for r in self.results]
+
+    def eta_s(self) -> float | None:
+        """Seconds left, from the mean step time so far (None before the first step or when not running)."""
+        if self.state != RUNNING or not self._step_times:
+            return None
+        mean = sum(self._step_times[-50:]) / len(self._step_times[-50:])
+        return round(max(self.total - self.step, 0) * mean, 3)
+
+    @property
+    def preview_step(self) -> int | None:
+        """The step of the latest preview (None when there is none)."""
+        return self._preview[0] if self._preview else None
+
+    def preview_png(self) -> bytes | None:
+        """PNG bytes of the latest preview: the pipeline's own, else the denoised latent decoded on demand."""
+        from easel.serve.preview import to_png
+        pv = self._preview
+        if pv is None:
+            return None
+        if self._preview_png and self._preview_png[0] == pv[0]:
+            return self._preview_png[1]
+        step, kind, value = pv
+        if kind == "latent":
+            if self._decoder is None:
+                return None
+            value = self._decoder(value)
+        elif not isinstance(value, Image.Image):  # a pipeline's preview tensor (B, 3, H, W) in [-1, 1]
+            from easel.pipelines.common import to_pil
+            value = to_pil(value.reshape(-1, *value.shape[-3:])[:1].float().cpu())[0]
+        png = to_png(value)
+        self._preview_png = (step, png)
+        return png
+
+    def to_dict(self) -> dict:
+        """JSON-able summary (without images)."""
+        return {"id": self.id, "state": self.state, "model": self.model, "created": self.created,
+                "started": self.started, "finished": self.finished, "step": self.step, "total": self.total,
+                "progress": round(self.step / self.total, 4) if self.total else (1.0 if self.state == DONE else 0.0),
+                "eta_s": self.eta_s(), "error": self.error, "error_kind": self.error_kind, "n_images": len(self.results),
+                "params": [r.params for r in self.results], "request": self.request.to_dict(images="marker")}
+
+
+def estimate_steps(req: GenerationRequest) -> int:
+    """Sampler steps a request will take (for progress; the callback count corrects it if it runs over)."""
+    steps = req.steps
+    if req.init_images and req.mode != "outpaint":
+        steps = max(1, math.ceil(req.steps * req.denoising_strength))  # img2img runs the tail of the schedule
+    if req.enable_hr:
+        steps += req.hr_second_pass_steps or req.steps
+    return steps * req.n_iter
+
+
+def default_loader(known: dict[str, str] | None = None, dtype: str = "fp32") -> Loader:
+    """A loader for model names: those in `known` (name -> path or spec the server was started with) first,
+    then the model folders; None loads the built-in model."""
+    known = {} if known is None else known  # the queue's own dict: later registrations count
+
+    def load(name: str | None, device: str):
+        import easel
+        from easel.weights.registry import list_models
+        spec = known.get(name) if name is not None else None
+        if name is not None and spec is None:
+            spec = next((str(e.path) for e in list_models() if e.name == name), None)
+            if spec is None:
+                raise ValueError(f"model {name!r} not found; GET /api/v1/models lists the models")
+        return easel.load(spec, dtype=dtype, device=device)
+    return load
+
+
+def registry_names() -> list[str]:
+    """Model names a request may ask for (from the model folders; never paths)."""
+    from easel.weights.registry import list_models
+    return [e.name for e in list_models()]
+
+
+def model_entries(queue: JobQueue) -> list:
+    """ModelEntry items for the models requests may name: those the server was started with (a --model path,
+    under its name) first, then the model folders' others."""
+    from easel.weights.registry import ModelEntry, list_models
+    found = list_models()
+    in_folders = {e.name for e in found}
+    # a path, or a spec the folders do not have (a hub id); a folder model's own name needs no second entry
+    started = [ModelEntry(name, Path(spec), "single-file" if Path(spec).is_file() else "diffusers")
+               for name, spec in queue.known_models().items() if Path(spec).exists() or name not in in_folders]
+    names = {e.name for e in started}
+    return started + [e for e in found if e.name not in names]
+
+
+def builtin_name() -> str | None:
+    """The built-in model's name when this install has it."""
+    from easel.weights.registry import builtin_model
+    return BUILTIN_NAME if builtin_model() else None
+
+
+class _ModelCache:
+    """The one model a worker holds; switching frees the old one before loading the next."""
+
+    def __init__(self, loader: Loader, device: str):
+        self.loader, self.device, self.name, self.pipe = loader, device, object(), None
+
+    def get(self, name: str | None):
+        if self.pipe is None or name != self.name:
+            self.pipe, self.name = None, object()  # drop the old weights first: two models may not fit
+            log.info("loading model", extra={"event": "model_load", "model": name, "device": self.device})
+            self.pipe, self.name = self.loader(name, self.device), name
+        return self.pipe
+
+
+class JobQueue:
+    """Bounded FIFO of generation jobs served by one worker thread per device."""
+
+    def __init__(self, max_queued: int = 16, loader: Loader | None = None, default_model: str | None = None,
+                 devices: Sequence[str] = ("cpu",), keep_finished: int = 200, metrics=None,
+                 model_names: Callable[[], list[str]] | None = None, dtype: str = "fp32"):
+        if max_queued < 1:
+            raise ValueError(f"max_queued must be at least 1 (got {max_queued})")
+        self.max_queued, self.devices, self.keep_finished = max_queued, list(devices), keep_finished
+        self._known: dict[str, str] = {}  # models the server was started with: name -> path or spec
+        self._loader = loader or default_loader(self._known, dtype)
+        self._model_names = model_names or registry_names
+        if default_model is None and model_names is None:  # the real model folders: the built-in is in them
+            default_model = builtin_name()  # named, so that asking for it by name reuses the loaded model
+        self.default_model = None if default_model is None else self.register_model(default_model)
+        self.metrics = metrics
+        self._cond = threading.Condition()
+        self._queue: collections.deque[Job] = collections.deque()
+        self._jobs: dict[str, Job] = {}  # every job still remembered, in submission order
+        self._running: dict[str, Job | None] = {d: None for d in self.devices}
+        self._threads: list[threading.Thread] = []
+        self._stopping = False
+        self._job_seconds: collections.deque[float] = collections.deque(maxlen=20)
+        self._seq = itertools.count(1)
+
+    # -- life cycle ---------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the worker threads (idempotent; submit() calls it too)."""
+        with self._cond:
+            if self._threads or self._stopping:
+                return
+            for device in self.devices:
+                t = threading.Thread(target=self._work, args=(device,), name=f"easel-worker-{device}", daemon=True)
+                self._threads.append(t)
+                t.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel queued jobs, interrupt running ones and wait for the workers to end."""
+        with self._cond:
+            self._stopping = True
+            for job in list(self._queue):
+                self._finish_queued(job, CANCELLED, "server shutting down")
+            for job in self._running.values():
+                if job is not None:
+                    job._flags.add("cancel")
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join(timeout)
+
+    # -- models -------------------------------------------------------------------------------------------
+    def register_model(self, spec: str) -> str:
+        """Make a model the server was started with (a path, registry name or hub id: trusted, it does not come
+        from a request) selectable by name: a file's stem, a folder's name, else the spec itself. Returns the
+        name; it hides a model-folder entry of the same name."""
+        path = Path(spec).expanduser()
+        name = (path.stem if path.is_file() else path.name) if path.exists() else str(spec)
+        self._known[name] = str(path.resolve()) if path.exists() else str(spec)
+        return name
+
+    def known_models(self) -> dict[str, str]:
+        """The models registered with register_model: name -> path (or spec)."""
+        return dict(self._known)
+
+    def check_model(self, model: str | None) -> str | None:
+        """The model name if a request may use it (None: default); ValueError listing the names otherwise."""
+        if model is None or model == self.default_model or model in self._known:
+            return model
+        names = self._model_names()
+        if model not in names:
+            choices = [*self._known, *(n for n in names if n not in self._known)]
+            raise ValueError(f"unknown model {model!r}; choose one of {', '.join(choices) or '(none found)'} "
+                             "(requests name models; they never give paths)")
+        return model
+
+    def set_default_model(self, model: str | None) -> None:
+        """Make `model` (a name) what requests without a model run from now on, on every API."""
+        self.default_model = self.check_model(model)
+
+    # -- submitting and looking up ------------------------------------------------------------------------
+    def submit(self, req: GenerationRequest, model: str | None = None) -> Job:
+        """Queue a request (checked first: ValueError names the field); QueueFull when the queue has no room.
+        model None runs the default model of the moment the job is queued."""
+        req.check()
+        model = self.check_model(model)
+        if model is None:
+            model = self.default_model
+        self.start()
+        with self._cond:
+            if self._stopping:
+                raise QueueFull(self.max_queued, 60)
+            if len(self._queue) >= self.max_queued:
+                if self.metrics:
+                    self.metrics.rejected()
+                raise QueueFull(self.max_queued, self.retry_after())
+            job = Job(f"{next(self._seq):06d}-{uuid.uuid4().hex[:10]}", req, model, total=estimate_steps(req))
+            self._jobs[job.id] = job
+            self._queue.append(job)
+            self._cond.notify()
+        if self.metrics:
+            self.metrics.submitted()
+        log.info("job queued", extra={"event": "job_queued", "job": job.id, "model": model, "mode": req.mode})
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        """The job with this id (None if unknown or forgotten)."""
+        return self._jobs.get(job_id)
+
+    def jobs(self) -> list[Job]:
+        """Every remembered job, oldest first."""
+        with self._cond:
+            return list(self._jobs.values())
+
+    def running(self) -> Job | None:
+        """The running job (the first device's, when there are several)."""
+        return next((j for j in self._running.values() if j is not None), None)
+
+    def position(self, job: Job) -> int | None:
+        """0-based place in the queue (None when not queued)."""
+        with self._cond:
+            try:
+                return self._queue.index(job)
+            except ValueError:
+                return None
+
+    def counts(self) -> dict[str, int]:
+        """Number of remembered jobs in each state."""
+        out = dict.fromkeys((QUEUED, RUNNING, DONE, FAILED, CANCELLED), 0)
+        for job in self.jobs():
+            out[job.state] += 1
+        return out
+
+    def queued(self) -> int:
+        """Jobs waiting."""
+        return len(self._queue)
+
+    def retry_after(self) -> int:
+        """Seconds until the queue likely has room: one recent job's mean duration, at least 1."""
+        mean = sum(self._job_seconds) / len(self._job_seconds) if self._job_seconds else 1.0
+        return max(1, math.ceil(mean))
+
+    # -- control ------------------------------------------------------------------------------------------
+    def cancel(self, job_id: str) -> Job | None:
+        """Cancel a job: a queued one leaves the queue, a running one stops at its next step."""
+        with self._cond:
+            job = self._jobs.get(job_id)
+            if job is None or job.state in FINISHED:
+                return job
+            if job.state == QUEUED:
+                self._finish_queued(job, CANCELLED, None)
+                return job
+            job._flags.add("cancel")
+        log.info("job cancel requested", extra={"event": "job_cancel", "job": job_id})
+        return job
+
+    def interrupt(self) -> Job | None:
+        """Stop the running job(s) at the next step, keeping finished images (A1111 interrupt)."""
+        return self._flag_running("interrupt")
+
+    def skip(self) -> Job | None:
+        """Drop the running job's current batch and go on with its next one (A1111 skip)."""
+        return self._flag_running("skip")
+
+    def _flag_running(self, flag: str) -> Job | None:
+        jobs = [j for j in self._running.values() if j is not None]
+        for job in jobs:
+            job._flags.add(flag)
+        return jobs[0] if jobs else None
+
+    def progress(self, job_id: str | None = None, preview: bool = True) -> dict:
+        """{id, state, step, total, progress, eta_s, preview PNG bytes or None} of a job (default: the running
+        one; state 'idle' when nothing runs)."""
+        job = self.get(job_id) if job_id else self.running()
+        if job is None:
+            return {"id": job_id, "state": "idle" if job_id is None else "unknown", "step": 0, "total": 0,
+                    "progress": 0.0, "eta_s": None, "preview": None, "queued": self.queued()}
+        d = job.to_dict()
+        png = None
+        if preview:
+            try:
+                png = job.preview_png()
+            except Exception:  # a preview must never break progress reporting
+                log.exception("preview failed", extra={"event": "preview_error", "job": job.id})
+        return {"id": job.id, "state": job.state, "step": d["step"], "total": d["total"], "progress": d["progress"],
+                "eta_s": d["eta_s"], "preview": png, "preview_step": job.preview_step, "queued": self.queued(),
+                "position": self.position(job)}
+
+    # -- the worker ---------------------------------------------------------------------------------------
+    def _take(self, device: str) -> Job | None:
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            job = self._queue.popleft()
+            job.state, job.started, job.device = RUNNING, time.time(), device
+            job.runs += 1
+            job.version += 1
+            self._running[device] = job
+            return job
+
+    def _work(self, device: str) -> None:
+        cache = _ModelCache(self._loader, device)
+        while True:
+            job = self._take(device)
+            if job is None:
+                return
+            try:
+                self._run(job, cache)
+            except BaseException:  # never let one job take the worker down
+                log.exception("worker error", extra={"event": "worker_error", "job": job.id})
+
+    def _run(self, job: Job, cache: _ModelCache) -> None:
+        if self.metrics:
+            self.metrics.started()
+        log.info("job started", extra={"event": "job_started", "job": job.id, "device": cache.device})
+        results, state, pipe = [], DONE, None
+        try:
+            pipe = cache.get(job.model)
+            job._decoder = _preview_decoder(pipe, job.request.preview_mode)
+            job._last_t = time.monotonic()
+            # Pipeline.generate writes dtype/device into the request: give it a copy, keep the job's as sent.
+            results = pipe.generate(dataclasses.replace(job.request), self._callback(job))
+        except (Interrupted, Skipped):
+            pass  # a pipeline that does not catch them itself: nothing finished to keep
+        except Exception as e:
+            # Only the pipeline judges the request: a model that will not load is the server's problem.
+            job.error_kind = USER_ERROR if pipe is not None and is_user_error(e) else SERVER_ERROR
+            state, job.error = FAILED, describe_error(e, job.error_kind)
+            extra = {"event": "job_failed", "job": job.id, "error": job.error, "error_kind": job.error_kind}
+            if job.error_kind == USER_ERROR:
+                log.info("job failed: bad request", extra=extra)
+            else:
+                log.exception("job failed", extra=extra)
+        if state == DONE and "cancel" in job._flags:
+            state = CANCELLED
+        self._finish_running(job, list(results or []), state, job.error)
+
+    def _callback(self, job: Job):
+        def on_step(d: dict) -> None:
+            now = time.monotonic()
+            dt, job._last_t = now - job._last_t, now
+            job._step_times.append(dt)
+            job.step += 1
+            job.total = max(job.total, job.step)
+            if d.get("preview") is not None:
+                job._preview = (job.step, "image", d["preview"])
+            elif d.get("denoised") is not None:
+                job._preview = (job.step, "latent", d["denoised"][:1].detach())
+            job.version += 1
+            if self.metrics:
+                self.metrics.step(dt)
+            if job._flags & {"cancel", "interrupt"}:
+                raise Interrupted()
+            if "skip" in job._flags:
+                job._flags.discard("skip")
+                raise Skipped()
+        return on_step
+
+    def _finish_running(self, job: Job, results: list, state: str, error: str | None) -> None:
+        with self._cond:
+            job.results, job.state, job.error, job.finished = results, state, error, time.time()
+            if state == DONE and "interrupt" not in job._flags:
+                job.step = job.total = max(job.step, job.total)
+            # The results replace the preview; dropping the decoder also lets go of the model it holds.
+            job._preview, job._preview_png, job._decoder = None, None, None
+            self._running[job.device] = None
+            self._job_seconds.append(job.finished - job.started)
+            self._forget_old()
+            job.version += 1
+        job._done.set()
+        if self.metrics:
+            self.metrics.finished(state, len(results))
+        log.info("job finished", extra={"event": "job_" + state, "job": job.id, "images": len(results),
+                                        "seconds": round(job.finished - job.started, 3), "steps": job.step})
+
+    def _finish_queued(self, job: Job, state: str, error: str | None) -> None:
+        """Finish a job that never ran (caller holds the lock)."""
+        self._queue.remove(job)
+        job.state, job.error, job.finished = state, error, time.time()
+        job.version += 1
+        job._done.set()
+        if self.metrics:
+            self.metrics.finished(state, 0, ran=False)
+        log.info("job cancelled while queued", extra={"event": "job_" + state, "job": job.id})
+
+    def _forget_old(self) -> None:
+        """Keep at most `keep_finished` finished jobs (their images live in memory)."""
+        finished = [j for j in self._jobs.values() if j.state in FINISHED]
+        for job in finished[: max(0, len(finished) - self.keep_finished)]:
+            del self._jobs[job.id]
+
+
+def _preview_decoder(pipe, mode: str):
+    """latent (1, C, h, w) -> PIL image, with the pipeline's model when it has one."""
+    from easel.serve.preview import latent_preview
+    loaded = getattr(pipe, "loaded", None)  # a LoadedModel for real pipelines; test doubles may have none
+    return lambda latent: latent_preview(latent, loaded, mode)
+
+
+def is_user_error(e: BaseException) -> bool:
+    """True for a bad input the pipeline found: a ValueError (LoraError, EmbeddingError ...) raised in easel's
+    own code. A ValueError from elsewhere (torch, a plug-in, a test double) is unexpected: a server error."""
+    if not isinstance(e, ValueError):
+        return False
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next  # the innermost frame: where it was raised
+    return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_EASEL_DIR)
+
+
+def describe_error(e: BaseException, kind: str = USER_ERROR, max_chars: int = 300) -> str:
+    """A message for the client. A user error is told whole (easel's errors name the problem and the fix);
+    a server error by its first line only, with the type unless it is one of ours (the traceback is logged)."""
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    if kind == USER_ERROR:
+        return text
+    first = text.strip().split("\n")[0][:max_chars]
+    if first and isinstance(e, (ValueError, FileNotFoundError, KeyError)):
+        return first  # e.g. a model file that is gone: the message already says so
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__

@@ -1,0 +1,157 @@
+// The API client and the form: every [data-field] element is one GenerationRequest field of the same name.
+
+export const $ = (id) => document.getElementById(id);
+
+// A server started with --token: open the page as /?token=... and every call carries it
+// (EventSource and <img> cannot send headers, so URLs carry it too; the server accepts both).
+const TOKEN = new URLSearchParams(location.search).get("token");
+
+export function apiUrl(path) {
+  if (!TOKEN) return path;
+  return path + (path.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(TOKEN);
+}
+
+// fetch() that returns parsed JSON and throws an Error carrying the server's own message.
+export async function api(path, options = {}) {
+  const headers = { ...(options.headers || {}) };
+  if (TOKEN) headers.Authorization = "Bearer " + TOKEN;
+  if (options.json !== undefined) {
+    headers["Content-Type"] = "application/json";
+    options = { ...options, body: JSON.stringify(options.json) };
+  }
+  let response;
+  try {
+    response = await fetch(path, { ...options, headers });
+  } catch (e) {
+    throw new Error("cannot reach the easel server (is `easel serve` still running?)");
+  }
+  const text = await response.text();
+  let data = null;
+  try { data = text ? JSON.parse(text) : null; } catch (e) { data = null; }
+  if (!response.ok) {
+    const message = (data && (data.error || data.detail)) || text || response.statusText;
+    const error = new Error(typeof message === "string" ? message : JSON.stringify(message));
+    error.status = response.status;
+    throw error;
+  }
+  return data;
+}
+
+function setOptions(select, items, selected) {
+  select.replaceChildren(...items.map(({ value, label }) => new Option(label, value, false, value === selected)));
+}
+
+// Fill the choice lists (samplers, schedulers, ... from the server) and the schema's defaults.
+export function initForm(config, samplers, schedulers) {
+  const d = config.defaults;
+  setOptions($("sampler"), samplers.map((s) => ({ value: s.name, label: s.label })), d.sampler);
+  setOptions($("scheduler"), schedulers.map((s) => ({ value: s.name, label: s.label })), d.scheduler);
+  const plain = (names) => names.map((n) => ({ value: n, label: n.replaceAll("_", " ") }));
+  setOptions($("hr_upscaler"), plain(config.choices.hr_upscaler), d.hr_upscaler);
+  setOptions($("inpainting_fill"), plain(config.choices.inpainting_fill), d.inpainting_fill);
+  setOptions($("preview_mode"), plain(config.choices.preview_mode), d.preview_mode);
+  const resize = $("resize_mode");
+  resize.append(...plain(config.choices.resize_mode).map(({ value, label }) => new Option(label, value)));
+  resize.value = "";
+  const model = config.model || {};
+  const defaults = { ...d, width: model.default_size, height: model.default_size,
+                     batch_size: model.default_batch, preview_every: 1 };
+  delete defaults.resize_mode;  // the edit tabs start with "keep the image's size"
+  writeForm(defaults);
+  $("steps").max = config.limits.max_steps;
+  $("hr_second_pass_steps").max = config.limits.max_steps;
+  for (const id of ["batch_size", "n_iter"]) $(id).max = config.limits.max_batch;
+  const strength = $("denoising_strength");
+  strength.addEventListener("input", () => { strength.nextElementSibling.value = strength.value; });
+  strength.dispatchEvent(new Event("input"));
+}
+
+// Is an element shown in this mode? (inside no [data-modes] section, or in one that lists the mode)
+export function inMode(element, mode) {
+  for (let e = element; e; e = e.parentElement) {
+    const modes = e.dataset && e.dataset.modes;
+    if (modes && !modes.split(" ").includes(mode)) return false;
+  }
+  return true;
+}
+
+function fieldValue(element) {
+  if (element.type === "checkbox") return element.checked;
+  if (element.type === "number" || element.type === "range") {
+    return element.value.trim() === "" ? undefined : Number(element.value);
+  }
+  return element.value;
+}
+
+// The request fields of the form as the given mode uses them (blank numbers: left to the server).
+export function readForm(mode) {
+  const body = {};
+  for (const element of document.querySelectorAll("[data-field]")) {
+    if (!inMode(element, mode)) continue;
+    const value = fieldValue(element);
+    if (value !== undefined) body[element.dataset.field] = value;
+  }
+  if (mode !== "txt2img" && !body.resize_mode) {
+    // "keep the image's size": no resize, so width and height come from the image itself.
+    delete body.resize_mode; delete body.width; delete body.height;
+  }
+  if (!body.enable_hr) {
+    for (const key of Object.keys(body)) if (key.startsWith("hr_")) delete body[key];
+  }
+  return body;
+}
+
+// Put request fields (defaults, or an image's parameters) into the form; unknown keys are ignored.
+export function writeForm(fields) {
+  for (const element of document.querySelectorAll("[data-field]")) {
+    const name = element.dataset.field;
+    if (!(name in fields)) continue;
+    const value = fields[name];
+    if (element.type === "checkbox") element.checked = Boolean(value);
+    else if (element.tagName === "SELECT" && value != null &&
+             ![...element.options].some((o) => o.value === String(value))) continue;
+    else element.value = value == null ? "" : value;
+    element.dispatchEvent(new Event("input"));
+  }
+  if (Array.isArray(fields.loras)) setLoras(fields.loras);
+}
+
+// -- LoRA picker: the chosen files, each with a weight, sent as loras: ["name:weight", ...] -------------------
+export function initLoras(entries) {
+  const pick = $("lora-pick");
+  if (!entries.length) {
+    setOptions(pick, [{ value: "", label: "(no LoRA files in the LoRA folders)" }], "");
+    pick.disabled = $("lora-add").disabled = $("lora-weight").disabled = true;
+    return;
+  }
+  setOptions(pick, entries.map((e) => ({ value: e.name, label: e.name })), entries[0].name);
+  $("lora-add").addEventListener("click", () => addLora(pick.value, Number($("lora-weight").value || 1)));
+}
+
+export function addLora(name, weight) {
+  if (!name) return;
+  const existing = [...$("lora-list").children].find((li) => li.dataset.name === name);
+  if (existing) { existing.querySelector("input").value = weight; return; }
+  const li = document.createElement("li");
+  li.dataset.name = name;
+  const w = Object.assign(document.createElement("input"), { type: "number", step: "0.05", value: weight });
+  w.setAttribute("aria-label", `weight of ${name}`);
+  const remove = Object.assign(document.createElement("button"), { type: "button", textContent: "\u00d7",
+                                                                    title: "Remove" });
+  remove.addEventListener("click", () => li.remove());
+  li.append(name + " ", w, remove);
+  $("lora-list").append(li);
+}
+
+export function selectedLoras() {
+  return [...$("lora-list").children].map((li) => `${li.dataset.name}:${li.querySelector("input").value || 1}`);
+}
+
+function setLoras(specs) {
+  $("lora-list").replaceChildren();
+  for (const spec of specs) {
+    const at = spec.lastIndexOf(":");
+    const weight = at > 0 ? Number(spec.slice(at + 1)) : NaN;
+    if (Number.isNaN(weight)) addLora(spec, 1); else addLora(spec.slice(0, at), weight);
+  }
+}

@@ -1,0 +1,203 @@
+"""The web UI at `/`: one hand-written page (easel/serve/static) that talks to the native /api/v1 API.
+
+The page itself does everything a browser can (tabs, the mask canvas, progress over server-sent events, the
+gallery); this router serves it and adds what only the server knows: the request schema's defaults and
+choices, the default model's size, the A1111 parameters text of each image, and reading a dropped PNG.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import html
+import io
+import json
+from pathlib import Path
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from starlette.exceptions import HTTPException
+
+from easel import __version__
+from easel.pipelines.request import (GenerationRequest, HR_UPSCALERS, INPAINTING_FILLS, PREVIEW_MODES,
+                                     RESIZE_MODES)
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+# The only files /ui/<name> serves (a fixed list, so no request can reach outside the folder).
+ASSETS = {"ui.css": "text/css", "ui.js": "text/javascript", "canvas.js": "text/javascript",
+          "gallery.js": "text/javascript", "form.js": "text/javascript"}
+_NOT_FORM_FIELDS = ("dtype", "device", "extra", "init_images", "mask")  # set by the server or by the page itself
+
+
+def router(app: FastAPI) -> APIRouter:
+    """The page at `/`, its assets under /ui/, and the UI's helper routes."""
+    r = APIRouter(tags=["web UI"])
+
+    @r.get("/", response_class=HTMLResponse, summary="The web UI")
+    def index(token: str | None = None) -> HTMLResponse:
+        # Reaching here past --token means the token is right: hand it on to the page's own files.
+        return HTMLResponse(page_html(token if app.state.settings.token else None),
+                            headers={"Cache-Control": "no-store"})
+
+    @r.get("/ui/config.json", summary="What the web UI's form needs: defaults, choices, model size, limits")
+    def config() -> dict:
+        return ui_config(app)
+
+    @r.get("/ui/jobs/{job_id}/infotext", summary="A1111 parameters text of each image of a finished job")
+    def infotexts(job_id: str) -> dict:
+        from easel.pipelines.metadata import infotext
+        job = app.state.queue.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id!r} (unknown, or finished long enough ago to be forgotten)")
+        return {"id": job.id, "infotexts": [infotext(r.params) for r in job.results]}
+
+    @r.post("/ui/png-info", summary="The generation parameters stored in an image (the request body is the file)")
+    async def png_info(request: Request) -> JSONResponse:
+        return JSONResponse(read_image_info(await request.body()))
+
+    @r.get("/ui/{name}", include_in_schema=False)
+    def asset(name: str) -> FileResponse:
+        if name not in ASSETS:
+            raise HTTPException(404, f"no UI file {name!r}")
+        return FileResponse(STATIC_DIR / name, media_type=ASSETS[name], headers={"Cache-Control": "no-cache"})
+
+    return r
+
+
+def page_html(token: str | None = None) -> str:
+    """index.html with the version (a new release is never served from a stale cache) and the token, if any,
+    in the URL of every file the page loads (module imports included, through an import map)."""
+    query = urlencode({"v": __version__, **({"token": token} if token else {})})
+    imports = {f"/ui/{name}": f"/ui/{name}?{query}" for name in ASSETS if name.endswith(".js")}
+    # urlencode leaves no quote or '<' in the query, so the JSON is safe inside <script> and attributes.
+    return (_template().replace("{{importmap}}", json.dumps({"imports": imports}))
+            .replace("{{query}}", html.escape(query)))
+
+
+@functools.lru_cache(maxsize=1)
+def _template() -> str:
+    return (STATIC_DIR / "index.html").read_text(encoding="utf-8")
+
+
+def form_defaults() -> dict:
+    """The request schema's defaults for every field the form sets (the one schema drives the form too)."""
+    d = GenerationRequest().to_dict(images="drop")
+    return {k: v for k, v in d.items() if k not in _NOT_FORM_FIELDS}
+
+
+def ui_config(app: FastAPI) -> dict:
+    """Defaults, choice lists, the default model's size and batch, and the server's limits."""
+    settings = app.state.settings
+    return {
+        "version": __version__,
+        "defaults": form_defaults(),
+        "choices": {"hr_upscaler": list(HR_UPSCALERS), "resize_mode": list(RESIZE_MODES),
+                    "inpainting_fill": list(INPAINTING_FILLS), "preview_mode": list(PREVIEW_MODES)},
+        "model": model_defaults(app.state.queue.default_model),
+        "limits": {k: getattr(settings, k) for k in ("max_steps", "max_batch", "max_pixels", "max_body_bytes")},
+        "auth": bool(settings.api_auth or settings.token),
+    }
+
+
+@functools.lru_cache(maxsize=8)
+def model_defaults(spec: str | None) -> dict:
+    """{'name', 'default_size', 'default_batch'} of a model from its file header alone (no weights loaded);
+    sizes are None when the header does not say (the form then leaves them to the model)."""
+    from easel.weights.registry import builtin_model, list_models
+    path = builtin_model() if spec is None else Path(spec)
+    if spec is not None and not path.exists():  # a registry name, not a path
+        path = next((e.path for e in list_models() if e.name == spec), None)
+    out = {"name": spec or "shapeworld", "default_size": None, "default_batch": None}
+    cfg = _easel_config(path) if path is not None and path.suffix == ".safetensors" else None
+    if cfg:
+        out.update(default_size=cfg.get("default_size"), default_batch=cfg.get("default_batch"))
+    return out
+
+
+def _easel_config(path: Path) -> dict | None:
+    """The config easel writes into a .safetensors header (None for other files, or when unreadable)."""
+    try:
+        from safetensors import safe_open
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        return json.loads(meta["easel_config"]) if "easel_config" in meta else None
+    except (OSError, ValueError, KeyError, RuntimeError):
+        return None
+
+
+def read_image_info(data: bytes) -> dict:
+    """What an image file says about how it was made: the A1111 text, easel's JSON and the request fields."""
+    from easel.pipelines.metadata import infotext
+    if not data:
+        raise ValueError("no image received: send the image file as the request body")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            text = dict(getattr(im, "text", None) or im.info)
+            size, fmt = im.size, im.format
+            exif_text = None if "parameters" in text else _exif_parameters(im)
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise ValueError(f"this file is not an image easel can read (PNG, JPEG, WebP, ...): {e}") from None
+    parameters = text.get("parameters") if isinstance(text.get("parameters"), str) else exif_text
+    stored = _json_chunk(text.get("easel"))
+    if parameters is None and stored:
+        parameters = infotext(stored)
+    other = {k: v for k, v in text.items() if k not in ("parameters", "easel") and isinstance(v, str)}
+    return {"width": size[0], "height": size[1], "format": fmt, "parameters": parameters, "easel": stored,
+            "request": request_fields(stored, parameters), "other": other}
+
+
+def _json_chunk(value) -> dict | None:
+    try:
+        d = json.loads(value) if isinstance(value, str) else None
+    except json.JSONDecodeError:
+        return None
+    return d if isinstance(d, dict) else None
+
+
+def request_fields(stored: dict | None, parameters: str | None) -> dict:
+    """GenerationRequest fields (for the form) from easel's JSON, else from A1111's parameters text."""
+    names = {f.name for f in dataclasses.fields(GenerationRequest)} - set(_NOT_FORM_FIELDS)
+    if stored:
+        return {k: v for k, v in stored.items() if k in names}
+    if not parameters:
+        return {}
+    from easel.cli import params_from_image
+    # The CLI's `--from` parser reads a PNG: hand it a one-pixel PNG carrying the text, so that one parser of
+    # A1111 text serves both (whichever file the text came from: PNG chunk or JPEG/WebP EXIF comment).
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, format="PNG", pnginfo=info)
+    buf.seek(0)
+    try:
+        fields = params_from_image(buf)
+    except ValueError:
+        return {}
+    for key in ("sampler", "hr_sampler"):  # A1111 writes labels ("Euler a"); the form lists names
+        if isinstance(fields.get(key), str):
+            fields[key] = _sampler_name(fields[key])
+    return {k: v for k, v in fields.items() if k in names}
+
+
+def _sampler_name(label: str) -> str:
+    from easel.samplers import resolve_sampler
+    try:
+        return resolve_sampler(label)[0]
+    except ValueError:
+        return label  # a sampler easel does not have: shown as read, the form keeps its own choice
+
+
+def _exif_parameters(im: Image.Image) -> str | None:
+    """A1111's parameters in a JPEG/WebP: the EXIF UserComment ('UNICODE' + UTF-16 or 'ASCII' prefix)."""
+    raw = im.getexif().get_ifd(0x8769).get(0x9286)  # Exif IFD -> UserComment
+    if not isinstance(raw, bytes) or len(raw) < 8:
+        return raw if isinstance(raw, str) and raw else None
+    prefix, body = raw[:8], raw[8:]
+    if prefix.startswith(b"UNICODE"):
+        # piexif (which A1111 uses) writes big-endian UTF-16, some tools little-endian: ASCII-heavy text
+        # decoded with the wrong byte order turns into CJK characters, so keep the reading with more Latin ones.
+        readings = [body.decode(enc, errors="replace") for enc in ("utf-16-be", "utf-16-le")]
+        return max(readings, key=lambda t: sum(ord(c) < 0x250 for c in t)) or None
+    return body.decode("utf-8", errors="replace").strip("\x00 ") or None

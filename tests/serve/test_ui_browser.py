@@ -1,0 +1,248 @@
+"""The web UI end to end in a real headless browser (Debian's chromium driven by Playwright) against a real
+server on the built-in model: generate, paint a mask and inpaint, img2img/outpaint, cancel, PNG info."""
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
+
+
+def find_chromium() -> str | None:
+    """A Chromium/Chrome binary: $EASEL_CHROMIUM, else the first on PATH (Debian's package: /usr/bin/chromium)."""
+    candidates = [os.environ.get("EASEL_CHROMIUM"), *(shutil.which(n) for n in
+                  ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"))]
+    return next((c for c in candidates if c and os.path.exists(c)), None)
+
+
+CHROMIUM = find_chromium()
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    CHROMIUM is None, reason="no chromium found: `apt-get install chromium` (or set EASEL_CHROMIUM); .ci/run installs it")]
+PROMPT = "a red star above a blue circle"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless chromium for the module (no Playwright browser download: the system's binary)."""
+    args = ["--disable-dev-shm-usage"] + (["--no-sandbox"] if os.geteuid() == 0 else [])  # root has no sandbox
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=args)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def ui(browser, start_server):
+    """(page, server): the UI open and ready on a fresh server; fails the test on any script error."""
+    server = start_server()
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(f"uncaught: {e}"))
+    page.on("console", lambda m: errors.append(f"console: {m.text}") if m.type == "error" else None)
+    page.goto(server.url + "/")
+    page.wait_for_selector("body[data-ready=true]")
+    yield page, server
+    context.close()
+    assert not errors, f"the page reported errors: {errors}"
+
+
+def generate(page, timeout_s: float = 90) -> str:
+    """Click Generate and wait for the job to finish; returns its id."""
+    before = page.get_attribute("body", "data-finished")
+    page.click("#generate")
+    page.wait_for_function("b => document.body.dataset.finished && document.body.dataset.finished !== b",
+                           arg=before, timeout=timeout_s * 1000)
+    return page.get_attribute("body", "data-finished")
+
+
+def sample_png(path) -> str:
+    """A 64x64 picture with distinct left and right halves (so a repainted half is easy to tell)."""
+    im = Image.new("RGB", (64, 64), (40, 120, 200))
+    d = ImageDraw.Draw(im)
+    d.ellipse((4, 8, 28, 32), fill=(230, 40, 40))
+    d.rectangle((38, 30, 60, 58), fill=(250, 220, 30))
+    im.save(path)
+    return str(path)
+
+
+def test_txt2img_generates_and_shows_parameters(ui):
+    page, server = ui
+    assert page.locator("#tabs [role=tab]").all_inner_texts() == ["txt2img", "img2img", "Inpaint", "Outpaint", "PNG info"]
+    assert "Euler a" in page.locator("#sampler option").all_inner_texts()  # lists come from the server
+    assert "Karras" in page.locator("#scheduler option").all_inner_texts()
+    assert page.input_value("#width") == "64"  # the built-in model's own size, read from its file header
+    page.fill("#prompt", PROMPT)
+    page.fill("#negative_prompt", "green")
+    page.fill("#steps", "2")
+    page.fill("#batch_size", "2")
+    page.fill("#seed", "1234")
+    job_id = generate(page)
+
+    job = server.queue.get(job_id)
+    assert job.state == "done" and job.request.prompt == PROMPT and job.request.negative_prompt == "green"
+    assert (job.request.steps, job.request.seed, job.request.batch_size) == (2, 1234, 2)
+    assert page.locator("#gallery .thumb").count() == 2
+    page.wait_for_function("document.getElementById('selected-image').naturalWidth === 64")
+    info = page.inner_text("#infotext")
+    assert PROMPT in info and "Negative prompt: green" in info and "Steps: 2" in info and "Seed: 1234" in info
+    assert page.inner_text("#progress-text").startswith("Done: 2 image(s)")
+
+    page.click("#gallery .thumb >> nth=1")  # the second image: seed 1235, and the recycle button picks it up
+    assert "Seed: 1235" in page.inner_text("#infotext")
+    page.click("#seed-random")
+    assert page.input_value("#seed") == "-1"
+    page.click("#seed-reuse")
+    assert page.input_value("#seed") == "1235"
+
+    page.click("#send-inpaint")  # the image and its prompt go to the inpaint tab
+    assert page.get_attribute("#tabs [data-tab=inpaint]", "aria-selected") == "true"
+    assert page.is_visible("#mask-canvas") and page.input_value("#prompt") == PROMPT
+
+
+def paint(page, selector: str, strokes: list[tuple[float, float, float, float]]) -> None:
+    """Drag the mouse over an element along strokes given as fractions (x0, y0, x1, y1) of its box."""
+    box = page.locator(selector).bounding_box()
+    for x0, y0, x1, y1 in strokes:
+        page.mouse.move(box["x"] + x0 * box["width"], box["y"] + y0 * box["height"])
+        page.mouse.down()
+        page.mouse.move(box["x"] + x1 * box["width"], box["y"] + y1 * box["height"], steps=8)
+        page.mouse.up()
+
+
+def test_paint_mask_and_inpaint(ui, tmp_path):
+    page, server = ui
+    page.click("#tabs [data-tab=inpaint]")
+    page.click("#generate")  # nothing to edit yet: the page says what is missing instead of sending a request
+    assert "needs an image" in page.inner_text("#error")
+    page.set_input_files("#source-file", sample_png(tmp_path / "in.png"))
+    page.wait_for_selector("#canvas-wrap:not([hidden])")
+    page.click("#generate")
+    assert "paint the area" in page.inner_text("#error")
+
+    page.fill("#brush-size", "60")
+    paint(page, "#mask-canvas", [(0.04, y, 0.36, y) for y in (0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95)])
+    page.fill("#prompt", PROMPT)
+    page.fill("#steps", "2")
+    page.fill("#batch_size", "1")
+    page.fill("#denoising_strength", "1")
+    job_id = generate(page)
+
+    job = server.queue.get(job_id)
+    assert job.state == "done", job.error
+    assert job.request.mode == "inpaint" and job.request.denoising_strength == 1.0
+    mask = np.asarray(job.request.mask.convert("L"))
+    assert mask.shape == (64, 64)
+    assert (mask[:, 4:20] == 255).mean() > 0.95 and (mask[:, 40:] == 0).all()  # painted left, untouched right
+    original = np.asarray(Image.open(tmp_path / "in.png").convert("RGB")).astype(int)
+    result = np.asarray(job.results[0].image.convert("RGB")).astype(int)
+    assert (result[:, 48:] == original[:, 48:]).all()  # outside the (blurred) mask: the input, pixel for pixel
+    assert np.abs(result[:, 4:20] - original[:, 4:20]).mean() > 10  # inside: repainted
+    page.wait_for_selector("#gallery .thumb")
+    assert "Mask blur: 4" in page.inner_text("#infotext")
+
+
+def test_img2img_and_outpaint(ui, tmp_path):
+    page, server = ui
+    page.click("#tabs [data-tab=img2img]")
+    page.set_input_files("#source-file", sample_png(tmp_path / "in.png"))
+    page.fill("#prompt", PROMPT)
+    page.fill("#steps", "2")
+    page.fill("#batch_size", "1")
+    page.fill("#denoising_strength", "0.5")
+    job = server.queue.get(generate(page))
+    assert job.state == "done" and job.request.mode == "img2img" and job.request.denoising_strength == 0.5
+    assert "Denoising strength: 0.5" in page.inner_text("#infotext")
+
+    page.click("#tabs [data-tab=outpaint]")  # the same picture stays loaded
+    page.fill("#outpaint_right", "16")
+    assert page.inner_text("#source-size") == "64\u00d764 px \u2192 80\u00d764"
+    job = server.queue.get(generate(page))
+    assert job.state == "done", job.error
+    assert job.request.mode == "outpaint" and job.request.outpaint_right == 16 and job.request.mask is None
+    assert job.results[0].image.size == (80, 64)
+    page.wait_for_function("document.getElementById('selected-image').naturalWidth === 80")
+
+
+def test_cancel_running_job_with_live_progress(ui):
+    page, server = ui
+    page.fill("#prompt", PROMPT)
+    page.fill("#steps", "150")  # long enough to still be running when the click lands
+    page.fill("#batch_size", "4")
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('progress-text').textContent.includes('ETA')", timeout=60000)
+    page.wait_for_selector("#preview[src^='data:image/png']")  # a live preview arrived over server-sent events
+    assert page.is_disabled("#generate") and page.is_enabled("#cancel")
+    page.click("#cancel")
+    page.wait_for_selector("body[data-finished]", timeout=60000)
+
+    job = server.queue.get(page.get_attribute("body", "data-finished"))
+    assert job.state == "cancelled" and job.step < job.total
+    assert page.inner_text("#progress-text").startswith("Cancelled")
+    assert page.is_enabled("#generate") and page.is_disabled("#cancel")
+
+
+def test_png_info_of_a_dropped_generated_image(ui):
+    page, server = ui
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        job = client.post("/api/v1/jobs", json={"prompt": PROMPT, "negative_prompt": "blurry", "steps": 2,
+                                                 "batch_size": 1, "seed": 77, "cfg_scale": 5.5}).json()
+        deadline = time.monotonic() + 60
+        while client.get(f"/api/v1/jobs/{job['id']}").json()["state"] != "done":
+            assert time.monotonic() < deadline, "the job never finished"
+            time.sleep(0.05)
+        png = client.get(f"/api/v1/jobs/{job['id']}/images/0.png").content
+
+    page.click("#tabs [data-tab=pnginfo]")
+    page.evaluate("""([b64, name]) => {
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const data = new DataTransfer();
+        data.items.add(new File([bytes], name, {type: "image/png"}));
+        document.getElementById("pnginfo-drop").dispatchEvent(
+            new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true}));
+    }""", [base64.b64encode(png).decode(), "dropped.png"])
+    page.wait_for_selector("body[data-pnginfo=read]")
+    text = page.inner_text("#pnginfo-text")
+    assert text.startswith(PROMPT) and "Negative prompt: blurry" in text
+    assert "Seed: 77" in text and "CFG scale: 5.5" in text and "Size: 64x64" in text
+
+    page.click("#pnginfo-txt2img")  # the parameters fill the form
+    assert page.get_attribute("#tabs [data-tab=txt2img]", "aria-selected") == "true"
+    assert page.input_value("#prompt") == PROMPT and page.input_value("#negative_prompt") == "blurry"
+    assert (page.input_value("#seed"), page.input_value("#steps"), page.input_value("#cfg_scale")) == ("77", "2", "5.5")
+
+    buf = io.BytesIO()  # an image without parameters: the tab says so, and offers nothing to send
+    Image.new("RGB", (16, 16), "white").save(buf, format="PNG")
+    page.click("#tabs [data-tab=pnginfo]")
+    assert page.is_visible("#pnginfo-actions")  # still showing the first image's buttons
+    page.set_input_files("#pnginfo-file", files=[{"name": "plain.png", "mimeType": "image/png", "buffer": buf.getvalue()}])
+    page.wait_for_function("document.getElementById('pnginfo-text').textContent.includes('no generation parameters')")
+    assert page.is_hidden("#pnginfo-actions")
+
+
+def test_page_works_behind_a_token(browser, start_server):
+    """With --token, /?token=... loads every script, image and event stream with it."""
+    from easel.serve.app import Settings
+    server = start_server(Settings(token="s3cret"))
+    context = browser.new_context()
+    page = context.new_page()
+    failed = []
+    page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    page.goto(server.url + "/?token=s3cret")
+    page.wait_for_selector("body[data-ready=true]")
+    assert page.is_hidden("#error") and page.locator("#sampler option").count() > 5
+    page.fill("#prompt", PROMPT)
+    page.fill("#steps", "2")
+    page.fill("#batch_size", "1")
+    generate(page)
+    page.wait_for_function("document.getElementById('selected-image').naturalWidth === 64")
+    context.close()
+    assert not failed, failed
