@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -60,9 +61,14 @@ INPAINT_FLAGS = {
     "inpaint_full_res_padding": (("--inpaint-full-res-padding",), "context pixels around the region"),
     "inpainting_mask_invert": (("--invert-mask",), "repaint the black part of the mask instead of the white"),
 }
+REFINER_FLAGS = {
+    "refiner_checkpoint": (("--refiner",), "an SDXL refiner (path or name from `easel models`) that takes over the "
+                                           "last steps"),
+    "refiner_switch_at": (("--refiner-switch-at",), "fraction of the steps the base model runs before the refiner"),
+}
 OUTPAINT_FLAGS = {f"outpaint_{side}": ((f"--{side}",), f"pixels to add on the {side}") for side in
                   ("left", "right", "up", "down")}
-ALL_FLAGS = {**REQUEST_FLAGS, **HIRES_FLAGS, **IMG2IMG_FLAGS, **INPAINT_FLAGS, **OUTPAINT_FLAGS}
+ALL_FLAGS = {**REQUEST_FLAGS, **HIRES_FLAGS, **REFINER_FLAGS, **IMG2IMG_FLAGS, **INPAINT_FLAGS, **OUTPAINT_FLAGS}
 FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(GenerationRequest)}
 log = logging.getLogger("easel")
 
@@ -151,12 +157,15 @@ def params_from_image(path: str) -> dict:
             "Variation seed": ("subseed", int), "Variation seed strength": ("subseed_strength", float),
             "Hires upscale": ("hr_scale", float), "Hires steps": ("hr_second_pass_steps", int),
             "Hires sampler": ("hr_sampler", str), "Hires prompt": ("hr_prompt", str),
-            "Hires negative prompt": ("hr_negative_prompt", str), "Hires CFG Scale": ("hr_cfg_scale", float)}
+            "Hires negative prompt": ("hr_negative_prompt", str), "Hires CFG Scale": ("hr_cfg_scale", float),
+            "Refiner switch at": ("refiner_switch_at", float)}
     for label, (name, kind) in conv.items():
         if label in a:
             out[name] = kind(a[label])
     if "Size" in a:
         out["width"], out["height"] = parse_size(a["Size"], "Size")
+    if "Refiner" in a:  # A1111 writes "name [hash]"
+        out["refiner_checkpoint"] = re.sub(r"\s*\[[0-9a-fA-F]+\]$", "", a["Refiner"])
     if "Seed resize from" in a:
         out["seed_resize_from_w"], out["seed_resize_from_h"] = parse_size(a["Seed resize from"], "Seed resize from")
     if "Hires resize" in a:
@@ -214,15 +223,30 @@ def run_and_save(args: argparse.Namespace, req: GenerationRequest, model: str | 
     """Check the request, load the model, run the request's mode and write numbered PNGs with parameters."""
     import easel
     from easel.pipelines.metadata import save_png
+    from easel.pipelines.networks import requested_networks
     req.check()  # fail before the (slow) model load
+    requested_networks(req)  # an unknown LoRA too (the error lists the LoRAs there are)
     pipe = easel.load(model, dtype=args.dtype, device=args.device, vae=args.vae, tokenizer=args.tokenizer,
                       prediction=args.prediction)
-    with progress_bar(req, pipe) as cb:
-        results = pipe.generate(req, callback=cb)
     out = Path(args.out)
+    sink = preview_sink(out, req)
+    with progress_bar(req, pipe) as cb:
+        results = pipe.generate(req, callback=cb, preview_sink=sink)
     for r in results:
         print(save_png(r.image, next_image_path(out, r.params["seed"]), r.params))
     return 0
+
+
+def preview_sink(out: Path, req: GenerationRequest):
+    """With --preview-every N: a sink writing the frames to <out>/previews/<number of the first image>/, said on
+    stderr before sampling starts (so they can be watched); else None."""
+    if req.preview_every <= 0:
+        return None
+    from easel.pipelines.preview import write_preview_frames
+    nums = [int(p.name.split("-")[0]) for p in out.glob("*.png") if p.name.split("-")[0].isdigit()]
+    folder = out / "previews" / f"{max(nums, default=-1) + 1:05d}"
+    print(f"previews every {req.preview_every} steps ({req.preview_mode}): {folder}", file=sys.stderr)
+    return write_preview_frames(folder)
 
 
 class progress_bar:
@@ -362,7 +386,7 @@ def add_edit_parsers(sub) -> None:
     i = sub.add_parser("img2img", help="repaint an image guided by a prompt")
     i.add_argument("image", help="the image to start from")
     i.add_argument("prompt", nargs="?", default="", help="what to draw")
-    add_generation_flags(i, IMG2IMG_FLAGS)
+    add_generation_flags(i, IMG2IMG_FLAGS, REFINER_FLAGS)
     i.set_defaults(func=cmd_img2img)
 
     m = sub.add_parser("inpaint", help="repaint the white part of a mask")
@@ -387,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="text to image")
     g.add_argument("prompt", nargs="?", help="what to draw")
-    add_generation_flags(g, HIRES_FLAGS)
+    add_generation_flags(g, HIRES_FLAGS, REFINER_FLAGS)
     g.add_argument("--from", dest="from_image", help="reproduce the image whose parameters this PNG carries")
     g.set_defaults(func=cmd_generate)
     add_edit_parsers(sub)
@@ -433,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from easel.training.cli import add_train_parser
     add_train_parser(sub)
+    from easel.serve.cli import add_serve_parser  # imported here, not at the top: `easel generate` needs no server
+    add_serve_parser(sub)
 
     c = sub.add_parser("convert", help="convert between a single .safetensors file and a diffusers folder")
     c.add_argument("src")

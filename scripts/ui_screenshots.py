@@ -72,11 +72,13 @@ def take_all(page, out: Path, steps: int) -> None:
                         ".then(b => Array.from(new Uint8Array(b)))")
 
     page.click("#send-img2img")
+    page.wait_for_selector("#tabs [data-tab=img2img][aria-selected=true]")
     page.fill("#denoising_strength", "0.6")
     generate(page)
     shoot(page, out, "img2img")
 
     page.click("#send-inpaint")
+    page.wait_for_selector("#tabs [data-tab=inpaint][aria-selected=true]")
     box = page.locator("#mask-canvas").bounding_box()
     page.fill("#brush-size", "70")
     page.mouse.move(box["x"] + box["width"] * 0.55, box["y"] + box["height"] * 0.2)
@@ -89,6 +91,7 @@ def take_all(page, out: Path, steps: int) -> None:
     shoot(page, out, "inpaint")
 
     page.click("#send-outpaint")
+    page.wait_for_selector("#tabs [data-tab=outpaint][aria-selected=true]")
     page.fill("#prompt", PROMPT)
     page.fill("#outpaint_right", "32")
     page.dispatch_event("#outpaint_right", "input")

@@ -1,6 +1,7 @@
 """Helpers every pipeline shares: prompt encoding, noise, the guided denoiser, sampling, decoding."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable
 
@@ -34,10 +35,19 @@ def encode_prompts(model: StableDiffusion, tokenizers: list[CLIPTokenizer], prom
     return {"context": context.to(model.dtype), "pooled": pooled}
 
 
-def unet_conditioning(model: StableDiffusion, text: dict[str, torch.Tensor], width: int, height: int) -> dict:
-    """Add SDXL's `y` (pooled text + size/crop embeddings) to the text conditioning."""
+def unet_conditioning(model: StableDiffusion, text: dict[str, torch.Tensor], width: int, height: int,
+                      aesthetic_score: float | None = None) -> dict:
+    """Add the `y` vector of models that take one to the text conditioning: SDXL's pooled text + size/crop
+    embeddings, or the SDXL refiner's pooled text + size/crop/aesthetic-score embeddings (score default 6.0)."""
     cond = {"context": text["context"]}
-    if model.config.unet.adm_in_channels:
+    if not model.config.unet.adm_in_channels:
+        return cond
+    from easel.weights.detect import is_refiner
+    if is_refiner(model.config):
+        from easel.pipelines.refiner import AESTHETIC_SCORE, refiner_vector
+        score = AESTHETIC_SCORE if aesthetic_score is None else aesthetic_score
+        cond["y"] = refiner_vector(text["pooled"], original_size=(height, width), aesthetic_score=score).to(model.dtype)
+    else:
         from easel.models.unet import sdxl_vector
         cond["y"] = sdxl_vector(text["pooled"], original_size=(height, width), crops=(0, 0),
                                 target_size=(height, width)).to(model.dtype)
@@ -61,10 +71,15 @@ def make_schedule(model: StableDiffusion) -> DiscreteSchedule:
     return DiscreteSchedule(ac)
 
 
-def make_denoiser(model: StableDiffusion, schedule: DiscreteSchedule):
-    """eps or v parameterisation wrapper around the UNet (k-diffusion's external.py)."""
+def make_denoiser(model: StableDiffusion, schedule: DiscreteSchedule, wrap_unet: Callable | None = None):
+    """eps or v parameterisation wrapper around the UNet (k-diffusion's external.py).
+
+    `wrap_unet(unet_fn) -> unet_fn` changes the network call the wrapper makes with the input-scaled x (a
+    9-channel inpainting model's extra channels go in there, unscaled).
+    """
     wrapper = VDenoiser if model.config.prediction == "v" else EpsDenoiser
-    return wrapper(UNetFn(model), schedule)
+    unet = UNetFn(model)
+    return wrapper(unet if wrap_unet is None else wrap_unet(unet), schedule)
 
 
 def guided(denoiser, cond: dict, uncond: dict, scale: float):
@@ -109,34 +124,95 @@ def img2img_sigmas(sigmas: torch.Tensor, strength: float, run_steps: int | None 
     return sigmas[steps - min(max(n, 0), steps):]
 
 
-def guided_denoiser(loaded, req, batch: int, schedule: DiscreteSchedule):
-    """CFG denoiser over `req.prompt` and `req.negative_prompt` at the request's size (SDXL's size embedding)."""
-    model = loaded.model
-    text = encode_prompts(model, loaded.tokenizers, [req.prompt] * batch + [req.negative_prompt] * batch,
-                          req.clip_skip)
-    cond_all = unet_conditioning(model, text, req.width, req.height)
-    cond = {k: v[:batch] for k, v in cond_all.items()}
-    uncond = {k: v[batch:] for k, v in cond_all.items()}
-    return guided(make_denoiser(model, schedule), cond, uncond, req.cfg_scale)
+def guided_denoiser(loaded, req, batch: int, schedule: DiscreteSchedule, sigmas: torch.Tensor | None = None, *,
+                    wrap_unet: Callable | None = None, prompt_steps: int | None = None,
+                    hires_steps: int | None = None):
+    """The guided denoiser of `req`: A1111 prompt conditioning (weights, BREAK, long prompts, [a:b:when], AND,
+    textual inversion by file name) with classifier-free guidance, at the request's size.
+
+    `sigmas` are the ones the sampler runs (default: the request's whole schedule); the prompt's step schedule
+    counts from their first step. `prompt_steps` (default `req.steps`) and `hires_steps` are the step counts
+    that `[a:b:when]` refers to (A1111: the first pass's steps, and a hires pass's). An SDXL refiner's prompt
+    gets `req.extra['aesthetic_score']` (6.0) and its negative prompt `req.extra['negative_aesthetic_score']` (2.5).
+    """
+    from easel.pipelines import conditioning
+    sigmas = sigmas_for(schedule, req.scheduler, req.steps) if sigmas is None else sigmas
+    cond, uncond = conditioning.build_conditioning(
+        loaded, req.prompt, req.negative_prompt, prompt_steps or req.steps, batch, req.width, req.height,
+        req.clip_skip, embedding_library(loaded), hires_steps=hires_steps)
+    from easel.weights.detect import is_refiner
+    if is_refiner(loaded.model.config):
+        from easel.pipelines.refiner import AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE
+        cond = _rescored(cond, req.extra.get("aesthetic_score", AESTHETIC_SCORE), req)
+        uncond = _rescored(uncond, req.extra.get("negative_aesthetic_score", NEGATIVE_AESTHETIC_SCORE), req)
+    denoiser = make_denoiser(loaded.model, schedule, wrap_unet)
+    return conditioning.guided_denoiser(denoiser, cond, uncond, req.cfg_scale, sigmas)
+
+
+def _rescored(pc, score: float, req):
+    """A refiner's prompt conditioning with the aesthetic score in every text's `y` set to `score`."""
+    from easel.pipelines.refiner import refiner_vector
+    from easel.weights.detect import SDXL_EMBED_DIM
+
+    def rescore(y: torch.Tensor) -> torch.Tensor:
+        pooled = y[:, :y.shape[1] - 5 * SDXL_EMBED_DIM]  # y = pooled text, then 5 embeddings (see refiner_vector)
+        return refiner_vector(pooled, original_size=(req.height, req.width), aesthetic_score=score)
+    # new dicts: the prompt and the negative prompt may share an encoded text (and its dict)
+    return dataclasses.replace(pc, encoded=[{**e, "y": rescore(e["y"])} for e in pc.encoded])
+
+
+def embedding_library(loaded):
+    """The textual-inversion embeddings prompts can name (EmbeddingLibrary over the embedding folders), made
+    once per loaded model so that the folders are not rescanned for every request."""
+    library = getattr(loaded, "embeddings", None)
+    if library is None:
+        from easel.weights.embeddings import EmbeddingLibrary
+        library = EmbeddingLibrary()
+        loaded.embeddings = library
+    return library
+
+
+def build_denoiser(loaded, req, batch: int, schedule: DiscreteSchedule, sigmas: torch.Tensor, refiner=None,
+                   wrap_unet: Callable | None = None, **steps):
+    """The guided denoiser of one run; with a `refiner` (LoadedModel), the base model's above the switch sigma
+    and the refiner's from there on (A1111's refiner switch, see easel.pipelines.refiner)."""
+    if refiner is None:
+        return guided_denoiser(loaded, req, batch, schedule, sigmas, wrap_unet=wrap_unet, **steps)
+    from easel.pipelines.refiner import SwitchDenoiser, check_pair, switch_step
+    check_pair(loaded.model, refiner.model)
+    k = switch_step(len(sigmas) - 1, req.refiner_switch_at)
+    # Only the models that run encode their prompts (k = 0: refiner only; k = all steps: base only).
+    base = guided_denoiser(loaded, req, batch, schedule, sigmas, wrap_unet=wrap_unet, **steps) if k > 0 else None
+    ref = (guided_denoiser(refiner, req, batch, make_schedule(refiner.model), sigmas, **steps)
+           if k < len(sigmas) - 1 else None)
+    return SwitchDenoiser(base, ref, float(sigmas[k]), refiner.model.device)
+
+
+def refiner_runs(req, steps: int, refiner) -> bool:
+    """Whether a run of `steps` steps reaches the refiner (so its VAE decodes, and a hires pass uses it)."""
+    if refiner is None:
+        return False
+    from easel.pipelines.refiner import switch_step
+    return switch_step(steps, req.refiner_switch_at) < steps
 
 
 @torch.no_grad()
 def sample(loaded, req, seeds: list[int], init_latent: torch.Tensor | None = None, strength: float = 1.0,
            callback: StepCallback | None = None, *, run_steps: int | None = None, noise: torch.Tensor | None = None,
-           wrap_denoiser: Callable | None = None) -> torch.Tensor:
+           wrap_denoiser: Callable | None = None, wrap_unet: Callable | None = None, refiner=None,
+           prompt_steps: int | None = None, hires_steps: int | None = None) -> torch.Tensor:
     """Denoised latents (B, C, H/f, W/f) of one batch: the sampling core of txt2img, img2img, hires and inpaint.
 
     txt2img (`init_latent` None) starts from seeded noise at the schedule's first sigma. img2img runs the last
     `run_steps` (default int(steps * strength)) steps of a `req.steps` schedule from `init_latent + noise * sigma`
     (SDEdit, Meng et al. 2021). `noise` (B, C, h, w) replaces the seeds' unit noise (variation seeds, latent noise
-    fill); `wrap_denoiser(denoiser) -> denoiser` adds behaviour around the guided denoiser (inpainting blends).
-    The size is `req.width` x `req.height`, or `init_latent`'s.
+    fill); `wrap_denoiser(denoiser) -> denoiser` adds behaviour around the guided denoiser (inpainting blends),
+    `wrap_unet(unet_fn) -> unet_fn` around the network call (inpainting models' extra channels). `refiner` (a
+    LoadedModel) takes over at `req.refiner_switch_at` of the steps; `prompt_steps`/`hires_steps`: see
+    `guided_denoiser`. The size is `req.width` x `req.height`, or `init_latent`'s.
     """
     model = loaded.model
     schedule = make_schedule(model)
-    denoiser = guided_denoiser(loaded, req, len(seeds), schedule)
-    if wrap_denoiser is not None:
-        denoiser = wrap_denoiser(denoiser)
     sigmas = sigmas_for(schedule, req.scheduler, req.steps)
     f = model.config.vae.downsample
     shape = (model.config.vae.embed_dim, req.height // f, req.width // f) if init_latent is None \
@@ -148,9 +224,20 @@ def sample(loaded, req, seeds: list[int], init_latent: torch.Tensor | None = Non
         if len(sigmas) < 2:  # strength 0 (or too few steps to run one): nothing to denoise
             return init_latent.float().to(model.device).expand(len(seeds), *shape).clone()
         init_latent = init_latent.float().to(model.device).expand(len(seeds), *shape)
-    cb = None if callback is None else (lambda d: callback({**d, "steps": len(sigmas) - 1}))
+    denoiser = build_denoiser(loaded, req, len(seeds), schedule, sigmas, refiner, wrap_unet,
+                              prompt_steps=prompt_steps, hires_steps=hires_steps)
+    cb = None if callback is None else _step_callback(callback, len(sigmas) - 1, denoiser if refiner else None)
+    if wrap_denoiser is not None:
+        denoiser = wrap_denoiser(denoiser)
     return run_sampler(req.sampler, denoiser, unit.to(model.device), sigmas.to(model.device), source, callback=cb,
                        eta=req.eta, full_denoise=init_latent is None, latent=init_latent)
+
+
+def _step_callback(callback: StepCallback, steps: int, switch=None) -> StepCallback:
+    """Add the run's step count (and, across a refiner switch, which model denoised) to each step."""
+    if switch is None or not hasattr(switch, "uses_base"):
+        return lambda d: callback({**d, "steps": steps})
+    return lambda d: callback({**d, "steps": steps, "model": "base" if switch.uses_base(d["sigma"]) else "refiner"})
 
 
 def seed_noise(req, seeds: list[int], shape: tuple[int, ...], factor: int) -> tuple[torch.Tensor, NoiseSource]:

@@ -9,7 +9,7 @@ from PIL import Image
 
 from easel.pipelines import common
 from easel.pipelines.request import GenerationRequest
-from easel.pipelines.txt2img import GeneratedImage, image_params, normalise
+from easel.pipelines.txt2img import GeneratedImage, image_params, normalise, refiner_for
 from easel.weights.model_io import LoadedModel
 
 # Our upscaler name -> (torch interpolation mode, antialias); "lanczos" works on decoded pixels instead.
@@ -19,21 +19,30 @@ UPSCALER_LABELS = {"latent": "Latent", "latent-nearest": "Latent (nearest)", "la
                    "latent-antialiased": "Latent (antialiased)", "lanczos": "Lanczos"}
 
 
-def hires(loaded: LoadedModel, req: GenerationRequest, callback: common.StepCallback | None = None
-          ) -> list[GeneratedImage]:
-    """txt2img at `width` x `height`, upscale to the hires size, img2img there at `hr_denoising_strength`."""
+def hires(loaded: LoadedModel, req: GenerationRequest, callback: common.StepCallback | None = None, *,
+          refiner: LoadedModel | None = None) -> list[GeneratedImage]:
+    """txt2img at `width` x `height`, upscale to the hires size, img2img there at `hr_denoising_strength`.
+
+    With a refiner (`req.refiner_checkpoint`) the first pass switches to it, and once it has taken over it
+    also runs the second pass (as in A1111, where the refiner stays loaded for the rest of the batch).
+    """
     cfg = loaded.model.config
     req = normalise(req).resolved(cfg.default_size, cfg.default_batch)
     second = second_pass_request(req)
+    refiner = refiner_for(req, refiner)
+    late = refiner if common.refiner_runs(req, req.steps, refiner) else loaded  # upscales, runs pass 2, decodes
+    # A1111 schedules the hires prompt's [a:b:when] over the first pass's steps, then the second pass's.
+    hr_steps = req.hr_second_pass_steps or req.steps
 
     def batch(it: int, seeds: list[int]) -> list[GeneratedImage]:
-        base = common.sample(loaded, req, seeds, callback=common.batch_callback(callback, it, req.n_iter, phase="base"))
-        up = upscale_latents(loaded, base, second.width, second.height, req.hr_upscaler)
+        base = common.sample(loaded, req, seeds, callback=common.batch_callback(callback, it, req.n_iter, phase="base"),
+                             refiner=refiner)
+        up = upscale_latents(late, base, second.width, second.height, req.hr_upscaler)
         cb = common.batch_callback(callback, it, req.n_iter, phase="hires")
-        latents = common.sample(loaded, second, seeds, up, req.hr_denoising_strength, cb,
-                                run_steps=_run_steps(req))
+        latents = common.sample(late, second, seeds, up, req.hr_denoising_strength, cb, run_steps=_run_steps(req),
+                                prompt_steps=req.steps, hires_steps=hr_steps)
         return [GeneratedImage(img, hires_params(loaded, req, seed))
-                for img, seed in zip(common.decode(loaded.model, latents), seeds)]
+                for img, seed in zip(common.decode(late.model, latents), seeds)]
     return common.run_batches(req, batch)
 
 

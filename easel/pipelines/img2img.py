@@ -8,21 +8,27 @@ import torch
 from easel.pipelines import common
 from easel.pipelines.images import resize_image  # A1111's resize modes, shared with inpaint/outpaint
 from easel.pipelines.request import GenerationRequest
-from easel.pipelines.txt2img import GeneratedImage, image_params, normalise
+from easel.pipelines.txt2img import GeneratedImage, image_params, normalise, refiner_for
 from easel.weights.model_io import LoadedModel
 
 
-def img2img(loaded: LoadedModel, req: GenerationRequest, callback: common.StepCallback | None = None
-            ) -> list[GeneratedImage]:
-    """Repaint `req.init_images` guided by the prompt; `denoising_strength` 0 keeps the image, 1 replaces it."""
+def img2img(loaded: LoadedModel, req: GenerationRequest, callback: common.StepCallback | None = None, *,
+            refiner: LoadedModel | None = None) -> list[GeneratedImage]:
+    """Repaint `req.init_images` guided by the prompt; `denoising_strength` 0 keeps the image, 1 replaces it.
+
+    With `req.refiner_checkpoint`, `refiner` takes over at `refiner_switch_at` of the steps that run.
+    """
     req = resolve_edit_request(loaded, req)
     init = init_latents(loaded, req)  # (1 or B, C, h, w)
+    refiner = refiner_for(req, refiner)
+    run = min(int(req.steps * req.denoising_strength), req.steps)  # the steps that run (see common.img2img_sigmas)
+    decoder = refiner if common.refiner_runs(req, run, refiner) else loaded
 
     def batch(it: int, seeds: list[int]) -> list[GeneratedImage]:
         cb = common.batch_callback(callback, it, req.n_iter)
-        latents = common.sample(loaded, req, seeds, init, req.denoising_strength, cb)
+        latents = common.sample(loaded, req, seeds, init, req.denoising_strength, cb, refiner=refiner)
         return [GeneratedImage(img, image_params(loaded, req, seed))
-                for img, seed in zip(common.decode(loaded.model, latents), seeds)]
+                for img, seed in zip(common.decode(decoder.model, latents), seeds)]
     return common.run_batches(req, batch)
 
 

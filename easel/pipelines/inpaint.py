@@ -131,13 +131,12 @@ def sample_inpaint(loaded: LoadedModel, req: GenerationRequest, inputs: InpaintI
     lmask = inputs.latent_mask
     if req.inpainting_fill == "latent_noise":
         init = init * (1 - lmask) + fill_noise(seeds, tuple(init.shape[1:])).to(init.device) * lmask
-
-    def wrap(guided):
-        if inputs.c_concat is not None:  # inpainting UNet: the mask goes in as input channels
-            return with_unet_wrapper(guided, lambda unet: ConcatInpaint(unet, inputs.c_concat))
-        return InpaintBlend(guided, init, lmask, unit.to(init.device))  # ordinary UNet: pin the known latents
+    if inputs.c_concat is not None:  # inpainting UNet: the mask goes in as input channels, around the network
+        wrap_unet, wrap = (lambda unet: ConcatInpaint(unet, inputs.c_concat)), None
+    else:  # ordinary UNet: pin the known latents around the guided denoiser
+        wrap_unet, wrap = None, (lambda guided: InpaintBlend(guided, init, lmask, unit.to(init.device)))
     latents = common.sample(loaded, req, seeds, init, req.denoising_strength, callback, noise=unit,
-                            wrap_denoiser=wrap)
+                            wrap_denoiser=wrap, wrap_unet=wrap_unet)
     return latents, init
 
 
@@ -146,19 +145,6 @@ def fill_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
     and of ancestral samplers' later draws (A1111 reuses the sampling noise itself, which doubles it up)."""
     streams = [int(np.random.SeedSequence([int(s), 0x1A7E]).generate_state(1, np.uint64)[0] >> 1) for s in seeds]
     return common.initial_noise(streams, shape)[0]
-
-
-def with_unet_wrapper(guided, wrap_unet):
-    """The guided denoiser with its network replaced by `wrap_unet(network)`.
-
-    Stop-gap until the sampling core takes a network wrapper itself: the CFG denoiser's `inner` is the eps/v
-    denoiser, whose `model` is the network that sees the input-scaled x.
-    """
-    inner = guided.inner
-    if not hasattr(inner, "model"):
-        raise TypeError(f"cannot reach the network inside {type(inner).__name__} to add the inpainting channels")
-    inner.model = wrap_unet(inner.model)
-    return guided
 
 
 def finish(inputs: InpaintInputs, generated: Image.Image, index: int = 0) -> Image.Image:

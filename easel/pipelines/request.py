@@ -12,7 +12,8 @@ from PIL import Image
 
 # Allowed values of the choice fields; A1111's API sends these as integers (index into the tuple).
 RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_fill")
-INPAINTING_FILLS = ("original", "fill", "latent_noise", "latent_nothing")
+# In A1111's numbering (its API sends inpainting_fill as 0..3): 0 fill, 1 original, 2 latent noise, 3 latent nothing.
+INPAINTING_FILLS = ("fill", "original", "latent_noise", "latent_nothing")
 HR_UPSCALERS = ("latent", "latent-nearest", "latent-bicubic", "latent-antialiased", "lanczos")
 PREVIEW_MODES = ("approx", "full")
 IMAGE_FIELDS = ("init_images", "mask")
@@ -44,7 +45,7 @@ class GenerationRequest:
     denoising_strength: float = 0.75
     resize_mode: str = "just_resize"
     mask_blur: int = 4
-    inpainting_fill: str = "original"
+    inpainting_fill: str = "original"  # A1111's UI default; its API's default 0 is "fill"
     inpaint_full_res: bool = False
     inpaint_full_res_padding: int = 32
     inpainting_mask_invert: bool = False

@@ -20,16 +20,37 @@ class GeneratedImage:
     params: dict
 
 
-def txt2img(loaded: LoadedModel, req: GenerationRequest, callback: common.StepCallback | None = None) -> list[GeneratedImage]:
-    """Generate `n_iter` batches of `batch_size` images; seeds count up from `req.seed` (as A1111)."""
+def txt2img(loaded: LoadedModel, req: GenerationRequest, callback: common.StepCallback | None = None, *,
+            refiner: LoadedModel | None = None) -> list[GeneratedImage]:
+    """Generate `n_iter` batches of `batch_size` images; seeds count up from `req.seed` (as A1111).
+
+    With `req.refiner_checkpoint`, `refiner` (loaded from it when not given) takes over at `refiner_switch_at`.
+    """
     cfg = loaded.model.config
     req = normalise(req).resolved(cfg.default_size, cfg.default_batch)
+    refiner = refiner_for(req, refiner)
+    # A1111 decodes with the refiner's VAE once the refiner has run
+    decoder = refiner if common.refiner_runs(req, req.steps, refiner) else loaded
 
     def batch(it: int, seeds: list[int]) -> list[GeneratedImage]:
-        latents = sample_latents(loaded, req, seeds, common.batch_callback(callback, it, req.n_iter))
+        latents = sample_latents(loaded, req, seeds, common.batch_callback(callback, it, req.n_iter), refiner=refiner)
         return [GeneratedImage(img, image_params(loaded, req, seed))
-                for img, seed in zip(common.decode(loaded.model, latents), seeds)]
+                for img, seed in zip(common.decode(decoder.model, latents), seeds)]
     return common.run_batches(req, batch)
+
+
+def load_refiner(spec: str, dtype: str = "fp32", device: str = "cpu") -> LoadedModel:
+    """Load a refiner checkpoint by path or model name (see `easel models`)."""
+    from easel.weights.model_io import load_model
+    from easel.weights.registry import resolve_model
+    return load_model(resolve_model(spec), dtype, device)
+
+
+def refiner_for(req: GenerationRequest, refiner: LoadedModel | None) -> LoadedModel | None:
+    """The refiner a request uses: None without `refiner_checkpoint`, else the given one or a fresh load."""
+    if not req.refiner_checkpoint:
+        return None
+    return refiner if refiner is not None else load_refiner(req.refiner_checkpoint, req.dtype, req.device)
 
 
 def normalise(req: GenerationRequest) -> GenerationRequest:
@@ -43,9 +64,9 @@ def normalise(req: GenerationRequest) -> GenerationRequest:
 
 
 def sample_latents(loaded: LoadedModel, req: GenerationRequest, seeds: list[int],
-                   callback: common.StepCallback | None = None) -> torch.Tensor:
+                   callback: common.StepCallback | None = None, refiner: LoadedModel | None = None) -> torch.Tensor:
     """The denoised latents (B, C, H/f, W/f) of one txt2img batch (see `common.sample`)."""
-    return common.sample(loaded, req, seeds, callback=callback)
+    return common.sample(loaded, req, seeds, callback=callback, refiner=refiner)
 
 
 def image_params(loaded: LoadedModel, req: GenerationRequest, seed: int) -> dict:

@@ -15,7 +15,6 @@ import importlib
 import logging
 import secrets
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -27,40 +26,10 @@ from easel.pipelines.request import GenerationRequest
 from easel.serve.jobs import USER_ERROR, Job, JobQueue, QueueFull
 from easel.serve.metrics import CONTENT_TYPE, Metrics
 from easel.serve.schema import LimitError, check_limits
+from easel.serve.settings import Settings  # noqa: F401  (re-exported: easel.serve.app.Settings)
 
 log = logging.getLogger("easel.serve")
 PLUGIN_MODULES = ("a1111", "openai_images", "ui")  # easel.serve.<name>, each optional
-
-
-@dataclass
-class Settings:
-    """What `easel serve` flags set: where to listen, which model, limits, auth and CORS."""
-
-    host: str = "127.0.0.1"
-    port: int = 7860
-    model: str | None = None  # path or registry name (trusted: it comes from whoever starts the server)
-    dtype: str = "fp32"
-    device: str = "cpu"
-    max_queue: int = 16
-    max_pixels: int = 2048 * 2048  # of the largest image a request makes (hires and outpaint included)
-    max_steps: int = 150
-    max_batch: int = 16  # batch_size x n_iter
-    max_input_pixels: int = 4096 * 4096  # of each init image / mask
-    max_body_bytes: int = 64 * 2**20
-    api_auth: str | None = None  # "user:pass" (several separated by commas)
-    token: str | None = None  # bearer token
-    cors_origins: list[str] = field(default_factory=list)
-    keep_finished: int = 200  # finished jobs (with their images) kept in memory
-    output_dir: str | None = None  # where routes that save images (A1111's save_images) write; None: ./outputs
-
-    def credentials(self) -> list[tuple[str, str]]:
-        """(user, password) pairs of api_auth; ValueError if one has no ':'."""
-        pairs = []
-        for item in filter(None, (s.strip() for s in (self.api_auth or "").split(","))):
-            if ":" not in item:
-                raise ValueError(f"--api-auth takes user:password (got {item.split(':')[0]!r} without a ':')")
-            pairs.append(tuple(item.split(":", 1)))
-        return pairs
 
 
 def create_app(settings: Settings | None = None, queue: JobQueue | None = None) -> FastAPI:

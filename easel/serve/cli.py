@@ -6,7 +6,7 @@ import ipaddress
 import logging
 import sys
 
-from easel.serve.app import Settings
+from easel.serve.settings import Settings
 
 log = logging.getLogger("easel.serve")
 

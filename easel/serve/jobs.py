@@ -114,7 +114,9 @@ class Job:
             if self._decoder is None:
                 return None
             value = self._decoder(value)
-        elif not isinstance(value, Image.Image):  # a pipeline's preview tensor (B, 3, H, W) in [-1, 1]
+        elif isinstance(value, (list, tuple)):  # the pipeline's previews: one PIL image per batch image
+            value = value[0]
+        elif not isinstance(value, Image.Image):  # a preview tensor (B, 3, H, W) in [-1, 1]
             from easel.pipelines.common import to_pil
             value = to_pil(value.reshape(-1, *value.shape[-3:])[:1].float().cpu())[0]
         png = to_png(value)
@@ -459,8 +461,11 @@ class JobQueue:
             job.results, job.state, job.error, job.finished = results, state, error, time.time()
             if state == DONE and "interrupt" not in job._flags:
                 job.step = job.total = max(job.step, job.total)
-            # The results replace the preview; dropping the decoder also lets go of the model it holds.
-            job._preview, job._preview_png, job._decoder = None, None, None
+            # Dropping the decoder lets go of the model it holds. A pipeline-made preview (small images) stays, so
+            # a client that connects after a fast job still gets its last preview; a latent one needs the decoder.
+            if job._preview is not None and job._preview[1] == "latent":
+                job._preview, job._preview_png = None, None
+            job._decoder = None
             self._running[job.device] = None
             self._job_seconds.append(job.finished - job.started)
             self._forget_old()

@@ -17,11 +17,11 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from easel import __version__
-from easel.pipelines.request import (GenerationRequest, HR_UPSCALERS, INPAINTING_FILLS, PREVIEW_MODES,
-                                     RESIZE_MODES)
+from easel.pipelines.request import HR_UPSCALERS, INPAINTING_FILLS, PREVIEW_MODES, RESIZE_MODES, GenerationRequest
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 # The only files /ui/<name> serves (a fixed list, so no request can reach outside the folder).
@@ -54,7 +54,8 @@ def router(app: FastAPI) -> APIRouter:
 
     @r.post("/ui/png-info", summary="The generation parameters stored in an image (the request body is the file)")
     async def png_info(request: Request) -> JSONResponse:
-        return JSONResponse(read_image_info(await request.body()))
+        # Decoding a large image takes a while: off the event loop, so progress streams keep flowing.
+        return JSONResponse(await run_in_threadpool(read_image_info, await request.body()))
 
     @r.get("/ui/{name}", include_in_schema=False)
     def asset(name: str) -> FileResponse:

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from itertools import pairwise
 
-__all__ = ["PromptSyntaxError", "ExtraNetwork", "parse_attention", "prompt_schedule", "split_and",
-           "extract_extra_networks", "lora_weights", "LORA_KINDS"]
+__all__ = ["LORA_KINDS", "ExtraNetwork", "PromptSyntaxError", "extract_extra_networks", "lora_weights",
+           "parse_attention", "prompt_schedule", "split_and"]
 
 
 class PromptSyntaxError(ValueError):
@@ -78,6 +79,7 @@ class _Weights:
 
 
 def _weight_value(match: re.Match) -> float:
+    """The number of a `:w)` piece, or an error that names it."""
     try:
         return float(match.group(1))
     except ValueError:
@@ -186,7 +188,7 @@ def _check_square(tokens: list[str], group: _Open, close: int) -> _Choice | bool
         return True
     bounds = [group.index] + seps + [close]
     if kinds == {"|"}:
-        return _Choice("alternate", [(a + 1, b) for a, b in zip(bounds, bounds[1:])], close + 1)
+        return _Choice("alternate", [(a + 1, b) for a, b in pairwise(bounds)], close + 1)
     if kinds != {":"} or len(seps) > 2:
         return False
     # The last part must be the step number alone: [to:when] or [from:to:when].
@@ -374,6 +376,7 @@ def extract_extra_networks(prompt: str) -> tuple[str, list[ExtraNetwork]]:
 
 
 def _multiplier(net: ExtraNetwork, text: str, what: str) -> float:
+    """One LoRA multiplier as a float, or an error that names the tag."""
     try:
         return float(text)
     except ValueError:

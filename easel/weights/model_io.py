@@ -29,6 +29,8 @@ class LoadedModel:
     source: str
     hash: str
     skipped_keys: list[str] = dataclasses.field(default_factory=list)
+    # The textual-inversion EmbeddingLibrary prompts use (made on first use by pipelines.common.embedding_library).
+    embeddings: object | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -107,8 +109,12 @@ def read_vae(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return out[0] if isinstance(out, tuple) else out
 
 
-def save_model(loaded: LoadedModel, dst: str | os.PathLike, to: str = "single-file") -> Path:
-    """Write the model as one `.safetensors` (CompVis layout, config in metadata) or a diffusers folder."""
+def save_model(loaded: LoadedModel, dst: str | os.PathLike, to: str = "single-file",
+               extra_metadata: dict[str, str] | None = None) -> Path:
+    """Write the model as one `.safetensors` (CompVis layout, config in metadata) or a diffusers folder.
+
+    `extra_metadata` entries (e.g. the preview map, `easel.latent_rgb`) go into a single file's metadata.
+    """
     model, dst = loaded.model, Path(dst)
     parts = {k: {n: t.detach().cpu() for n, t in sd.items()} for k, sd in model.component_state_dicts().items()}
     if to == "diffusers":
@@ -116,8 +122,11 @@ def save_model(loaded: LoadedModel, dst: str | os.PathLike, to: str = "single-fi
     elif to == "single-file":
         if dst.suffix != ".safetensors":
             raise CheckpointError(f"single-file output must end in .safetensors (got {dst.name})")
-        write_safetensors(single_file.join(parts, model.config), dst, {"easel_config": model.config.to_json(),
-                                                                      "format": "pt"})
+        metadata = {**(extra_metadata or {}), "easel_config": model.config.to_json(), "format": "pt"}
+        bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
+        if bad:
+            raise ValueError(f"safetensors metadata must map text to text; not so for {bad[:3]}")
+        write_safetensors(single_file.join(parts, model.config), dst, metadata)
         tok_dir = dst.with_suffix(".tokenizer")
         for i, tok in enumerate(loaded.tokenizers):
             tok.save(tok_dir if i == 0 else tok_dir.with_name(tok_dir.name + f"_{i + 1}"))

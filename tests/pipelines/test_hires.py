@@ -64,16 +64,32 @@ def test_second_pass_options_default_to_the_first_pass():
 
 
 def test_hr_prompt_is_encoded_for_the_second_pass_only(tiny_sd1, monkeypatch):
-    seen, encode = [], common.encode_prompts
+    from easel.pipelines import conditioning
+    seen, build = [], conditioning.build_conditioning
 
-    def spy(model, tokenizers, prompts, *args):
-        seen.append(prompts)
-        return encode(model, tokenizers, prompts, *args)
-    monkeypatch.setattr(common, "encode_prompts", spy)
+    def spy(loaded, prompt, negative, steps, *args, hires_steps=None, **kw):
+        seen.append((prompt, negative, steps, hires_steps))
+        return build(loaded, prompt, negative, steps, *args, hires_steps=hires_steps, **kw)
+    monkeypatch.setattr(conditioning, "build_conditioning", spy)
     a = np.asarray(hires(tiny_sd1, _req(hr_prompt="a blue dog", hr_negative_prompt="green"))[0].image, float)
-    assert seen == [["a red cat", ""], ["a blue dog", "green"]]
-    b = np.asarray(hires(tiny_sd1, _req())[0].image, float)
-    assert seen[2:] == [["a red cat", ""], ["a red cat", ""]] and not np.array_equal(a, b)
+    # A1111: the second pass's [a:b:when] counts the first pass's steps, then the hires steps (same as steps here)
+    assert seen == [("a red cat", "", 4, None), ("a blue dog", "green", 4, 4)]
+    b = np.asarray(hires(tiny_sd1, _req(hr_second_pass_steps=3))[0].image, float)
+    assert seen[2:] == [("a red cat", "", 4, None), ("a red cat", "", 4, 3)] and not np.array_equal(a, b)
+
+
+def test_hires_prompt_editing_reaches_into_the_second_pass(tiny_sd1):
+    """[a:b:5] with 4 first-pass steps is step 5 - 4 = 1 of the hires pass: b from the step after it (A1111)."""
+    from easel.pipelines import conditioning
+    cond, _ = conditioning.build_conditioning(tiny_sd1, "[a red cat:a blue dog:5]", "", 4, 1, 16, 16, hires_steps=4)
+    assert [t for s in range(4) for t, _ in cond.texts_at(s)] == ["a red cat"] * 2 + ["a blue dog"] * 2
+    runs = {}
+    for prompt in ("a red cat", "[a red cat:a blue dog:4]"):  # 4 = the last first-pass step: b in the hires pass
+        seen = runs[prompt] = []
+        hires(tiny_sd1, _req(prompt=prompt), lambda d, seen=seen: seen.append((d["phase"], d["denoised"].clone())))
+    same = [torch.equal(a[1], b[1]) for a, b in zip(*runs.values())]
+    assert [p for p, _ in runs["a red cat"]] == ["base"] * 4 + ["hires"] * 2  # int(4 * 0.5) hires steps
+    assert same == [True] * 4 + [False] * 2
 
 
 def test_dispatch_seeds_and_params(tiny_sd1):

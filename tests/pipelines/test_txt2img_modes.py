@@ -50,6 +50,10 @@ def test_mode_follows_the_inputs():
 def test_a1111_indices_and_hyphens_become_names():
     r = GenerationRequest(resize_mode=2, inpainting_fill="latent-nothing")
     assert (r.resize_mode, r.inpainting_fill) == ("resize_and_fill", "latent_nothing")
+    # A1111's numbering: 0 fill, 1 original, 2 latent noise, 3 latent nothing; the default stays "original"
+    assert [GenerationRequest(inpainting_fill=i).inpainting_fill for i in range(4)] == \
+        ["fill", "original", "latent_noise", "latent_nothing"]
+    assert GenerationRequest().inpainting_fill == "original"
 
 
 def test_to_dict_is_json_and_images_round_trip_as_base64():

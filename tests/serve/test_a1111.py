@@ -137,7 +137,7 @@ def test_img2img_inpaint_with_mask_and_png_info_round_trip(client):
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (16, 16, 48, 48))  # repaint the middle only
     body = {**FAST, "steps": 4, "seed": 21, "init_images": [b64_png(source)], "mask": b64_png(mask),
-            "denoising_strength": 0.9, "mask_blur": 0, "inpainting_fill": 1, "inpaint_full_res": False,
+            "denoising_strength": 0.9, "mask_blur": 0, "inpainting_fill": 0, "inpaint_full_res": False,
             "resize_mode": 0, "image_cfg_scale": 1.5}
     r = client.post("/sdapi/v1/img2img", json=body)
     assert r.status_code == 200, r.text

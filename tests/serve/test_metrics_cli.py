@@ -88,9 +88,10 @@ def test_serve_flags_to_settings():
     s = serve_cli.settings_from_args(parse(["--host", "0.0.0.0", "--port", "8000", "--model", "shapeworld",
                                             "--api-auth", "u:p", "--token", "t", "--max-queue", "3",
                                             "--cors-origin", "http://a", "--cors-origin", "http://b",
-                                            "--max-body-mb", "1"]))
+                                            "--max-body-mb", "1", "--output-dir", "saved"]))
     assert (s.host, s.port, s.model, s.api_auth, s.token, s.max_queue) == ("0.0.0.0", 8000, "shapeworld", "u:p", "t", 3)
     assert s.cors_origins == ["http://a", "http://b"] and s.max_body_bytes == 2**20
+    assert s.output_dir == "saved"  # the folder A1111's save_images writes under
     with pytest.raises(ValueError, match="user:password"):
         serve_cli.settings_from_args(parse(["--api-auth", "justuser"]))
     with pytest.raises(ValueError, match="--max-queue must be positive"):

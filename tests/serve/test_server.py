@@ -58,8 +58,9 @@ def test_job_round_trip_with_events_and_png_metadata(client):
     events = read_events(client, job_id)
     kinds = [k for k, _ in events]
     assert kinds[-1] == "done" and events[-1][1]["ok"] is True
-    steps = [d["step"] for k, d in events if k == "progress"]
-    assert steps == sorted(steps) and steps[-1] == 3 and events[-2][1]["total"] == 3
+    progress = [d for k, d in events if k == "progress"]
+    steps = [d["step"] for d in progress]
+    assert steps == sorted(steps) and steps[-1] == 3 and progress[-1]["total"] == 3
     previews = [d for k, d in events if k == "preview"]
     assert previews and Image.open(io.BytesIO(base64.b64decode(previews[0]["image"]))).mode == "RGB"
     job = client.get(f"/api/v1/jobs/{job_id}").json()

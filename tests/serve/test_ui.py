@@ -14,7 +14,7 @@ from PIL import Image, PngImagePlugin
 
 from easel import __version__
 from easel.pipelines.metadata import infotext
-from easel.pipelines.request import GenerationRequest
+from easel.pipelines.request import INPAINTING_FILLS, GenerationRequest
 from easel.serve import ui
 from easel.serve.app import Settings, create_app
 from easel.serve.jobs import JobQueue
@@ -87,7 +87,7 @@ def test_config_comes_from_the_schema_and_the_model_file(client):
     defaults = GenerationRequest()
     assert cfg["defaults"]["steps"] == defaults.steps and cfg["defaults"]["sampler"] == defaults.sampler
     assert not {"dtype", "device", "init_images", "mask", "extra"} & set(cfg["defaults"])
-    assert cfg["choices"]["inpainting_fill"] == ["original", "fill", "latent_noise", "latent_nothing"]
+    assert cfg["choices"]["inpainting_fill"] == list(INPAINTING_FILLS) and "original" in INPAINTING_FILLS
     assert cfg["model"] == {"name": "shapeworld", "default_size": 64, "default_batch": 4}  # the built-in's header
     assert cfg["limits"]["max_steps"] == 42 and cfg["version"] == __version__
 

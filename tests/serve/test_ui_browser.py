@@ -104,9 +104,45 @@ def test_txt2img_generates_and_shows_parameters(ui):
     assert page.input_value("#seed") == "1235"
 
     page.click("#send-inpaint")  # the image and its prompt go to the inpaint tab
-    assert page.get_attribute("#tabs [data-tab=inpaint]", "aria-selected") == "true"
+    page.wait_for_selector("#tabs [data-tab=inpaint][aria-selected=true]")
     assert page.is_visible("#mask-canvas") and page.input_value("#prompt") == PROMPT
 
+
+
+def test_hires_fix_and_lora_picker(browser, start_server, tmp_path, monkeypatch):
+    """Hires options and a LoRA picked from the server's list reach the request (and the job runs them)."""
+    import torch
+
+    from easel.weights.lora import save_lora
+    from tests.serve.conftest import builtin_pipe
+    model = builtin_pipe().loaded.model
+    k = model.unet.middle_block[1].transformer_blocks[0].attn2.to_k.weight  # (out, in)
+    g = torch.Generator().manual_seed(0)
+    save_lora(tmp_path / "tinystyle.safetensors", {"middle_block.1.transformer_blocks.0.attn2.to_k": (
+        torch.randn(2, k.shape[1], generator=g), torch.randn(k.shape[0], 2, generator=g), 2.0)},
+        config=model.config)
+    monkeypatch.setenv("EASEL_LORA_DIRS", str(tmp_path))
+    server = start_server()
+    page = browser.new_page()
+    page.goto(server.url + "/")
+    page.wait_for_selector("body[data-ready=true]")
+    assert page.is_disabled("#hr_scale")  # greyed out until hires fix is on
+    page.check("#enable_hr")
+    page.fill("#hr_scale", "1.5")
+    page.fill("#hr_second_pass_steps", "2")
+    page.select_option("#lora-pick", "tinystyle")
+    page.fill("#lora-weight", "0.5")
+    page.click("#lora-add")
+    assert page.inner_text("#lora-list").startswith("tinystyle")
+    page.fill("#prompt", PROMPT)
+    page.fill("#steps", "2")
+    page.fill("#batch_size", "1")
+    job = server.queue.get(generate(page))
+    page.close()
+    assert job.state == "done", job.error
+    assert job.request.enable_hr and (job.request.hr_scale, job.request.hr_second_pass_steps) == (1.5, 2)
+    assert job.request.loras == ["tinystyle:0.5"]
+    assert job.results[0].image.size == (96, 96)
 
 def paint(page, selector: str, strokes: list[tuple[float, float, float, float]]) -> None:
     """Drag the mouse over an element along strokes given as fractions (x0, y0, x1, y1) of its box."""
@@ -154,6 +190,7 @@ def test_img2img_and_outpaint(ui, tmp_path):
     page, server = ui
     page.click("#tabs [data-tab=img2img]")
     page.set_input_files("#source-file", sample_png(tmp_path / "in.png"))
+    page.wait_for_selector("#canvas-wrap:not([hidden])")
     page.fill("#prompt", PROMPT)
     page.fill("#steps", "2")
     page.fill("#batch_size", "1")
@@ -215,7 +252,7 @@ def test_png_info_of_a_dropped_generated_image(ui):
     assert "Seed: 77" in text and "CFG scale: 5.5" in text and "Size: 64x64" in text
 
     page.click("#pnginfo-txt2img")  # the parameters fill the form
-    assert page.get_attribute("#tabs [data-tab=txt2img]", "aria-selected") == "true"
+    page.wait_for_selector("#tabs [data-tab=txt2img][aria-selected=true]")
     assert page.input_value("#prompt") == PROMPT and page.input_value("#negative_prompt") == "blurry"
     assert (page.input_value("#seed"), page.input_value("#steps"), page.input_value("#cfg_scale")) == ("77", "2", "5.5")
 

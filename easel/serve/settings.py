@@ -1,0 +1,35 @@
+"""The server's settings: what `easel serve` flags set (kept free of FastAPI so `easel --help` stays fast)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Settings:
+    """What `easel serve` flags set: where to listen, which model, limits, auth and CORS."""
+
+    host: str = "127.0.0.1"
+    port: int = 7860
+    model: str | None = None  # path or registry name (trusted: it comes from whoever starts the server)
+    dtype: str = "fp32"
+    device: str = "cpu"
+    max_queue: int = 16
+    max_pixels: int = 2048 * 2048  # of the largest image a request makes (hires and outpaint included)
+    max_steps: int = 150
+    max_batch: int = 16  # batch_size x n_iter
+    max_input_pixels: int = 4096 * 4096  # of each init image / mask
+    max_body_bytes: int = 64 * 2**20
+    api_auth: str | None = None  # "user:pass" (several separated by commas)
+    token: str | None = None  # bearer token
+    cors_origins: list[str] = field(default_factory=list)
+    keep_finished: int = 200  # finished jobs (with their images) kept in memory
+    output_dir: str | None = None  # where routes that save images (A1111's save_images) write; None: ./outputs
+
+    def credentials(self) -> list[tuple[str, str]]:
+        """(user, password) pairs of api_auth; ValueError if one has no ':'."""
+        pairs = []
+        for item in filter(None, (s.strip() for s in (self.api_auth or "").split(","))):
+            if ":" not in item:
+                raise ValueError(f"--api-auth takes user:password (got {item.split(':')[0]!r} without a ':')")
+            pairs.append(tuple(item.split(":", 1)))
+        return pairs
