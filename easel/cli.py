@@ -358,7 +358,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from easel.world.evaluate import EvalSettings, run_eval
     settings = EvalSettings(per_category=args.per_category, images_per_prompt=args.images_per_prompt,
                             steps=args.steps, sampler=args.sampler, scheduler=args.scheduler,
-                            cfg_scale=args.cfg_scale, seed=args.seed)
+                            cfg_scale=args.cfg_scale, seed=args.seed, loras=args.lora)
     if settings.per_category < 1 or settings.images_per_prompt < 1:
         raise ValueError("--per-category and --images-per-prompt must be at least 1")
     pipe = easel.load(args.model, dtype=args.dtype, device=args.device)
@@ -450,6 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--scheduler")
     e.add_argument("--cfg-scale", type=float)
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--lora", action="append", default=[], metavar="NAME_OR_PATH:WEIGHT",
+                   help="apply a LoRA to every image (repeatable), e.g. an LCM-LoRA with --sampler lcm --steps 4")
     e.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     e.add_argument("--device", default="cpu")
     e.add_argument("--out", default="eval", help="folder for report.json, report.md and grids (default: eval)")

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from easel.models.configs import SD15, SD21, SDXL, CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
+from easel.models.configs import SD15, SD21, SDXL, SDXL_REFINER, CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
 
 TINY_WORDS = ["a", "red", "blue", "cat", "dog", "photo", "of", "the", "star", "circle", "green", "big", "small"]
 
@@ -49,11 +49,17 @@ def tiny_vocab_size(folder) -> int:
 
 
 def tiny_config(family: str, vocab_size: int) -> ModelConfig:
-    """A reduced config of the same architecture as SD1 / SD2 / SDXL (random weights, fast on CPU)."""
+    """A reduced config of the same architecture as SD1 / SD2 / SDXL / the SDXL refiner, or an SD1 inpainting
+    model ("sd1-inpaint": 9 UNet input channels) (random weights, fast on CPU)."""
     eos = vocab_size - 1
     text = CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                           num_attention_heads=2, bos_token_id=eos - 1, eos_token_id=eos, pad_token_id=eos)
     vae = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, norm_groups=32)
+    if family == "sd1-inpaint":
+        cfg = tiny_config("sd1", vocab_size)
+        return dataclasses.replace(cfg, name="tiny-sd1-inpaint", unet=dataclasses.replace(cfg.unet, in_channels=9))
+    if family == "sdxl-refiner":
+        return _tiny_refiner_config(text, vae)
     if family == "sd1":
         unet = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(1, 1),
                           num_heads=2, context_dim=32)
@@ -70,8 +76,21 @@ def tiny_config(family: str, vocab_size: int) -> ModelConfig:
     return dataclasses.replace(SDXL, name="tiny-sdxl", unet=unet, vae=vae, text_encoders=(text, text2), default_size=32)
 
 
+def _tiny_refiner_config(text: CLIPTextConfig, vae: VAEConfig) -> ModelConfig:
+    """A reduced SDXL refiner: one OpenCLIP-style encoder with projection, y = pooled + 5 x 256, no attention at
+    the outer levels (as the real refiner's (0, 4, 4, 0))."""
+    text = dataclasses.replace(text, hidden_act="gelu", projection_dim=32, pad_token_id=0)
+    unet = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, transformer_depth=(0, 1, 0),
+                      transformer_depth_middle=1, num_heads=-1, num_head_channels=16, context_dim=32,
+                      use_linear_in_transformer=True, adm_in_channels=32 + 5 * 256)
+    vae = dataclasses.replace(vae, scale_factor=0.13025)
+    return dataclasses.replace(SDXL_REFINER, name="tiny-sdxl-refiner", unet=unet, vae=vae, text_encoders=(text,),
+                               default_size=32)
+
+
 def make_tiny(tmp_path, family: str = "sd1", seed: int = 0):
-    """A LoadedModel with random weights (std widened so outputs are not trivially tiny) and its tokenizers."""
+    """A LoadedModel of `tiny_config(family)` with random weights (std widened so outputs are not trivially tiny)
+    and its tokenizers."""
     from easel.models.sd import StableDiffusion
     from easel.text.tokenizer import CLIPTokenizer
     from easel.weights.model_io import LoadedModel

@@ -233,6 +233,22 @@ def sample(loaded, req, seeds: list[int], init_latent: torch.Tensor | None = Non
                        eta=req.eta, full_denoise=init_latent is None, latent=init_latent)
 
 
+@torch.no_grad()
+def sample_plain_batch(loaded, prompts: list[str], sampler: str = "dpmpp_2m", scheduler: str = "karras",
+                       steps: int = 20, cfg_scale: float = 5.0, seed: int = 1000) -> torch.Tensor:
+    """Latents (B, C, h, w) of all prompts as one batch at the model's default size: plain text (no prompt syntax),
+    CFG against the empty prompt, seed + i for image i. Far faster than one request per prompt (evaluations)."""
+    model = loaded.model
+    cond = encode_prompts(model, loaded.tokenizers, prompts)
+    uncond = encode_prompts(model, loaded.tokenizers, [""] * len(prompts))
+    schedule = make_schedule(model)
+    denoiser = guided(make_denoiser(model, schedule), {"context": cond["context"]}, {"context": uncond["context"]},
+                      cfg_scale)
+    side = model.config.default_size // model.config.vae.downsample
+    noise, source = initial_noise([seed + i for i in range(len(prompts))], (model.config.unet.in_channels, side, side))
+    return run_sampler(sampler, denoiser, noise.to(model.device), sigmas_for(schedule, scheduler, steps), source)
+
+
 def _step_callback(callback: StepCallback, steps: int, switch=None) -> StepCallback:
     """Add the run's step count (and, across a refiner switch, which model denoised) to each step."""
     if switch is None or not hasattr(switch, "uses_base"):

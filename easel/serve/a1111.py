@@ -10,7 +10,6 @@ instead of null; failures are JSON {"error": message} like the rest of easel: 40
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import logging
 import threading
@@ -36,8 +35,10 @@ from easel.serve.a1111_schema import (
     echo,
     to_request,
 )
-from easel.serve.jobs import FAILED, Job, model_entries
+from easel.serve.jobs import FAILED, Job
+from easel.serve.models import model_entries
 from easel.serve.preview import to_base64_png
+from easel.weights.load import sha256_file
 
 log = logging.getLogger("easel.serve")
 PREFIX = "/sdapi/v1"
@@ -306,11 +307,7 @@ def sha256_of(path: Path) -> str | None:
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     with _HASH_LOCK:
         if key not in _HASHES:
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            _HASHES[key] = h.hexdigest()
+            _HASHES[key] = sha256_file(path)
         return _HASHES[key]
 
 

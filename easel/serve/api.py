@@ -12,7 +12,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from easel.serve.jobs import DONE, FAILED, FINISHED, Job, model_entries
+from easel.serve.jobs import DONE, FAILED, FINISHED, Job
+from easel.serve.models import model_entries
 from easel.serve.preview import to_png
 from easel.serve.schema import JobBody, request_from_body
 

@@ -28,14 +28,13 @@ from PIL import Image
 
 from easel.pipelines.common import Interrupted, Skipped
 from easel.pipelines.request import GenerationRequest
+from easel.serve.models import Loader, ModelCache, builtin_name, default_loader, registry_names
 
 log = logging.getLogger("easel.serve")
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FINISHED = (DONE, FAILED, CANCELLED)
 USER_ERROR, SERVER_ERROR = "user", "server"  # Job.error_kind of a failed job
-Loader = Callable[[str | None, str], object]  # (model name, None: the built-in model; device) -> Pipeline
-BUILTIN_NAME = "shapeworld"  # the registry's name for the built-in model
 _EASEL_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # .../easel/
 
 
@@ -140,62 +139,6 @@ def estimate_steps(req: GenerationRequest) -> int:
     if req.enable_hr:
         steps += req.hr_second_pass_steps or req.steps
     return steps * req.n_iter
-
-
-def default_loader(known: dict[str, str] | None = None, dtype: str = "fp32") -> Loader:
-    """A loader for model names: those in `known` (name -> path or spec the server was started with) first,
-    then the model folders; None loads the built-in model."""
-    known = {} if known is None else known  # the queue's own dict: later registrations count
-
-    def load(name: str | None, device: str):
-        import easel
-        from easel.weights.registry import list_models
-        spec = known.get(name) if name is not None else None
-        if name is not None and spec is None:
-            spec = next((str(e.path) for e in list_models() if e.name == name), None)
-            if spec is None:
-                raise ValueError(f"model {name!r} not found; GET /api/v1/models lists the models")
-        return easel.load(spec, dtype=dtype, device=device)
-    return load
-
-
-def registry_names() -> list[str]:
-    """Model names a request may ask for (from the model folders; never paths)."""
-    from easel.weights.registry import list_models
-    return [e.name for e in list_models()]
-
-
-def model_entries(queue: JobQueue) -> list:
-    """ModelEntry items for the models requests may name: those the server was started with (a --model path,
-    under its name) first, then the model folders' others."""
-    from easel.weights.registry import ModelEntry, list_models
-    found = list_models()
-    in_folders = {e.name for e in found}
-    # a path, or a spec the folders do not have (a hub id); a folder model's own name needs no second entry
-    started = [ModelEntry(name, Path(spec), "single-file" if Path(spec).is_file() else "diffusers")
-               for name, spec in queue.known_models().items() if Path(spec).exists() or name not in in_folders]
-    names = {e.name for e in started}
-    return started + [e for e in found if e.name not in names]
-
-
-def builtin_name() -> str | None:
-    """The built-in model's name when this install has it."""
-    from easel.weights.registry import builtin_model
-    return BUILTIN_NAME if builtin_model() else None
-
-
-class _ModelCache:
-    """The one model a worker holds; switching frees the old one before loading the next."""
-
-    def __init__(self, loader: Loader, device: str):
-        self.loader, self.device, self.name, self.pipe = loader, device, object(), None
-
-    def get(self, name: str | None):
-        if self.pipe is None or name != self.name:
-            self.pipe, self.name = None, object()  # drop the old weights first: two models may not fit
-            log.info("loading model", extra={"event": "model_load", "model": name, "device": self.device})
-            self.pipe, self.name = self.loader(name, self.device), name
-        return self.pipe
 
 
 class JobQueue:
@@ -399,7 +342,7 @@ class JobQueue:
             return job
 
     def _work(self, device: str) -> None:
-        cache = _ModelCache(self._loader, device)
+        cache = ModelCache(self._loader, device)
         while True:
             job = self._take(device)
             if job is None:
@@ -409,7 +352,7 @@ class JobQueue:
             except BaseException:  # never let one job take the worker down
                 log.exception("worker error", extra={"event": "worker_error", "job": job.id})
 
-    def _run(self, job: Job, cache: _ModelCache) -> None:
+    def _run(self, job: Job, cache: ModelCache) -> None:
         if self.metrics:
             self.metrics.started()
         log.info("job started", extra={"event": "job_started", "job": job.id, "device": cache.device})

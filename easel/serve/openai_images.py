@@ -22,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from easel.pipelines.request import GenerationRequest
-from easel.serve.jobs import DONE, FAILED, Job, QueueFull, model_entries
+from easel.serve.jobs import DONE, FAILED, Job, QueueFull
+from easel.serve.models import model_entries
 from easel.serve.preview import to_base64_png
 from easel.serve.schema import LimitError
 

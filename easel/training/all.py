@@ -23,7 +23,7 @@ from easel.models.configs import ModelConfig
 from easel.models.sd import StableDiffusion
 from easel.text.tokenizer import CLIPTokenizer
 from easel.training import presets
-from easel.training.common import DistInfo, LoopConfig, TrainingError, barrier, write_json
+from easel.training.common import DistInfo, LoopConfig, TrainingError, barrier, resume_if_same_inputs, write_json
 from easel.training.unet import file_digest
 from easel.weights.model_io import LoadedModel
 
@@ -92,16 +92,8 @@ def is_done(layout: Layout, stage: str) -> bool:
 
 def guard_resume(layout: Layout, stage: str, loop: LoopConfig, info: DistInfo) -> LoopConfig:
     """Never resume a checkpoint started on other inputs (e.g. a retrained tokenizer): start over instead."""
-    started = layout.stage(stage) / "inputs.json"
-    now = stage_inputs(layout, stage)
-    if loop.resume and started.exists() and json.loads(started.read_text()) != now:
-        if info.main:
-            print(f"[{stage}] its inputs changed since the checkpoint was started: starting over", file=sys.stderr)
-        loop = dataclasses.replace(loop, resume=False)
-    barrier(info)  # every rank reads inputs.json before rank 0 rewrites it
-    if info.main:
-        write_json(started, now)
-    return loop
+    return resume_if_same_inputs(loop, layout.stage(stage) / "inputs.json", stage_inputs(layout, stage), info,
+                                 f"[{stage}] its inputs changed since the checkpoint was started: starting over")
 
 
 def mark_done(layout: Layout, stage: str, metrics: dict) -> None:
@@ -201,22 +193,12 @@ def build_model(layout: Layout, base: ModelConfig, unet_variant: str) -> LoadedM
     return LoadedModel(model.eval().requires_grad_(False), [tok], str(layout.model), "")
 
 
-@torch.no_grad()
 def sample_batch(loaded: LoadedModel, prompts: list[str], seed: int = 1000, steps: int = 20,
                  cfg_scale: float = 5.0) -> list:
     """All prompts as one batch (DPM++ 2M Karras, CFG): PIL images, far faster than one request each."""
     from easel.pipelines import common
-    model = loaded.model
-    cond = common.encode_prompts(model, loaded.tokenizers, prompts)
-    uncond = common.encode_prompts(model, loaded.tokenizers, [""] * len(prompts))
-    schedule = common.make_schedule(model)
-    denoiser = common.guided(common.make_denoiser(model, schedule), {"context": cond["context"]},
-                             {"context": uncond["context"]}, cfg_scale)
-    side = model.config.default_size // model.config.vae.downsample
-    noise, source = common.initial_noise([seed + i for i in range(len(prompts))],
-                                         (model.config.unet.in_channels, side, side))
-    latents = common.run_sampler("dpmpp_2m", denoiser, noise, common.sigmas_for(schedule, "karras", steps), source)
-    return common.decode(model, latents)
+    latents = common.sample_plain_batch(loaded, prompts, "dpmpp_2m", "karras", steps, cfg_scale, seed)
+    return common.decode(loaded.model, latents)
 
 
 def judge_score(loaded: LoadedModel, per_category: int = 8, steps: int = 20, cfg_scale: float = 5.0) -> dict:

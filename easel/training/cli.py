@@ -2,6 +2,8 @@
 
 Also runnable on its own, which is how data-parallel runs start:
     torchrun --nproc_per_node 2 -m easel.training.cli unet --out runs/shapeworld
+
+Only the flags are built at import: torch and the training code load when a stage runs (`easel --help` stays fast).
 """
 from __future__ import annotations
 
@@ -11,15 +13,9 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
-from easel.training.common import LoopConfig, TrainingError, setup_distributed, teardown_distributed
+from easel.training.settings import LoopConfig, apply_loop_flags, check_loop
 
 DEFAULT_OUT = "runs/shapeworld"
-LOOP_FLAGS = {  # flag -> LoopConfig field
-    "steps": "steps", "minutes": "minutes", "batch_size": "batch_size", "lr": "lr", "warmup": "warmup",
-    "ema_decay": "ema_decay", "ckpt_every": "ckpt_every", "seed": "seed", "resume": "resume", "bf16": "bf16",
-}
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -76,7 +72,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     a.add_argument("--latents", type=int, default=60000, help="training images encoded for the UNet")
     a.add_argument("--no-judge", dest="judge", action="store_false",
                    help="choose raw vs EMA UNet by validation loss only (skip the benchmark)")
-    from easel.training.lcm import add_lcm_parser
+    from easel.training.lcm_cli import add_lcm_parser
     add_lcm_parser(sub, _common)
     train.set_defaults(func=cmd_train)
     return train
@@ -86,25 +82,7 @@ def loop_from_args(stage: str, args: argparse.Namespace) -> LoopConfig:
     """The stage's default LoopConfig with the flags that were given."""
     from easel.training.all import DEFAULT_LOOPS, DEFAULT_MINUTES
     cfg = dataclasses.replace(DEFAULT_LOOPS[stage], minutes=DEFAULT_MINUTES[stage], progress=args.progress)
-    given = {f: getattr(args, flag) for flag, f in LOOP_FLAGS.items() if getattr(args, flag, None) is not None}
-    if "steps" in given and "minutes" not in given:
-        given["minutes"] = None  # --steps alone replaces the default time budget
-    cfg = dataclasses.replace(cfg, **given)
-    if cfg.ema_decay == 0:
-        cfg = dataclasses.replace(cfg, ema_decay=None)
-    _check_loop(cfg)
-    return cfg
-
-
-def _check_loop(cfg: LoopConfig) -> None:
-    if cfg.minutes is None and cfg.steps < 1:
-        raise TrainingError(f"--steps must be at least 1 (got {cfg.steps})")
-    if cfg.minutes is not None and cfg.minutes <= 0:
-        raise TrainingError(f"--minutes must be positive (got {cfg.minutes})")
-    if cfg.batch_size < 1 or cfg.lr <= 0:
-        raise TrainingError(f"--batch-size must be >= 1 and --lr > 0 (got {cfg.batch_size}, {cfg.lr})")
-    if cfg.ema_decay is not None and not 0 < cfg.ema_decay < 1:
-        raise TrainingError(f"--ema-decay must be in (0, 1), or 0 to disable (got {cfg.ema_decay})")
+    return apply_loop_flags(cfg, args)
 
 
 def all_loops(args: argparse.Namespace) -> dict[str, LoopConfig]:
@@ -117,13 +95,14 @@ def all_loops(args: argparse.Namespace) -> dict[str, LoopConfig]:
         steps = getattr(args, f"{stage}_steps")
         cfg = dataclasses.replace(base, minutes=None if steps else minutes, steps=steps or base.steps,
                                   resume=args.resume, progress=args.progress)
-        _check_loop(cfg)
+        check_loop(cfg)
         loops[stage] = cfg
     return loops
 
 
 def _threads(args: argparse.Namespace) -> None:
     """One thread per core, shared between the processes of a data-parallel run on this machine."""
+    import torch
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     n = args.threads or max(1, (os.cpu_count() or 1) // local)
     torch.set_num_threads(n)
@@ -132,6 +111,7 @@ def _threads(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     """Dispatch `easel train STAGE`."""
     from easel.training import all as stages
+    from easel.training.common import setup_distributed, teardown_distributed
     from easel.training.presets import MODEL_PRESETS
     _threads(args)
     info = setup_distributed(args.device)
@@ -140,7 +120,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.stage == "tokenizer":
             print(stages.stage_tokenizer(layout, args.captions, info))
         elif args.stage == "lcm-lora":
-            from easel.training.lcm import run_from_args
+            from easel.training.lcm_cli import run_from_args
             metrics = run_from_args(args, info)
             if info.main:
                 print(metrics)

@@ -24,9 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-
-class TrainingError(ValueError):
-    """A problem a user can fix (bad flag, missing stage output); the CLI prints it as one line."""
+from easel.training.settings import LoopConfig, TrainingError  # noqa: F401 (re-exported: loops import them here)
 
 
 # --- distributed -------------------------------------------------------------------------------
@@ -207,6 +205,19 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def resume_if_same_inputs(loop: LoopConfig, path: Path, inputs: dict, info: DistInfo, warning: str) -> LoopConfig:
+    """`loop`, with resume off (and `warning` printed) when `path` records other inputs than `inputs`: a checkpoint
+    started on other inputs (a retrained tokenizer, another base model) is never resumed. Then records `inputs`."""
+    if loop.resume and path.exists() and json.loads(path.read_text()) != inputs:
+        if info.main:
+            print(warning, file=sys.stderr)
+        loop = dataclasses.replace(loop, resume=False)
+    barrier(info)  # every rank reads the file before rank 0 rewrites it
+    if info.main:
+        write_json(path, inputs)
+    return loop
+
+
 class JsonlLog:
     """Append-only JSON-lines log; on resume, lines past the checkpoint's step are dropped."""
 
@@ -231,27 +242,6 @@ class JsonlLog:
 
 
 # --- the loop ---------------------------------------------------------------------------------
-
-@dataclass
-class LoopConfig:
-    """Optimisation and bookkeeping settings shared by every loop (the CLI flags map onto these)."""
-
-    steps: int = 1000
-    minutes: float | None = None  # if set, the step budget is measured from the first steps' speed
-    batch_size: int = 32  # global, over all ranks
-    lr: float = 1e-3
-    warmup: int = 100
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = 1.0
-    ema_decay: float | None = 0.995
-    ckpt_every: int = 250
-    log_every: int = 10
-    seed: int = 0
-    resume: bool = True
-    bf16: bool = False
-    progress: bool = True
-
 
 class Trainer:
     """Runs `loss_fn(step)` for the step budget: AdamW, warm-up + cosine, clipping, EMA, checkpoints, logs."""

@@ -12,8 +12,6 @@ The LoRA is a kohya file written by `easel.weights.lora.save_lora` (any LoRA loa
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import math
 import re
@@ -27,24 +25,14 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from easel.samplers.denoisers import make_alphas_cumprod
-from easel.training.common import (DistInfo, LoopConfig, Trainer, TrainingError, barrier, save_atomic, step_generator,
-                                   write_json)
+from easel.training.common import (DistInfo, LoopConfig, Trainer, TrainingError, resume_if_same_inputs, save_atomic,
+                                   step_generator, write_json)
+from easel.training.lcm_cli import DEFAULT_LOOP, TARGETS
 from easel.training.unet import LatentBatches, encode_dataset
 from easel.weights.model_io import LoadedModel
 
 LORA_NAME = "lcm-lora.safetensors"
 RECOMMENDED = {"sampler": "lcm", "scheduler": "sgm_uniform", "steps": 4, "cfg_scale": [1.0, 2.0]}
-# LoRA targets, as regexes over UNet module paths. "all" is LCM-LoRA's list (attention, feed-forward,
-# proj_in/out, ResBlock convs, time-embedding projections, down/upsampling convs), in CompVis names.
-_ATTN = r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$"
-_TRANSFORMER = _ATTN + r"|\.(proj_in|proj_out|ff\.net\.0\.proj|ff\.net\.2)$"
-TARGETS = {
-    "attn": _ATTN,
-    "transformer": _TRANSFORMER,
-    "all": _TRANSFORMER + r"|\.(in_layers\.2|out_layers\.3|skip_connection|emb_layers\.1|op|conv)$",
-}
-DEFAULT_LOOP = LoopConfig(steps=2000, batch_size=16, lr=1e-3, warmup=20, ema_decay=None, ckpt_every=100)
-DEFAULT_MINUTES = 20.0  # ~1500 steps of 16 on two free cores (0.8 s/step measured on one)
 
 
 # --- the LoRA, as a parametrization of the frozen UNet's weights ---------------------------------
@@ -284,31 +272,20 @@ def train_lcm_lora(run: LcmRun, info: DistInfo | None = None) -> dict:
 def _guard_resume(run: LcmRun, info: DistInfo) -> LoopConfig:
     """The loop settings, with resume off when the checkpoint was made for another base model or LoRA shape."""
     inputs = {"base_hash": run.base.hash, "rank": run.rank, "alpha": run.alpha, "targets": run.targets}
-    path, loop = run.out / "inputs.json", run.loop
-    if loop.resume and path.exists() and json.loads(path.read_text()) != inputs:
-        if info.main:
-            print(f"[lcm-lora] {run.out / 'checkpoint.pt'} was made for another base model, rank or targets: "
-                  "starting over", file=sys.stderr)
-        loop = dataclasses.replace(loop, resume=False)
-    barrier(info)  # every rank reads inputs.json before rank 0 rewrites it
-    if info.main:
-        write_json(path, inputs)
-    return loop
+    return resume_if_same_inputs(run.loop, run.out / "inputs.json", inputs, info,
+                                 f"[lcm-lora] {run.out / 'checkpoint.pt'} was made for another base model, rank or "
+                                 "targets: starting over")
 
 
 def save_lcm_lora(path: Path, layers: dict, run: LcmRun) -> Path:
     """Write the kohya LoRA with metadata naming the base model and the settings to sample it with."""
-    from easel.weights.load import read_state_dict, write_safetensors
     from easel.weights.lora import save_lora
-    save_lora(path, layers, fmt="kohya", family="sd1", config=run.base.model.config)
-    sd, metadata = read_state_dict(path)  # add our keys to what save_lora wrote (it takes no metadata argument)
-    metadata.update({
+    metadata = {
         "easel_kind": "lcm-lora", "easel_base_model": Path(run.base.source).name, "easel_base_hash": run.base.hash,
         "easel_recommended": json.dumps(RECOMMENDED), "easel_teacher_cfg": json.dumps(list(run.guidance)),
         "ss_network_dim": str(run.rank), "ss_network_alpha": str(run.alpha or run.rank),
-    })
-    write_safetensors(sd, path, metadata)
-    return path
+    }
+    return save_lora(path, layers, fmt="kohya", family="sd1", config=run.base.model.config, metadata=metadata)
 
 
 # --- checking the result ---------------------------------------------------------------------------
@@ -317,19 +294,9 @@ def save_lcm_lora(path: Path, layers: dict, run: LcmRun) -> Path:
 def sample_images(base: LoadedModel, prompts: list[str], sampler: str, scheduler: str, steps: int,
                   cfg_scale: float, seed: int = 1000) -> Tensor:
     """Images (B, 3, H, W) in [0, 1] for `prompts`, one seed per image (seed + i)."""
-    from easel.pipelines import common
-    model = base.model
-    cond = common.encode_prompts(model, base.tokenizers, prompts)
-    uncond = common.encode_prompts(model, base.tokenizers, [""] * len(prompts))
-    schedule = common.make_schedule(model)
-    denoiser = common.guided(common.make_denoiser(model, schedule), {"context": cond["context"]},
-                             {"context": uncond["context"]}, cfg_scale)
-    side = model.config.default_size // model.config.vae.downsample
-    noise, source = common.initial_noise([seed + i for i in range(len(prompts))],
-                                         (model.config.unet.in_channels, side, side))
-    latents = common.run_sampler(sampler, denoiser, noise.to(model.device),
-                                 common.sigmas_for(schedule, scheduler, steps), source)
-    return (model.vae.decode_latents(latents.to(model.dtype)).float().clamp(-1, 1) + 1) / 2
+    from easel.pipelines.common import sample_plain_batch
+    latents = sample_plain_batch(base, prompts, sampler, scheduler, steps, cfg_scale, seed)
+    return (base.model.vae.decode_latents(latents.to(base.model.dtype)).float().clamp(-1, 1) + 1) / 2
 
 
 def compare_to_reference(base: LoadedModel, lora: Path, prompts: list[str], cfg_scale: float = 5.0,
@@ -344,7 +311,7 @@ def compare_to_reference(base: LoadedModel, lora: Path, prompts: list[str], cfg_
             "mse_4step_lcm_base": round(float((plain - ref).pow(2).mean()), 5), "reference_cfg": cfg_scale}
 
 
-# --- data and the command line ----------------------------------------------------------------------
+# --- data -------------------------------------------------------------------------------------------
 
 def cache_problem(data: dict, base: LoadedModel) -> str:
     """Why a latent cache does not fit the base model ('' when it does): tokenizer, latent shape or VAE."""
@@ -382,81 +349,3 @@ def load_latents(cache: Path, base: LoadedModel, out: Path, n_latents: int = 200
             "val": encode_dataset(vae, tok, eval_seeds(64), size, captions_per_image=1, progress=progress)}
     save_atomic(data, out / "latents.pt")
     return data
-
-
-def add_lcm_parser(sub, common) -> argparse.ArgumentParser:
-    """Register `train lcm-lora` on the `train` sub-parsers (`common` adds --out, --threads, --device, ...)."""
-    p = sub.add_parser("lcm-lora", help="distil the model into an LCM-LoRA (4-step sampling with the lcm sampler)")
-    common(p)
-    p.add_argument("--base", help="model file to distil (default: <out>/shapeworld.safetensors, else the built-in)")
-    p.add_argument("--cache", help="latent cache to reuse (default: <out>/unet/latents.pt; encoded if unusable)")
-    p.add_argument("--latents", type=int, default=20000, help="images to encode when no cache fits (default 20000)")
-    p.add_argument("--steps", type=int, help="optimizer steps")
-    p.add_argument("--minutes", type=float, help=f"time budget instead of --steps (default {DEFAULT_MINUTES:g})")
-    p.add_argument("--batch-size", type=int, help=f"global batch size (default {DEFAULT_LOOP.batch_size})")
-    p.add_argument("--lr", type=float, help=f"peak learning rate (default {DEFAULT_LOOP.lr:g})")
-    p.add_argument("--warmup", type=int, help="warm-up steps")
-    p.add_argument("--ema-decay", type=float, help="EMA of the LoRA saved instead of the raw weights (default off)")
-    p.add_argument("--ckpt-every", type=int, help="checkpoint every N steps")
-    p.add_argument("--seed", type=int, help="seed of data order, noise and LoRA init")
-    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
-                   help="continue from <out>/lcm_lora/checkpoint.pt if there is one (default: yes)")
-    p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
-    p.add_argument("--targets", default="all", choices=list(TARGETS), help="layers with a LoRA (default all)")
-    p.add_argument("--cfg", default="5", help="teacher CFG scale, or a range LO:HI drawn per sample (default 5)")
-    p.add_argument("--eval-prompts", type=int, default=16, help="captions for the check after training (0: skip)")
-    return p
-
-
-def _guidance(text: str) -> tuple[float, float]:
-    try:
-        lo, _, hi = text.partition(":")
-        lo, hi = float(lo), float(hi or lo)
-    except ValueError:
-        raise TrainingError(f"--cfg {text!r}: give a number (5) or a range (3:8)") from None
-    if not 1 <= lo <= hi:
-        raise TrainingError(f"--cfg {text!r}: scales must be >= 1 and LO <= HI")
-    return lo, hi
-
-
-def run_from_args(args: argparse.Namespace, info: DistInfo) -> dict:
-    """`easel train lcm-lora`: load the base model and the latents, then distil."""
-    from easel.weights.model_io import load_model
-    from easel.weights.registry import resolve_model
-    root = Path(args.out)
-    out = root / "lcm_lora"
-    base_path = Path(args.base) if args.base else root / "shapeworld.safetensors"
-    if not base_path.exists():
-        if args.base:
-            raise TrainingError(f"--base {base_path} does not exist: pass a model file")
-        base_path = resolve_model(None)
-        if info.main:
-            print(f"[lcm-lora] {root / 'shapeworld.safetensors'} not found: distilling the built-in model "
-                  f"{base_path}", file=sys.stderr)
-    base = load_model(base_path)
-    cache = Path(args.cache) if args.cache else root / "unet" / "latents.pt"
-    if info.main:  # rank 0 first: it encodes a new cache when none fits, the others then read that one
-        data = load_latents(cache, base, out, args.latents, args.progress)
-    barrier(info)
-    if not info.main:
-        data = load_latents(cache, base, out, args.latents, progress=False)
-    loop = _loop(args)
-    run = LcmRun(out, base, data, loop, args.rank, None, args.targets, _guidance(args.cfg),
-                 eval_prompts=args.eval_prompts)
-    return train_lcm_lora(run, info)
-
-
-def _loop(args: argparse.Namespace) -> LoopConfig:
-    fields = {f: getattr(args, f) for f in ("steps", "minutes", "batch_size", "lr", "warmup", "ema_decay",
-                                               "ckpt_every", "seed", "resume") if getattr(args, f) is not None}
-    loop = dataclasses.replace(DEFAULT_LOOP, minutes=DEFAULT_MINUTES, progress=args.progress)
-    if "steps" in fields and "minutes" not in fields:
-        fields["minutes"] = None  # --steps alone replaces the default time budget
-    loop = dataclasses.replace(loop, **fields)
-    if loop.ema_decay == 0:
-        loop = dataclasses.replace(loop, ema_decay=None)
-    if (loop.minutes is None and loop.steps < 1) or (loop.minutes is not None and loop.minutes <= 0):
-        raise TrainingError("--steps must be >= 1 and --minutes > 0")
-    if args.rank < 1 or loop.batch_size < 1 or loop.lr <= 0:
-        raise TrainingError("--rank and --batch-size must be >= 1 and --lr > 0")
-    return loop

@@ -102,6 +102,15 @@ def write_safetensors(sd: dict[str, torch.Tensor], path: str | os.PathLike, meta
         save_file(tensors, str(tmp), metadata=metadata)
 
 
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks (checkpoints are gigabytes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def file_hash(path: str | os.PathLike) -> str:
     """A1111's model hash (sha256 of the whole file, first 10 hex digits), cached by path, size and mtime."""
     path = Path(path).resolve()
@@ -113,11 +122,7 @@ def file_hash(path: str | os.PathLike) -> str:
     except (OSError, ValueError):
         cache = {}
     if key not in cache:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        cache[key] = h.hexdigest()
+        cache[key] = sha256_file(path)
         try:
             write_text(cache_file, json.dumps(cache))
         except OSError:

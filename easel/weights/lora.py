@@ -346,13 +346,14 @@ def find_lora(name_or_path: str, dirs: list[Path] | None = None) -> Path:
 
 def save_lora(path: str | os.PathLike, layers: dict[str, tuple[Tensor, Tensor, float]], fmt: str = "kohya",
               family: str = "sd1", config: ModelConfig | UNetConfig | None = None,
-              unet_names: str | None = None) -> Path:
+              unet_names: str | None = None, metadata: dict[str, str] | None = None) -> Path:
     """Write LoRA layers {our module path: (down, up, alpha)} as a kohya or diffusers/PEFT .safetensors, atomically.
 
     Paths are easel's: `input_blocks.1.1.transformer_blocks.0.attn1.to_q` (or with `unet.`), and
     `text_encoders.0.text_model.encoder.layers.0.self_attn.q_proj`. `config` gives the UNet layout when it is not
     the family's standard one (tiny test models); `unet_names` ("diffusers" | "compvis") overrides kohya's
     UNet spelling, which is diffusers' for SD1/SD2 and CompVis' for SDXL (as kohya's trainers write them).
+    `metadata` adds string entries to the file's header (a trainer's settings, `ss_*` keys).
     """
     if fmt not in ("kohya", "peft"):
         raise ValueError(f"unknown LoRA format {fmt!r}: choose 'kohya' or 'peft'")
@@ -381,10 +382,10 @@ def save_lora(path: str | os.PathLike, layers: dict[str, tuple[Tensor, Tensor, f
         if t.data_ptr() in seen:
             sd[key] = t.clone()
         seen.add(t.data_ptr())
-    metadata = {"format": "pt", "easel_family": family}
+    header = {"format": "pt", "easel_family": family, **(metadata or {})}
     if fmt == "peft":
-        metadata[PEFT_METADATA] = json.dumps(_peft_configs(named), sort_keys=True)
-    write_safetensors(sd, path, metadata)
+        header[PEFT_METADATA] = json.dumps(_peft_configs(named), sort_keys=True)
+    write_safetensors(sd, path, header)
     return Path(path)
 
 

@@ -32,6 +32,7 @@ class EvalSettings:
     cfg_scale: float | None = None
     seed: int = 0  # image seeds: seed + prompt index * images_per_prompt + k
     prompt_seed: int = 0
+    loras: list[str] = dataclasses.field(default_factory=list)  # "name_or_path:weight" (e.g. an LCM-LoRA)
 
 
 def generate_images(pipe, prompts: list[Prompt], s: EvalSettings,
@@ -42,7 +43,7 @@ def generate_images(pipe, prompts: list[Prompt], s: EvalSettings,
     out = []
     for i, p in enumerate(prompts):
         req = GenerationRequest(p.text, seed=s.seed + i * s.images_per_prompt, batch_size=s.images_per_prompt,
-                                **overrides)
+                                loras=list(s.loras), **overrides)
         out.append([g.image for g in pipe.generate(req)])
         if progress:
             progress(i + 1)

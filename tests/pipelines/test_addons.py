@@ -11,7 +11,6 @@ from PIL import Image
 from tests.conftest import make_tiny
 from tests.pipelines.test_conditioning import realistic_layer_norms
 from tests.weights.test_lora import SD1_LAYERS, random_lora
-from tests.weights.test_refiner_weights import make_tiny_refiner
 from easel.cli import main
 from easel.pipelines import common
 from easel.pipelines.metadata import infotext
@@ -238,7 +237,7 @@ def test_save_ships_the_preview_map(tiny, tmp_path):
 def xl(tmp_path_factory):
     """A tiny SDXL base, and a tiny refiner saved as a single file (as users pass it)."""
     d = tmp_path_factory.mktemp("xl")
-    refiner = make_tiny_refiner(d / "r")
+    refiner = make_tiny(d / "r", "sdxl-refiner")
     return make_tiny(d / "base", "sdxl"), save_model(refiner, d / "refiner.safetensors")
 
 

@@ -1,13 +1,12 @@
 """Inpainting on tiny random models (ordinary 4-channel and 9-channel inpainting UNets) and the built-in model:
 every option, exactness outside the mask, the sampler wrappers, and parity with diffusers."""
-import dataclasses
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from tests.conftest import tiny_config, tiny_vocab_size, write_tiny_vocab
+from tests.conftest import make_tiny
 from easel.pipelines import images
 from easel.pipelines.img2img import resolve_edit_request
 from easel.pipelines.inpaint import changed_outside, inpaint, prepare_inputs, sample_inpaint
@@ -16,24 +15,6 @@ from easel.samplers.inpaint import ConcatInpaint, InpaintBlend
 from easel.weights.model_io import save_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def make_tiny_inpaint(tmp_path, seed: int = 0):
-    """A tiny SD1 whose UNet takes 9 input channels (latent + mask + masked-image latent), random weights."""
-    from easel.models.sd import StableDiffusion
-    from easel.text.tokenizer import CLIPTokenizer
-    from easel.weights.model_io import LoadedModel
-    vocab, merges = write_tiny_vocab(tmp_path / "tok")
-    cfg = tiny_config("sd1", tiny_vocab_size(tmp_path / "tok"))
-    cfg = dataclasses.replace(cfg, name="tiny-sd1-inpaint", unet=dataclasses.replace(cfg.unet, in_channels=9))
-    assert cfg.is_inpaint
-    torch.manual_seed(seed)
-    model = StableDiffusion(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():  # zero-initialised output convs would make every UNet output 0
-            if p.ndim >= 2 and float(p.abs().max()) == 0:
-                p.normal_(0, 0.05)
-    return LoadedModel(model, [CLIPTokenizer.from_files(vocab, merges)], "", "")
 
 
 def scene(size=32, seed=0):
@@ -173,7 +154,8 @@ def test_concat_adds_mask_channels_for_every_call_and_the_cfg_batch():
 
 @pytest.mark.parametrize("fill", ["original", "latent_noise"])
 def test_inpainting_model_keeps_pixels_and_sees_the_mask(tmp_path, fill):
-    loaded = make_tiny_inpaint(tmp_path)
+    loaded = make_tiny(tmp_path, "sd1-inpaint")
+    assert loaded.model.config.is_inpaint
     img, mask = scene()
     req = resolve_edit_request(loaded, request(img, mask, inpainting_fill=fill, mask_blur=2))
     inputs = prepare_inputs(loaded, req)
@@ -214,7 +196,7 @@ def test_matches_diffusers_inpaint_pipeline(tmp_path, tiny_sd1, kind):
     (diffusers). The mask is aligned to latent cells with mask_blur 0, where A1111's rounded bicubic latent mask
     and diffusers' nearest downsampling agree (checked)."""
     diffusers = pytest.importorskip("diffusers")
-    loaded = make_tiny_inpaint(tmp_path) if kind == "inpainting-unet" else tiny_sd1
+    loaded = make_tiny(tmp_path, "sd1-inpaint") if kind == "inpainting-unet" else tiny_sd1
     img, mask = scene()
     req = resolve_edit_request(loaded, request(img, mask, mask_blur=0, steps=10, denoising_strength=0.6,
                                                scheduler="ddim_uniform", seed=5, cfg_scale=6.0))

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.pipelines.test_inpaint import make_tiny_inpaint
+from tests.conftest import make_tiny
 from easel.pipelines import images
 from easel.pipelines.inpaint import changed_outside
 from easel.pipelines.outpaint import extend_canvas, margins, outpaint, outpaint_mask
@@ -43,7 +43,7 @@ def test_mask_covers_border_plus_overlap_on_extended_sides_only():
 
 @pytest.mark.parametrize("inpainting_model", [False, True])
 def test_outpaint_keeps_the_image_beyond_the_seam(tmp_path, tiny_sd1, inpainting_model):
-    loaded = make_tiny_inpaint(tmp_path) if inpainting_model else tiny_sd1
+    loaded = make_tiny(tmp_path, "sd1-inpaint") if inpainting_model else tiny_sd1
     img = picture()
     req = GenerationRequest("a red cat", init_images=[img], outpaint_left=8, outpaint_down=8, steps=3, seed=2,
                             batch_size=1, sampler="euler", mask_blur=2, denoising_strength=0.9)

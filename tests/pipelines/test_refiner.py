@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from tests.conftest import make_tiny
-from tests.weights.test_refiner_weights import make_tiny_refiner
 from easel.models.configs import SD15, SDXL, VAEConfig
 from easel.pipelines import common
 from easel.pipelines.refiner import check_pair, denoise_from, refine_switch, refiner_vector, switch_step
@@ -29,7 +28,7 @@ def _one_thread(one_thread_module):
 def models(tmp_path_factory):
     """A tiny random SDXL base and a tiny random SDXL refiner (different text encoders and context widths)."""
     d = tmp_path_factory.mktemp("refiner")
-    return make_tiny(d / "base", "sdxl"), make_tiny_refiner(d / "refiner")
+    return make_tiny(d / "base", "sdxl"), make_tiny(d / "refiner", "sdxl-refiner")
 
 
 def _request(**kw) -> GenerationRequest:

@@ -15,18 +15,6 @@ from easel.pipelines.txt2img import txt2img
 pytestmark = pytest.mark.usefixtures("one_thread_module")  # see tests/conftest.py
 
 
-def _has_inpaint() -> bool:
-    try:
-        import easel.pipelines.inpaint  # noqa: F401
-        import easel.pipelines.outpaint  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_inpaint = pytest.mark.skipif(not _has_inpaint(), reason="easel.pipelines.inpaint/outpaint not available yet")
-
-
 def _image(w=32, h=32) -> Image.Image:
     y, x = np.mgrid[0:h, 0:w]
     return Image.fromarray(np.stack([x * 8 % 256, y * 8 % 256, np.full_like(x, 60)], -1).astype(np.uint8))
@@ -141,7 +129,6 @@ def _all_modes(pipe: Pipeline, size: int, **opts) -> dict:
     }
 
 
-@needs_inpaint
 @pytest.mark.parametrize("which", [pytest.param("builtin", marks=pytest.mark.slow), "tiny"])
 def test_every_mode_runs_through_the_pipeline(which, tiny_sd1):
     import easel

@@ -1,4 +1,5 @@
-"""Serve fixtures: a real uvicorn server on a free localhost port, and the built-in model loaded once."""
+"""Serve fixtures: a real uvicorn server on a free localhost port, the built-in model loaded once, and a gated
+pipeline that holds a job running until the test lets it go."""
 from __future__ import annotations
 
 import functools
@@ -79,6 +80,25 @@ def builtin_pipe():
 def builtin_loader(name, device):
     """A JobQueue loader that hands out the built-in model (whatever the name)."""
     return builtin_pipe()
+
+
+class Gated:
+    """A pipeline whose step callback waits at (batch, step) until the test opens the gate: a job held running."""
+
+    def __init__(self, pipe, batch: int, step: int):
+        self.pipe, self.at, self.gate, self.reached = pipe, (batch, step), threading.Event(), threading.Event()
+
+    def generate(self, req, callback=None):
+        def cb(d):
+            callback(d)  # progress first, then hold: a flag set meanwhile is seen at the next step
+            if (d.get("batch", 0), d["i"]) == self.at:
+                self.reached.set()
+                assert self.gate.wait(30)
+        return self.pipe.generate(req, cb)
+
+    @property
+    def loaded(self):
+        return self.pipe.loaded
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from PIL import Image
 
 from easel.serve.app import Settings
 from easel.serve.jobs import JobQueue
-from tests.serve.conftest import builtin_pipe
+from tests.serve.conftest import Gated, builtin_pipe
 
 FAST = {"prompt": "a red star above a blue circle", "steps": 2, "batch_size": 1}
 INFO_KEYS = {"prompt", "all_prompts", "negative_prompt", "all_negative_prompts", "seed", "all_seeds", "subseed",
@@ -33,26 +33,6 @@ def decode(b64: str) -> Image.Image:
     im = Image.open(io.BytesIO(base64.b64decode(b64)))
     im.load()
     return im
-
-
-class Gated:
-    """The built-in pipeline whose step callback waits at (batch, step) until the test opens the gate."""
-
-    def __init__(self, batch: int, step: int):
-        self.pipe, self.at = builtin_pipe(), (batch, step)
-        self.gate, self.reached = threading.Event(), threading.Event()
-
-    def generate(self, req, callback=None):
-        def cb(d):
-            callback(d)  # progress first, then hold: a flag set meanwhile is seen at the next step
-            if (d.get("batch", 0), d["i"]) == self.at:
-                self.reached.set()
-                assert self.gate.wait(30)
-        return self.pipe.generate(req, cb)
-
-    @property
-    def loaded(self):
-        return self.pipe.loaded
 
 
 class Background:
@@ -177,7 +157,7 @@ def test_enable_hr_second_pass(client):
 
 @pytest.mark.parametrize("action, seeds", [("interrupt", [11]), ("skip", [11, 13])])
 def test_progress_with_current_image_then_interrupt_or_skip(start_server, action, seeds):
-    gated = Gated(batch=1, step=0)
+    gated = Gated(builtin_pipe(), batch=1, step=0)
     server = start_server(Settings(), JobQueue(loader=lambda name, device: gated))
     c = httpx.Client(base_url=server.url, timeout=60)
     idle = c.get("/sdapi/v1/progress").json()
@@ -203,7 +183,7 @@ def test_progress_with_current_image_then_interrupt_or_skip(start_server, action
 
 
 def test_queue_full_is_503_and_limits_are_400(start_server):
-    gated = Gated(batch=0, step=0)
+    gated = Gated(builtin_pipe(), batch=0, step=0)
     server = start_server(Settings(max_queue=1, max_batch=4), JobQueue(max_queued=1, loader=lambda n, d: gated))
     from easel.pipelines.request import GenerationRequest
     running = server.queue.submit(GenerationRequest("hold", steps=2, batch_size=1))
@@ -219,7 +199,7 @@ def test_queue_full_is_503_and_limits_are_400(start_server):
 
 
 def test_client_that_hangs_up_cancels_its_job(start_server):
-    gated = Gated(batch=0, step=0)
+    gated = Gated(builtin_pipe(), batch=0, step=0)
     server = start_server(Settings(), JobQueue(loader=lambda n, d: gated))
     call = Background(server.url, "/sdapi/v1/txt2img", {**FAST, "steps": 3}, timeout=1.0)
     assert gated.reached.wait(30)

@@ -22,6 +22,7 @@ from easel.serve.jobs import (
 )
 from easel.serve.metrics import Metrics
 from tests.conftest import make_tiny
+from tests.serve.conftest import Gated
 
 
 class FakePipeline:
@@ -128,25 +129,6 @@ def test_cancel_queued_and_running(queues):
 @pytest.fixture
 def tiny_pipe(tmp_path):
     return Pipeline(make_tiny(tmp_path, "sd1"))
-
-
-class Gated:
-    """A real pipeline whose step callback waits at (batch, step) until the test opens the gate."""
-
-    def __init__(self, pipe, batch: int, step: int):
-        self.pipe, self.at, self.gate, self.reached = pipe, (batch, step), threading.Event(), threading.Event()
-
-    def generate(self, req, callback=None):
-        def cb(d):
-            callback(d)  # progress first, then hold: the flag set meanwhile is seen at the next step
-            if (d.get("batch", 0), d["i"]) == self.at:
-                self.reached.set()
-                assert self.gate.wait(20)
-        return self.pipe.generate(req, cb)
-
-    @property
-    def loaded(self):
-        return self.pipe.loaded
 
 
 @pytest.mark.parametrize("action, seeds", [("interrupt", [7]), ("skip", [7, 9])])

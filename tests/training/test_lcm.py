@@ -120,10 +120,11 @@ def test_resume_continues_exactly(tiny_sd1, tmp_path, monkeypatch):
 
 
 def test_guidance_flag():
-    assert lcm._guidance("5") == (5.0, 5.0) and lcm._guidance("3:8") == (3.0, 8.0)
+    from easel.training.lcm_cli import parse_guidance
+    assert parse_guidance("5") == (5.0, 5.0) and parse_guidance("3:8") == (3.0, 8.0)
     for bad in ("x", "8:3", "0.5"):
         with pytest.raises(TrainingError):
-            lcm._guidance(bad)
+            parse_guidance(bad)
 
 
 def test_lcm_sampler_steps_like_diffusers_lcm_scheduler():

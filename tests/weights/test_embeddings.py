@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from tests.weights.test_load import RunsCode
 from easel.weights.embeddings import Embedding, EmbeddingError, EmbeddingLibrary, load_embedding
 from easel.weights.load import UnsafeCheckpointError
 
@@ -59,18 +60,10 @@ def test_diffusers_learned_embeds(tmp_path, suffix, shape):
     assert torch.equal(emb.vectors["*"].flatten(), v.flatten())
 
 
-class _Evil:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_unsafe_pickle_refused_and_not_run(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
-    torch.save({"string_to_param": {"*": _Evil(marker)}}, path)
+    torch.save({"string_to_param": {"*": RunsCode(marker)}}, path)
     with pytest.raises(UnsafeCheckpointError, match="evil.pt.*refused"):
         load_embedding(path)
     assert not marker.exists()

@@ -95,7 +95,9 @@ def test_kohya_key_names_for_real_presets(tmp_path):
     """kohya spelling: diffusers module names for SD1, CompVis ones and te1/te2 for SDXL (as kohya's trainers)."""
     down, up = torch.zeros(1, 4), torch.zeros(4, 1)
     sd1 = read_lora(save_lora(tmp_path / "a.safetensors", {"input_blocks.1.1.transformer_blocks.0.attn1.to_q":
-                                                          (down, up, 1.0), "output_blocks.2.1.conv": (down, up, 1.0)}))
+                                                          (down, up, 1.0), "output_blocks.2.1.conv": (down, up, 1.0)},
+                              metadata={"ss_network_dim": "1"}))
+    assert sd1.metadata == {"format": "pt", "easel_family": "sd1", "ss_network_dim": "1"}
     assert set(sd1.layers) == {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
                                "lora_unet_up_blocks_0_upsamplers_0_conv"}
     xl = read_lora(save_lora(tmp_path / "b.safetensors", {

@@ -6,15 +6,15 @@ import json
 import pytest
 import torch
 
-from tests.conftest import tiny_vocab_size, write_tiny_vocab
-from easel.models.configs import PRESETS, SD15, SD21, SDXL, SDXL_REFINER, CLIPTextConfig, UNetConfig, VAEConfig
+from tests.conftest import make_tiny
+from easel.models.configs import PRESETS, SD15, SD21, SDXL, SDXL_REFINER
 from easel.models.sd import StableDiffusion
 from easel.models.unet import UNetModel
 from easel.weights import keys_clip, single_file
 from easel.weights.detect import detect_config, family, is_refiner
 from easel.weights.keys_unet import config_from_diffusers, diffusers_config, diffusers_map
 from easel.weights.load import read_state_dict, write_safetensors
-from easel.weights.model_io import LoadedModel, load_model, save_model
+from easel.weights.model_io import load_model, save_model
 
 # network_config.params of Stability-AI/generative-models configs/inference/sd_xl_refiner.yaml (+ its VAE ddconfig).
 SGM_REFINER_YAML = {"model": {"params": {
@@ -29,35 +29,6 @@ SGM_REFINER_YAML = {"model": {"params": {
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread(one_thread_module):
     """Every test here runs single-threaded (see tests/conftest.py)."""
-
-
-def tiny_refiner_config(vocab_size: int):
-    """A reduced SDXL refiner: one OpenCLIP-style encoder with projection, y = pooled + 5 x 256, no attention at
-    the outer levels (as the real refiner's (0, 4, 4, 0))."""
-    eos = vocab_size - 1
-    text = CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                          num_attention_heads=2, hidden_act="gelu", projection_dim=32, bos_token_id=eos - 1,
-                          eos_token_id=eos, pad_token_id=0)
-    unet = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, transformer_depth=(0, 1, 0),
-                      transformer_depth_middle=1, num_heads=-1, num_head_channels=16, context_dim=32,
-                      use_linear_in_transformer=True, adm_in_channels=32 + 5 * 256)
-    vae = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, scale_factor=0.13025)
-    return dataclasses.replace(SDXL_REFINER, name="tiny-sdxl-refiner", unet=unet, vae=vae, text_encoders=(text,),
-                               default_size=32)
-
-
-def make_tiny_refiner(tmp_path, seed: int = 0) -> LoadedModel:
-    """A random-weight tiny refiner with an OpenCLIP-padded ('!') tokenizer (std widened as in make_tiny)."""
-    from easel.text.tokenizer import CLIPTokenizer
-    vocab, merges = write_tiny_vocab(tmp_path / "tok")
-    cfg = tiny_refiner_config(tiny_vocab_size(tmp_path / "tok"))
-    torch.manual_seed(seed)
-    model = StableDiffusion(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():  # zero-initialised output convs would make every UNet output 0
-            if p.ndim >= 2 and float(p.abs().max()) == 0:
-                p.normal_(0, 0.05)
-    return LoadedModel(model, [CLIPTokenizer.from_files(vocab, merges, pad_token="!")], "", "")
 
 
 def _same_weights(a: StableDiffusion, b: StableDiffusion):
@@ -130,7 +101,7 @@ def test_full_size_refiner_text_encoder_matches_transformers():
 # --- tiny refiner: files ------------------------------------------------------------------------------------
 
 def test_single_file_roundtrip(tmp_path):
-    loaded = make_tiny_refiner(tmp_path)
+    loaded = make_tiny(tmp_path, "sdxl-refiner")
     path = save_model(loaded, tmp_path / "refiner.safetensors")
     sd, _ = read_state_dict(path)
     assert any(k.startswith("conditioner.embedders.0.model.transformer.resblocks.") for k in sd)
@@ -141,7 +112,7 @@ def test_single_file_roundtrip(tmp_path):
 
 
 def test_single_file_without_metadata_is_detected_from_shapes(tmp_path):
-    loaded = make_tiny_refiner(tmp_path)
+    loaded = make_tiny(tmp_path, "sdxl-refiner")
     sd, _ = read_state_dict(save_model(loaded, tmp_path / "refiner.safetensors"))
     cfg = detect_config(sd, metadata={})
     want = loaded.model.config
@@ -153,7 +124,7 @@ def test_single_file_without_metadata_is_detected_from_shapes(tmp_path):
 
 
 def test_diffusers_folder_roundtrip(tmp_path):
-    loaded = make_tiny_refiner(tmp_path)
+    loaded = make_tiny(tmp_path, "sdxl-refiner")
     folder = save_model(loaded, tmp_path / "refiner", to="diffusers")
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionXLImg2ImgPipeline"
@@ -170,7 +141,7 @@ def test_diffusers_folder_roundtrip(tmp_path):
 
 def test_diffusers_folder_without_easel_config(tmp_path):
     """A refiner folder as diffusers writes it (no easel_config.json) is read from its component configs."""
-    loaded = make_tiny_refiner(tmp_path)
+    loaded = make_tiny(tmp_path, "sdxl-refiner")
     folder = save_model(loaded, tmp_path / "refiner", to="diffusers")
     (folder / "easel_config.json").unlink()
     back = load_model(folder)
@@ -187,7 +158,7 @@ def test_diffusers_folder_without_easel_config(tmp_path):
 def test_diffusers_reads_our_refiner_single_file(tmp_path):
     """diffusers' own single-file loader (given our folder's configs) reads the SGM refiner layout we write."""
     diffusers = pytest.importorskip("diffusers")
-    loaded = make_tiny_refiner(tmp_path)
+    loaded = make_tiny(tmp_path, "sdxl-refiner")
     path = save_model(loaded, tmp_path / "refiner.safetensors")
     folder = save_model(loaded, tmp_path / "cfg", to="diffusers")
     cls = diffusers.StableDiffusionXLImg2ImgPipeline
@@ -200,7 +171,7 @@ def test_diffusers_reads_our_refiner_single_file(tmp_path):
 
 
 def test_refiner_single_file_with_wrong_tower_is_named(tmp_path):
-    loaded = make_tiny_refiner(tmp_path)
+    loaded = make_tiny(tmp_path, "sdxl-refiner")
     sd, meta = read_state_dict(save_model(loaded, tmp_path / "refiner.safetensors"))
     sd = {k: v for k, v in sd.items() if "resblocks.2." not in k}
     write_safetensors(sd, tmp_path / "broken.safetensors", meta)
