@@ -302,10 +302,14 @@ def _merge(model, plan: dict[str, list[tuple[float, LoraLayer]]]) -> dict[str, T
 # ---------------------------------------------------------------- finding
 
 
+BUILTIN_LORA_DIR = Path(__file__).resolve().parent.parent / "assets" / "loras"  # LoRAs shipped with easel
+
+
 def lora_dirs() -> list[Path]:
-    """Folders searched for LoRAs, in order: $EASEL_LORA_DIRS (os.pathsep-separated), ./models/Lora, cache."""
+    """Folders searched for LoRAs, in order: $EASEL_LORA_DIRS (os.pathsep-separated), ./models/Lora, cache,
+    then the LoRAs shipped with easel (the built-in model's LCM-LoRA)."""
     dirs = [Path(p).expanduser() for p in os.environ.get("EASEL_LORA_DIRS", "").split(os.pathsep) if p]
-    return dirs + [Path("models") / "Lora", cache_dir() / "loras"]
+    return dirs + [Path("models") / "Lora", cache_dir() / "loras", BUILTIN_LORA_DIR]
 
 
 def list_loras(dirs: list[Path] | None = None) -> list[dict]:

@@ -9,8 +9,8 @@ from tests.conftest import make_tiny
 from easel.models.unet import sdxl_vector
 from easel.weights import keys_unet, lora_keys
 from easel.weights.load import read_state_dict, write_safetensors
-from easel.weights.lora import (LoraError, LoraNotFound, apply_loras, find_lora, list_loras, lora_dirs,
-                                read_lora, save_lora)
+from easel.weights.lora import (BUILTIN_LORA_DIR, LoraError, LoraNotFound, apply_loras, find_lora, list_loras,
+                                lora_dirs, read_lora, save_lora)
 
 SD1_LAYERS = [  # one of each kind: attention linear, LoCon 3x3 conv, 1x1 convs, time embedding, text encoder
     "input_blocks.1.1.transformer_blocks.0.attn1.to_q",
@@ -282,7 +282,9 @@ def test_find_and_list_loras(tmp_path, monkeypatch):
     (tmp_path / "models" / "Lora" / "saved" / "pytorch_lora_weights.safetensors").write_bytes(b"x")
     assert find_lora("models/Lora/saved").name == "pytorch_lora_weights.safetensors"
     assert find_lora("saved").parent.name == "saved"
-    assert [(e["name"], e["size"]) for e in list_loras()] == [("style", 7), ("detail", 7), ("saved", 1)]
+    found = [(e["name"], e["size"]) for e in list_loras() if BUILTIN_LORA_DIR not in e["path"].parents]
+    assert found == [("style", 7), ("detail", 7), ("saved", 1)]
+    assert dirs[-1] == BUILTIN_LORA_DIR  # the LoRAs shipped with easel come last
     assert [e["name"] for e in list_loras([b])] == ["detail"]
     with pytest.raises(LoraNotFound, match="detail, saved, style"):
         find_lora("nope")
