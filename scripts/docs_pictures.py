@@ -175,7 +175,33 @@ def previews(pipe, steps: int) -> Image.Image:
     return stack(rows)
 
 
-PICTURES: dict[str, Callable] = {"txt2img": txt2img, "img2img": img2img, "inpaint": inpaint, "outpaint": outpaint,
+def samples(pipe, steps: int) -> Image.Image:
+    """The README's sample grid of the built-in model: prompts of each benchmark kind, two seeds each."""
+    from easel.world.grid import captioned_grid
+    prompts = ["three red stars", "a blue circle", "a green square", "a yellow triangle to the left of a pink cross",
+               "two cyan diamonds", "a large orange circle"]
+    images, captions = [], []
+    for p in prompts:
+        images += pipe.txt2img(p, steps=steps, seed=1, batch_size=2)
+        captions += [p, p]
+    grid = captioned_grid(images, captions, lines=2)
+    return grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST) if grid.width < 600 else grid
+
+
+def lcm(pipe, steps: int) -> Image.Image:
+    """The built-in model at 25 steps (DPM++ 2M, CFG 7) beside 4 LCM steps without and with its LCM-LoRA."""
+    prompts = ["three red stars", "a blue circle above a yellow square", "two green triangles"]
+    fast = dict(steps=4, sampler="lcm", scheduler="sgm_uniform", cfg_scale=1.0, seed=SEED, batch_size=1)
+    rows = []
+    for p in prompts:
+        rows.append(strip([(pipe.txt2img(p, steps=25, seed=SEED, batch_size=1)[0], "25 steps, DPM++ 2M, CFG 7"),
+                           (pipe.txt2img(p, **fast)[0], "4 LCM steps, CFG 1, no LoRA"),
+                           (pipe.txt2img(p + " <lora:shapeworld-lcm:1>", **fast)[0], "4 LCM steps + LCM-LoRA")],
+                          title=p))
+    return stack(rows)
+
+
+PICTURES: dict[str, Callable] = {"samples": samples, "lcm": lcm, "txt2img": txt2img, "img2img": img2img, "inpaint": inpaint, "outpaint": outpaint,
                                  "hires": hires, "variations": variations, "prompts": prompts, "previews": previews}
 
 

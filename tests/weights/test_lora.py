@@ -286,7 +286,7 @@ def test_find_and_list_loras(tmp_path, monkeypatch):
     assert found == [("style", 7), ("detail", 7), ("saved", 1)]
     assert dirs[-1] == BUILTIN_LORA_DIR  # the LoRAs shipped with easel come last
     assert [e["name"] for e in list_loras([b])] == ["detail"]
-    with pytest.raises(LoraNotFound, match="detail, saved, style"):
+    with pytest.raises(LoraNotFound, match="detail, saved, (shapeworld-lcm, )?style"):
         find_lora("nope")
     with pytest.raises(FileNotFoundError, match="no LoRA files there"):
         find_lora("style", dirs=[tmp_path / "empty"])
