@@ -243,8 +243,8 @@ def preview_sink(out: Path, req: GenerationRequest):
     if req.preview_every <= 0:
         return None
     from easel.pipelines.preview import write_preview_frames
-    nums = [int(p.name.split("-")[0]) for p in out.glob("*.png") if p.name.split("-")[0].isdigit()]
-    folder = out / "previews" / f"{max(nums, default=-1) + 1:05d}"
+    from easel.files import next_image_number
+    folder = out / "previews" / f"{next_image_number(out):05d}"
     print(f"previews every {req.preview_every} steps ({req.preview_mode}): {folder}", file=sys.stderr)
     return write_preview_frames(folder)
 
@@ -275,9 +275,9 @@ def planned_steps(req: GenerationRequest) -> int:
 
 def next_image_path(out: Path, seed: int) -> Path:
     """A1111-style numbered file name: 00007-<seed>.png, never overwriting."""
+    from easel.files import next_image_number
     out.mkdir(parents=True, exist_ok=True)
-    nums = [int(p.name.split("-")[0]) for p in out.glob("*.png") if p.name.split("-")[0].isdigit()]
-    return out / f"{max(nums, default=-1) + 1:05d}-{seed}.png"
+    return out / f"{next_image_number(out):05d}-{seed}.png"
 
 
 def _upscaler_name(label: str) -> str:

@@ -30,6 +30,12 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
+def next_image_number(folder: str | os.PathLike) -> int:
+    """The next free A1111-style image number in a folder (files named NNNNN-...png): one more than the largest."""
+    nums = [int(p.name.split("-")[0]) for p in Path(folder).glob("*.png") if p.name.split("-")[0].isdigit()]
+    return max(nums, default=-1) + 1
+
+
 def save_image(image, path: str | os.PathLike, **save_args) -> Path:
     """Save a PIL image atomically (format from the suffix)."""
     path = Path(path)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from easel.models.sd import StableDiffusion
 from easel.pipelines.common import unet_conditioning
+from easel.samplers.denoisers import _batch_sigma
 from easel.text.prompt import extract_extra_networks, parse_attention, prompt_schedule, split_and
 from easel.text.tokenizer import CLIPTokenizer
 from easel.weights.embeddings import Embedding, EmbeddingError
@@ -335,8 +336,7 @@ class GuidedDenoiser(nn.Module):
 
     def forward(self, x: Tensor, sigma: Tensor | float, **extra) -> Tensor:
         """Guided x0 for x (B, ...) at noise level sigma: u + scale * sum_i w_i (c_i - u)."""
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
-        sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma.float()
+        sigma = _batch_sigma(sigma, x)
         step = self.step_of(float(sigma.reshape(-1)[0]))
         parts = self.cond.at_step(step)
         if len(parts) == 1 and parts[0][1] == 1 and math.isclose(self.scale, 1.0):

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_fill")
+from easel.pipelines.request import RESIZE_MODES
+
 Region = tuple[int, int, int, int]
 
 # Masked-content "fill": (blur radius, times composited), widest first, then the sharp original on top.

@@ -105,12 +105,17 @@ def parse_infotext(text: str) -> dict:
     return out
 
 
-def save_png(image: Image.Image, path: str | os.PathLike, params: dict) -> Path:
-    """Write a PNG with both chunks, atomically (temp file + rename)."""
+def png_info(params: dict, default=None) -> PngImagePlugin.PngInfo:
+    """The two text chunks: A1111's `parameters` and easel's JSON `easel` (`default` as json.dumps takes it)."""
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", infotext(params))
-    info.add_text("easel", json.dumps(params, sort_keys=True))
-    return save_image(image, Path(path).with_suffix(".png"), pnginfo=info)
+    info.add_text("easel", json.dumps(params, sort_keys=True, default=default))
+    return info
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, params: dict) -> Path:
+    """Write a PNG with both chunks, atomically (temp file + rename)."""
+    return save_image(image, Path(path).with_suffix(".png"), pnginfo=png_info(params))
 
 
 def read_png_params(path: str | os.PathLike) -> dict:

@@ -22,12 +22,12 @@ from PIL import Image
 
 from easel.files import save_image, write_text
 from easel.pipelines import common
+from easel.pipelines.request import PREVIEW_MODES
 from easel.weights.load import cache_dir
 from easel.weights.model_io import LoadedModel
 
 log = logging.getLogger("easel")
 LATENT_RGB_KEY = "easel.latent_rgb"
-PREVIEW_MODES = ("approx", "full")
 PreviewSink = Callable[[int, list[Image.Image]], None]
 _FORMAT = 1
 _MEMO: weakref.WeakKeyDictionary[torch.nn.Module, LatentPreviewer] = weakref.WeakKeyDictionary()

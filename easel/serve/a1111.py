@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from easel import __version__
+from easel.files import next_image_number
 from easel.pipelines.metadata import infotext, parse_infotext, save_png
 from easel.pipelines.request import decode_image
 from easel.serve.a1111_schema import (
@@ -124,8 +125,7 @@ def _save(app: FastAPI, job: Job, img2img: bool) -> list[str]:
     paths = []
     with app.state.a1111.save_lock:  # numbering must not race between concurrent requests
         folder.mkdir(parents=True, exist_ok=True)
-        nums = [int(p.name.split("-")[0]) for p in folder.glob("*.png") if p.name.split("-")[0].isdigit()]
-        n = max(nums, default=-1) + 1
+        n = next_image_number(folder)
         for i, res in enumerate(job.results):
             paths.append(str(save_png(res.image, folder / f"{n + i:05d}-{res.params.get('seed', 0)}.png", res.params)))
     return paths
@@ -244,10 +244,7 @@ def _add_lists(r: APIRouter, app: FastAPI) -> None:
 
     @r.get("/loras", summary="LoRA files in the LoRA folders")
     def loras() -> list[dict]:
-        try:
-            from easel.weights.lora import list_loras
-        except ImportError:
-            return []  # this build has no LoRA support
+        from easel.weights.lora import list_loras
         return [{"name": e["name"], "alias": e["name"], "path": str(e["path"]), "metadata": {}} for e in list_loras()]
 
     @r.get("/upscalers", summary="Image upscalers for hires fix")

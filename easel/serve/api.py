@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import json
-from pathlib import Path
 
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -118,18 +116,9 @@ def _add_lists(r: APIRouter, queue) -> None:
 
     @r.get("/loras", summary="LoRA files found in the model folders")
     def loras() -> list:
-        try:
-            from easel.weights.lora import list_loras
-        except ImportError:
-            return []  # this build has no LoRA support yet
-        return [_plain(x) for x in list_loras()]
+        from easel.weights.lora import list_loras
+        return list_loras()
 
-
-def _plain(x):
-    """A JSON-able form of a registry entry (dataclass, path or plain value)."""
-    if dataclasses.is_dataclass(x):
-        return {k: _plain(v) for k, v in dataclasses.asdict(x).items() if k != "path"}
-    return str(x) if isinstance(x, Path) else x
 
 
 def job_summary(job: Job, queue) -> dict:

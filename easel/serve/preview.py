@@ -3,22 +3,17 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
 from easel.pipelines import common
-from easel.pipelines.metadata import infotext
+from easel.pipelines.metadata import png_info
 
 
 def to_png(image: Image.Image, params: dict | None = None) -> bytes:
     """PNG bytes; with params, the same `parameters` (A1111) and `easel` (JSON) text chunks as saved files."""
-    info = None
-    if params:
-        info = PngImagePlugin.PngInfo()
-        info.add_text("parameters", infotext(params))
-        info.add_text("easel", json.dumps(params, sort_keys=True, default=str))
+    info = png_info(params, default=str) if params else None
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
@@ -38,10 +33,7 @@ def latent_preview(latent: torch.Tensor, loaded=None, mode: str = "approx") -> I
         return _channels_as_rgb(latent)
     if mode == "full":
         return common.decode(loaded.model, latent)[0]
-    try:
-        from easel.pipelines.preview import LatentPreviewer
-    except ImportError:  # a build without fitted previews still shows something
-        return _channels_as_rgb(latent)
+    from easel.pipelines.preview import LatentPreviewer
     return LatentPreviewer.for_model(loaded).to_images(latent.float())[0]
 
 
