@@ -39,7 +39,7 @@ from easel.serve.a1111_schema import (
 from easel.serve.jobs import FAILED, Job
 from easel.serve.models import model_entries
 from easel.serve.preview import to_base64_png
-from easel.weights.load import sha256_file
+from easel.weights.load import file_sha256
 
 log = logging.getLogger("easel.serve")
 PREFIX = "/sdapi/v1"
@@ -289,23 +289,15 @@ def _is_default(entry, queue) -> bool:
     return entry.name == queue.default_model
 
 
-_HASHES: dict[tuple, str] = {}
-_HASH_LOCK = threading.Lock()
-
-
 def sha256_of(path: Path) -> str | None:
-    """Full sha256 of a checkpoint file up to HASH_MAX_BYTES (cached by path, size, mtime); None otherwise."""
+    """Full sha256 of a checkpoint file up to HASH_MAX_BYTES (the shared on-disk hash cache); None otherwise."""
     try:
         st = path.stat()
     except OSError:
         return None
     if not path.is_file() or st.st_size > HASH_MAX_BYTES:
         return None
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    with _HASH_LOCK:
-        if key not in _HASHES:
-            _HASHES[key] = sha256_file(path)
-        return _HASHES[key]
+    return file_sha256(path)
 
 
 def checkpoint_title(entry) -> str:

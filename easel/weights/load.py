@@ -112,7 +112,12 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def file_hash(path: str | os.PathLike) -> str:
-    """A1111's model hash (sha256 of the whole file, first 10 hex digits), cached by path, size and mtime."""
+    """A1111's model hash: the first 10 hex digits of the file's sha256."""
+    return file_sha256(path)[:10]
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a whole file, cached on disk by path, size and mtime (hashing a checkpoint takes seconds)."""
     path = Path(path).resolve()
     st = path.stat()
     key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
@@ -127,7 +132,7 @@ def file_hash(path: str | os.PathLike) -> str:
             write_text(cache_file, json.dumps(cache))
         except OSError:
             pass  # a read-only cache only costs re-hashing next time
-    return cache[key][:10]
+    return cache[key]
 
 
 def cache_dir() -> Path:
