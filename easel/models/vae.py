@@ -292,3 +292,75 @@ def decode_tiled(decode: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor
             out[(..., *region)] += piece * wt
             weight[region] += wt
     return (out / weight).to(z.dtype)
+
+
+# ---- memory estimates (elements of activations; see easel.pipelines.memory for the request-level total) ----
+
+def _resnet_elems(c_in: int, c_out: int) -> int:
+    """Live activations per position inside a ResnetBlock: input, norm1, conv1, norm2, conv2, shortcut."""
+    return 2 * c_in + 4 * c_out
+
+
+def decode_elements(cfg: VAEConfig, batch: int, h: int, w: int) -> int:
+    """Peak number of activation elements alive during an untiled decode of (batch, C, h, w) latents."""
+    widths = [cfg.ch * m for m in cfg.ch_mult]
+    cells = h * w
+    peak = cells * (cfg.z_channels * 2 + max(_resnet_elems(widths[-1], widths[-1]), 10 * widths[-1]))
+    prev = widths[-1]
+    for i in reversed(range(len(widths))):
+        area = cells * 4 ** (len(widths) - 1 - i)
+        peak = max(peak, area * _resnet_elems(prev, widths[i]))
+        if i > 0:  # the upsample: input, interpolated copy and conv output at twice the side
+            peak = max(peak, area * (widths[i] + 8 * widths[i]))
+        prev = widths[i]
+    full = cells * cfg.downsample ** 2
+    peak = max(peak, full * (2 * widths[0] + 2 * cfg.out_ch))
+    return batch * peak
+
+
+def encode_elements(cfg: VAEConfig, batch: int, height: int, width: int) -> int:
+    """Peak number of activation elements alive during an untiled encode of (batch, 3, height, width) images."""
+    widths = [cfg.ch * m for m in cfg.ch_mult]
+    area = height * width
+    peak = area * (cfg.in_channels + 2 * cfg.ch)
+    prev = cfg.ch
+    for i, wd in enumerate(widths):
+        peak = max(peak, area * _resnet_elems(prev, wd))
+        if i < len(widths) - 1:
+            area = -(-area // 4)
+        prev = wd
+    peak = max(peak, area * 10 * widths[-1])  # mid-block attention: norm, q, k, v, their copies, output
+    return batch * (peak + height * width * cfg.in_channels)
+
+
+# Above this estimated working set a decode/encode runs in tiles. A fixed size, not a share of this machine's
+# free memory, so that a request gives the same image on every machine; 1 GiB keeps a 512x512 SD image in one
+# piece and makes SD's tiles 64 latent cells (512 px) wide, the size diffusers tiles at.
+TILE_BUDGET_BYTES = 1 << 30
+MIN_TILE = 16  # latent cells: smaller tiles see too little context for the blend to hide their edges
+
+
+def auto_tile(cfg: VAEConfig, batch: int, h: int, w: int, itemsize: int, encode: bool = False) -> int | None:
+    """Tile side (latent cells) when the untiled pass over (batch, h, w) latents would exceed the budget, else None."""
+    if _elements(cfg, batch, h, w, encode) * itemsize <= TILE_BUDGET_BYTES:
+        return None
+    return tile_size(cfg, itemsize, encode)
+
+
+def tile_size(cfg: VAEConfig, itemsize: int, encode: bool = False) -> int:
+    """Largest square tile (latent cells, one image) whose working set fits TILE_BUDGET_BYTES."""
+    per_cell = _elements(cfg, 1, 1, 1, encode) * itemsize
+    return max(MIN_TILE, math.isqrt(TILE_BUDGET_BYTES // per_cell))
+
+
+def tiled_elements(cfg: VAEConfig, batch: int, h: int, w: int, tile: int, encode: bool = False) -> int:
+    """Peak elements of a tiled pass: one image's tile at a time, plus the blended result and its weights."""
+    f = cfg.downsample
+    tile_work = _elements(cfg, 1, min(tile, h), min(tile, w), encode)
+    out = batch * h * w * (2 * cfg.embed_dim + 1) if encode else (batch * cfg.out_ch + 1) * h * w * f * f
+    return tile_work + out
+
+
+def _elements(cfg: VAEConfig, batch: int, h: int, w: int, encode: bool) -> int:
+    f = cfg.downsample
+    return encode_elements(cfg, batch, h * f, w * f) if encode else decode_elements(cfg, batch, h, w)

@@ -1,0 +1,235 @@
+"""Peak-memory estimate of a request, checked before it runs, so that no request can exhaust the machine.
+
+The estimate counts what a run holds at its largest moment: the weights, plus the largest of the UNet's
+activations (the CFG batch of 2 x batch_size, with efficient attention, at every pass's size) and the VAE's
+decode or encode (tiled or not, as `AutoencoderKL` will choose for that size). It is an upper bound by design:
+each layer's live tensors are counted as if none were freed early, times a safety margin for allocator slack.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from pathlib import Path
+
+from easel.models import vae as vae_mod
+from easel.models.configs import ModelConfig, UNetConfig
+from easel.pipelines.request import GenerationRequest
+
+ITEMSIZE = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
+# Multiplies the counted activations: covers allocator fragmentation and the temporaries of conv/GroupNorm
+# kernels that the per-layer count leaves out (calibrated in bench/memory_cap.py; see tests/pipelines/test_memory.py).
+SAFETY = 1.5
+# Memory the runtime needs besides the model (Python, torch's libraries, the server): a floor, not a fit.
+RUNTIME_BYTES = 512 << 20
+UNLIMITED = 1 << 60  # cgroup v2 "max" and v1's huge sentinel both mean "no limit"
+
+
+class MemoryLimitError(ValueError):
+    """A request whose estimated peak memory exceeds the limit (a 4xx for the HTTP API)."""
+
+
+def estimate_peak_bytes(config: ModelConfig, req: GenerationRequest) -> int:
+    """Upper bound of the process memory a resolved request needs on this model (weights included)."""
+    return sum(estimate_breakdown(config, req).values())
+
+
+def estimate_breakdown(config: ModelConfig, req: GenerationRequest) -> dict[str, int]:
+    """{'runtime', 'weights', 'activations'} bytes: the parts `estimate_peak_bytes` adds up."""
+    item = _itemsize(req.dtype)
+    vae_item = 4 if req.dtype in ("fp16", "float16") else item  # an fp16 model keeps its VAE in fp32
+    batch = req.batch_size or config.default_batch
+    f = config.vae.downsample
+    work = 0
+    for w, h in pass_sizes(req):
+        lh, lw = max(1, h // f), max(1, w // f)
+        unet = unet_elements(config.unet, 2 * batch, lh, lw) * item
+        decode = vae_elements(config, batch, lh, lw, vae_item, encode=False, tiled=req_tiled(req)) * vae_item
+        encode = 0
+        if req.init_images or (req.enable_hr and req.hr_upscaler == "lanczos"):
+            encode = vae_elements(config, batch, lh, lw, vae_item, encode=True, tiled=req_tiled(req)) * vae_item
+        images = batch * 3 * h * w * 4 * 3  # fp32 pixels, their uint8/PIL copies and the init images
+        work = max(work, unet, decode, encode) + images
+    return {"runtime": RUNTIME_BYTES, "weights": weight_bytes(config, item, vae_item),
+            "activations": int(work * SAFETY)}
+
+
+def check_fits(config: ModelConfig, req: GenerationRequest, limit_bytes: int) -> None:
+    """Raise MemoryLimitError (naming estimate, limit and the fix) when the request would not fit in `limit_bytes`."""
+    need = estimate_peak_bytes(config, req)
+    if need <= limit_bytes:
+        return
+    w, h = max(pass_sizes(req), key=lambda s: s[0] * s[1])
+    batch = req.batch_size or config.default_batch
+    tiled = "" if req_tiled(req) is not False else ", or allow tiled VAE decoding (tiled_vae: null or true)"
+    raise MemoryLimitError(
+        f"this request would need about {_gib(need)} of memory ({w}x{h} pixels, batch {batch}) but the limit is "
+        f"{_gib(limit_bytes)}: ask for a smaller size or batch size{tiled}")
+
+
+def available_memory_bytes() -> int:
+    """Memory this process may hold in total: the cgroup (v2 or v1) limit if one is set, else MemAvailable plus
+    what the process already holds (its resident set counts against neither)."""
+    limit = _cgroup_limit()
+    if limit is not None:
+        return limit
+    return _meminfo("MemAvailable") + _rss_bytes()
+
+
+def pass_sizes(req: GenerationRequest) -> list[tuple[int, int]]:
+    """(width, height) of every sampling pass: the base size, the hires size, or the outpainted canvas."""
+    w, h = req.width, req.height
+    if w is None or h is None:
+        raise ValueError("estimate_peak_bytes needs a resolved request (width and height set): call resolved() first")
+    if req.mode == "outpaint":
+        from easel.pipelines.outpaint import margins
+        left, right, up, down = margins(req)
+        return [(w + left + right, h + up + down)]
+    sizes = [(w, h)]
+    if req.enable_hr:
+        from easel.pipelines.hires import hires_size
+        sizes.append(hires_size(req))
+    return sizes
+
+
+def req_tiled(req: GenerationRequest) -> bool | None:
+    """The request's tiled_vae choice (None = automatic; the field may not exist on older requests)."""
+    return getattr(req, "tiled_vae", None)
+
+
+def vae_elements(config: ModelConfig, batch: int, h: int, w: int, itemsize: int, encode: bool,
+                 tiled: bool | None) -> int:
+    """Peak activation elements of a VAE pass over (batch, h, w) latents, tiled as AutoencoderKL will run it."""
+    v = config.vae
+    tile = vae_mod.auto_tile(v, batch, h, w, itemsize, encode) if tiled is None else (
+        vae_mod.tile_size(v, itemsize, encode) if tiled else None)
+    if tile is None:
+        f = v.downsample
+        return (vae_mod.encode_elements(v, batch, h * f, w * f) if encode else vae_mod.decode_elements(v, batch, h, w))
+    return vae_mod.tiled_elements(v, batch, h, w, tile, encode)
+
+
+def unet_elements(u: UNetConfig, batch: int, h: int, w: int) -> int:
+    """Peak activation elements of one UNet call on (batch, C, h, w): every skip kept for the way up, plus the
+    largest block's working set (ResBlock, or transformer with efficient attention: no (HW)^2 matrix)."""
+    mc = u.model_channels
+    skips, work = mc * h * w, 0
+    ch, sizes = mc, []
+    for level, mult in enumerate(u.channel_mult):
+        sizes.append((h, w))
+        for _ in range(u.num_res_blocks):
+            work = max(work, _block(ch, mc * mult, u.transformer_depth[level], h * w))
+            ch = mc * mult
+            skips += ch * h * w
+        if level != len(u.channel_mult) - 1:
+            h, w = -(-h // 2), -(-w // 2)
+            skips += ch * h * w
+    work = max(work, _block(ch, ch, u.transformer_depth_middle, h * w))
+    skip_chs = _skip_channels(u)
+    for level, mult in reversed(list(enumerate(u.channel_mult))):
+        lh, lw = sizes[level]
+        for i in range(u.num_res_blocks + 1):
+            c_in = ch + skip_chs.pop()
+            ch = mc * mult
+            work = max(work, _block(c_in, ch, u.transformer_depth[level], lh * lw) + c_in * lh * lw)
+            if level and i == u.num_res_blocks:  # upsample to the next level: input, interpolated, conv output
+                work = max(work, ch * lh * lw * 9)
+    return batch * (skips + work + 2 * u.in_channels * sizes[0][0] * sizes[0][1])
+
+
+def _skip_channels(u: UNetConfig) -> list[int]:
+    """Channels of every skip tensor, in the order the input blocks push them."""
+    mc = u.model_channels
+    out, ch = [mc], mc
+    for level, mult in enumerate(u.channel_mult):
+        for _ in range(u.num_res_blocks):
+            ch = mc * mult
+            out.append(ch)
+        if level != len(u.channel_mult) - 1:
+            out.append(ch)
+    return out
+
+
+def _block(c_in: int, c_out: int, depth: int, positions: int) -> int:
+    """Working set of a ResBlock (input, two norms, two convs, shortcut) or, if deeper, its transformer: input,
+    norm, token copy, proj_in, attention (q, k, v, out, copies) and the GEGLU feed-forward (8C + 4C)."""
+    res = 2 * c_in + 4 * c_out
+    attn = 18 * c_out if depth else 0
+    return positions * max(res, attn)
+
+
+@functools.lru_cache(maxsize=16)
+def parameter_counts(config: ModelConfig) -> tuple[int, int]:
+    """(VAE parameters, all other parameters), counted on a weightless (meta) build of the model."""
+    from easel.models.sd import StableDiffusion
+    model = StableDiffusion.empty(config)
+    vae = sum(p.numel() for p in model.vae.parameters())
+    return vae, sum(p.numel() for p in model.parameters()) - vae
+
+
+def weight_bytes(config: ModelConfig, itemsize: int, vae_itemsize: int | None = None) -> int:
+    """Bytes of the model's weights at the given element sizes."""
+    vae, rest = parameter_counts(config)
+    return rest * itemsize + vae * (vae_itemsize or itemsize)
+
+
+def _itemsize(dtype: str) -> int:
+    if dtype not in ITEMSIZE:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of fp32, bf16, fp16")
+    return ITEMSIZE[dtype]
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{math.ceil(n / 2**20)} MiB"
+
+
+def _cgroup_limit(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The memory limit of this process's cgroup (v2 memory.max, else v1 memory.limit_in_bytes), None if unset."""
+    for path in _cgroup_files(root):
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text == "max":
+            return None
+        try:
+            value = int(text)
+        except ValueError:
+            continue
+        return value if value < UNLIMITED else None
+    return None
+
+
+def _cgroup_files(root: Path) -> list[Path]:
+    """Candidate limit files: this process's own cgroup (from /proc/self/cgroup) first, then the mount's root."""
+    own = []
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, rel = line.split(":", 2)
+            if controllers == "":
+                own.append(root / rel.lstrip("/") / "memory.max")
+            elif "memory" in controllers.split(","):
+                own.append(root / "memory" / rel.lstrip("/") / "memory.limit_in_bytes")
+    except (OSError, ValueError):
+        pass
+    return own + [root / "memory.max", root / "memory" / "memory.limit_in_bytes"]
+
+
+def _meminfo(field: str, path: Path = Path("/proc/meminfo")) -> int:
+    """A /proc/meminfo field in bytes (0 when unreadable, e.g. not Linux)."""
+    try:
+        for line in path.read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key == field:
+                return int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _rss_bytes() -> int:
+    """Resident set size of this process now (0 when unreadable)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
