@@ -5,7 +5,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import re
 import sys
 from pathlib import Path
 
@@ -128,57 +127,23 @@ def parse_size(text: str, flag: str) -> tuple[int, int]:
 
 
 def read_image(path: str, what: str = "image") -> Image.Image:
-    """Open an image file fully, with errors that say which file and what is wrong."""
-    from PIL import UnidentifiedImageError
+    """Open an image file fully (after checking the size its header announces), with errors naming the file."""
+    from easel.pipelines.metadata import open_image
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{what} not found: {path}" if not p.is_dir() else f"{what} {path} is a folder, "
                                 "not an image file")
-    try:
-        with Image.open(p) as im:
-            im.load()
-            return im.copy()
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{what} {path} is not an image easel can read (PNG, JPEG, WebP, ...): {e}") from None
+    return open_image(p, what=f"{what} {path}")
 
 
 def params_from_image(path: str) -> dict:
-    """Request fields stored in a PNG (easel's JSON, else A1111's parameters text)."""
-    from easel.pipelines.metadata import parse_infotext, read_png_params
-    stored = read_png_params(path)
-    if stored["easel"]:
-        return stored["easel"]
-    if not stored["parameters"]:
-        raise ValueError(f"{path} carries no generation parameters (no 'parameters' or 'easel' PNG text chunk)")
-    a = parse_infotext(stored["parameters"])
-    out = {"prompt": a["prompt"], "negative_prompt": a["negative_prompt"]}
-    conv = {"Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int),
-            "Clip skip": ("clip_skip", int), "Sampler": ("sampler", str), "Schedule type": ("scheduler", str),
-            "Variation seed": ("subseed", int), "Variation seed strength": ("subseed_strength", float),
-            "Hires upscale": ("hr_scale", float), "Hires steps": ("hr_second_pass_steps", int),
-            "Hires sampler": ("hr_sampler", str), "Hires prompt": ("hr_prompt", str),
-            "Hires negative prompt": ("hr_negative_prompt", str), "Hires CFG Scale": ("hr_cfg_scale", float),
-            "Refiner switch at": ("refiner_switch_at", float)}
-    for label, (name, kind) in conv.items():
-        if label in a:
-            out[name] = kind(a[label])
-    if "Size" in a:
-        out["width"], out["height"] = parse_size(a["Size"], "Size")
-    if "Refiner" in a:  # A1111 writes "name [hash]"
-        out["refiner_checkpoint"] = re.sub(r"\s*\[[0-9a-fA-F]+\]$", "", a["Refiner"])
-    if "Seed resize from" in a:
-        out["seed_resize_from_w"], out["seed_resize_from_h"] = parse_size(a["Seed resize from"], "Seed resize from")
-    if "Hires resize" in a:
-        out["hr_resize_x"], out["hr_resize_y"] = parse_size(a["Hires resize"], "Hires resize")
-    if "Hires upscaler" in a or "Hires upscale" in a or "Hires resize" in a:
-        out["enable_hr"] = True
-        out["hr_upscaler"] = _upscaler_name(a.get("Hires upscaler", "Latent"))
-        if "Denoising strength" in a:
-            out["hr_denoising_strength"] = float(a["Denoising strength"])
-    if "scheduler" in out:
-        from easel.samplers import resolve_sampler
-        out["scheduler"] = resolve_sampler("euler " + out["scheduler"])[1] or out["scheduler"]
-    return out
+    """Generation parameters stored in an image (easel's JSON, else A1111's parameters text)."""
+    from easel.pipelines.metadata import read_image_params
+    params = read_image_params(path)
+    if not params:
+        raise ValueError(f"{path} carries no generation parameters (no 'parameters' or 'easel' PNG text chunk, "
+                         "no EXIF UserComment)")
+    return params
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -280,23 +245,14 @@ def next_image_path(out: Path, seed: int) -> Path:
     return out / f"{next_image_number(out):05d}-{seed}.png"
 
 
-def _upscaler_name(label: str) -> str:
-    """A1111's upscaler label ('Latent (bicubic)') -> our name; other upscalers (ESRGAN, ...) become lanczos."""
-    from easel.pipelines.hires import UPSCALER_LABELS
-    names = {v.lower(): k for k, v in UPSCALER_LABELS.items()}
-    if label.lower() not in names:
-        log.warning("hires upscaler %r is not available; using lanczos", label)
-    return names.get(label.lower(), "lanczos")
-
-
 def cmd_info(args: argparse.Namespace) -> int:
     """easel info IMAGE.png"""
-    from easel.pipelines.metadata import read_png_params
-    stored = read_png_params(args.image)
+    from easel.pipelines.metadata import params_from_metadata, read_image_metadata
+    stored = read_image_metadata(args.image)
     if not stored["parameters"] and not stored["easel"]:
         raise ValueError(f"{args.image} carries no generation parameters")
     if args.json:
-        print(json.dumps(stored["easel"] or params_from_image(args.image), indent=2))
+        print(json.dumps(params_from_metadata(stored), indent=2))
     else:
         print(stored["parameters"] or json.dumps(stored["easel"], indent=2))
     return 0

@@ -56,7 +56,7 @@ def test_convert_both_ways(tmp_path, tiny_sd1_file):
     (["generate", "x", "--width", "30"], "multiple of 8"),
     (["generate", "x", "--sampler", "bogus"], "unknown sampler"),
     (["generate", "x", "--model", "/nonexistent/model.safetensors"], "not found"),
-    (["info", "/nonexistent.png"], "not a readable image"),
+    (["info", "/nonexistent.png"], "image not found: /nonexistent.png"),
 ])
 def test_errors_are_one_clear_line(tmp_path, tiny_sd1_file, capsys, args, match):
     if "--model" not in args and args[0] == "generate":
@@ -180,3 +180,14 @@ def test_edit_errors_are_one_clear_line(tmp_path, tiny_sd1_file, capsys, make_ar
     assert main(make_args(tmp_path) + ["--model", str(tiny_sd1_file), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("easel: error:") and match in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", [["info"], ["generate", "--from"], ["img2img"]])
+def test_huge_png_is_one_clear_line(tmp_path, tiny_sd1_file, capsys, command):
+    from tests.pipelines.test_metadata import _png_header
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(_png_header(30000, 30000, 1, 0, text=b"x\nSteps: 2"))
+    args = command + [str(huge)] + (["x", "--model", str(tiny_sd1_file)] if command == ["img2img"] else [])
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("easel: error:") and "30000x30000" in err and "Traceback" not in err

@@ -1,15 +1,24 @@
-"""Image parameters in PNG files: A1111's `parameters` text chunk and easel's JSON chunk."""
+"""Image parameters in PNG files (A1111's `parameters` text chunk, easel's JSON chunk) and the one reader of them."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 import re
+import struct
+import warnings
+import zlib
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
-from PIL import Image, PngImagePlugin
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from easel import __version__
 from easel.files import save_image
+
+log = logging.getLogger("easel")
 
 # Our field -> A1111's label in the "Steps: 20, Sampler: ..." line, in A1111's order. Keys after "eta" are derived
 # by `_a1111_extras` from the mode's parameters and appear only when that feature was used.
@@ -23,7 +32,8 @@ LABELS = [("steps", "Steps"), ("sampler_label", "Sampler"), ("scheduler_label", 
           ("hr_resize", "Hires resize"), ("hr_steps", "Hires steps"), ("hr_upscaler_label", "Hires upscaler"),
           ("hr_sampler_label", "Hires sampler"), ("hr_schedule_label", "Hires schedule type"),
           ("hr_prompt", "Hires prompt"), ("hr_negative_prompt", "Hires negative prompt"),
-          ("hr_cfg_scale", "Hires CFG Scale"), ("lora_hashes_text", "Lora hashes"), ("refiner_checkpoint", "Refiner"),
+          ("hr_cfg_scale", "Hires CFG Scale"), ("lora_hashes_text", "Lora hashes"), ("ti_hashes_text", "TI hashes"),
+          ("refiner_checkpoint", "Refiner"),
           ("refiner_switch_at", "Refiner switch at"), ("version", "Version")]
 
 
@@ -61,9 +71,10 @@ def _a1111_extras(p: dict) -> dict:
                                    if p.get("outpaint_" + side))
     if p.get("enable_hr"):
         out.update(_hires_extras(p))
-    hashes = p.get("lora_hashes")
-    if hashes:
-        out["lora_hashes_text"] = ", ".join(f"{k}: {v}" for k, v in hashes.items()) if isinstance(hashes, dict) else hashes
+    for key in ("lora_hashes", "ti_hashes"):  # {name: hash} -> A1111's "name: hash, name: hash"
+        hashes = p.get(key)
+        if hashes:
+            out[key + "_text"] = ", ".join(f"{k}: {v}" for k, v in hashes.items()) if isinstance(hashes, dict) else hashes
     return out
 
 
@@ -118,12 +129,268 @@ def save_png(image: Image.Image, path: str | os.PathLike, params: dict) -> Path:
     return save_image(image, Path(path).with_suffix(".png"), pnginfo=png_info(params))
 
 
-def read_png_params(path: str | os.PathLike) -> dict:
-    """{'parameters': A1111 text or None, 'easel': dict or None} from a PNG."""
+# Images whose header announces more pixels than this are refused before any decoding (64 MP: a 8192x8192 image).
+# Callers with their own limit (the server's --max-pixels) pass it.
+MAX_IMAGE_PIXELS = 64 * 2**20
+MAX_TEXT_BYTES = 1 << 20  # a text chunk inflating past this is not a parameters text (zip bomb)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# A1111 infotext label -> (request field, type). The optional features' labels are handled in `_infotext_fields`.
+_INFOTEXT_FIELDS = {
+    "Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int), "Clip skip": ("clip_skip", int),
+    "Sampler": ("sampler", str), "Schedule type": ("scheduler", str), "Eta": ("eta", float),
+    "Variation seed": ("subseed", int), "Variation seed strength": ("subseed_strength", float),
+    "Denoising strength": ("denoising_strength", float), "Mask blur": ("mask_blur", int),
+    "Masked area padding": ("inpaint_full_res_padding", int), "Hires upscale": ("hr_scale", float),
+    "Hires steps": ("hr_second_pass_steps", int), "Hires sampler": ("hr_sampler", str),
+    "Hires schedule type": ("hr_scheduler", str), "Hires prompt": ("hr_prompt", str),
+    "Hires negative prompt": ("hr_negative_prompt", str), "Hires CFG Scale": ("hr_cfg_scale", float),
+    "Refiner switch at": ("refiner_switch_at", float), "Model": ("model", str), "Model hash": ("model_hash", str),
+}
+
+
+def read_image_params(data: bytes | str | os.PathLike | BinaryIO, max_pixels: int | None = MAX_IMAGE_PIXELS) -> dict:
+    """How an image was made, as request fields (plus `model`, `model_hash`): easel's JSON chunk if present, else
+    A1111's `parameters` text (PNG chunk or JPEG/WebP EXIF); {} when it carries neither. Never decodes pixels."""
+    return params_from_metadata(read_image_metadata(data, max_pixels))
+
+
+def read_image_metadata(data: bytes | str | os.PathLike | BinaryIO, max_pixels: int | None = MAX_IMAGE_PIXELS) -> dict:
+    """{'width', 'height', 'format', 'parameters' (A1111 text or None), 'easel' (dict or None), 'other' (the other
+    text chunks)} read from the header and text chunks only; a ValueError names an unreadable or too large image."""
+    raw = _read_bytes(data)
+    if raw.startswith(PNG_SIGNATURE):
+        fmt, (w, h), text = "PNG", _png_size(raw), _png_text_chunks(raw)
+        check_pixels(w, h, max_pixels)
+        parameters = text.get("parameters")
+    else:
+        with _open_lazily(raw) as im:  # PIL reads only the header (and EXIF) here, not the pixels
+            fmt, (w, h) = im.format, im.size
+            check_pixels(w, h, max_pixels)
+            text = {k: v for k, v in im.info.items() if isinstance(v, str)}
+            parameters = text.get("parameters") or exif_parameters(im)
+    other = {k: v for k, v in text.items() if k not in ("parameters", "easel")}
+    return {"width": w, "height": h, "format": fmt, "parameters": parameters, "easel": _json_dict(text.get("easel")),
+            "other": other}
+
+
+def params_from_metadata(meta: dict) -> dict:
+    """Request fields from `read_image_metadata`'s answer: easel's JSON as stored, else the infotext's fields."""
+    if meta.get("easel"):
+        return dict(meta["easel"])
+    return infotext_fields(meta["parameters"]) if meta.get("parameters") else {}
+
+
+def infotext_fields(text: str) -> dict:
+    """A1111's parameters text -> request fields (names as A1111 writes them: `GenerationRequest.resolved` maps
+    sampler, schedule and upscaler labels), plus `model`, `model_hash` and unknown extras in `extra`."""
+    a = parse_infotext(text)
+    out = {"prompt": a.pop("prompt"), "negative_prompt": a.pop("negative_prompt")}
     try:
-        with Image.open(path) as im:
-            text = dict(im.text) if hasattr(im, "text") else dict(im.info)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable image ({e})") from None
-    easel = text.get("easel")
-    return {"parameters": text.get("parameters"), "easel": json.loads(easel) if easel else None}
+        for label, (name, kind) in _INFOTEXT_FIELDS.items():
+            if label in a:
+                out[name] = kind(a[label])
+        out.update(_infotext_sizes(a))
+    except ValueError as e:
+        raise ValueError(f"the image's parameters text has a malformed value ({e})") from None
+    if "Refiner" in a:  # A1111 writes "name [hash]"
+        out["refiner_checkpoint"] = re.sub(r"\s*\[[0-9a-fA-F]+\]$", "", a["Refiner"])
+    if "Hires upscaler" in a or "Hires upscale" in a or "Hires resize" in a:
+        out["enable_hr"] = True
+        out["hr_upscaler"] = a.get("Hires upscaler", "Latent")
+        if "denoising_strength" in out:  # with hires fix, A1111's "Denoising strength" is the second pass's
+            out["hr_denoising_strength"] = out.pop("denoising_strength")
+    if "ENSD" in a or "Eta noise seed delta" in a:
+        out["extra"] = {"eta_noise_seed_delta": int(a.get("ENSD", a.get("Eta noise seed delta")))}
+    return _easel_names(out)
+
+
+def _easel_names(out: dict) -> dict:
+    """A1111 labels -> easel names where the resolver knows them (a form lists names); unknown ones stay as read,
+    so that resolving the request names them in its error."""
+    names = _resolver()
+    for key, sched_key in (("sampler", "scheduler"), ("hr_sampler", "hr_scheduler")):
+        if isinstance(out.get(key), str):
+            with contextlib.suppress(ValueError):
+                out[key], schedule = names.resolve_sampler(out[key])
+                if schedule and sched_key not in out:  # "DPM++ 2M Karras": the label's schedule, unless one is given
+                    out[sched_key] = schedule
+    for key in ("scheduler", "hr_scheduler"):
+        if isinstance(out.get(key), str):
+            with contextlib.suppress(ValueError):
+                out[key] = names.resolve_scheduler(out[key])
+    if "hr_upscaler" in out:
+        out["hr_upscaler"] = _upscaler_name(out["hr_upscaler"])
+    return out
+
+
+def _resolver():
+    """The one name resolver (easel.pipelines.names), or the samplers' own while that module is not there."""
+    try:
+        from easel.pipelines import names
+    except ImportError:
+        from easel import samplers as names
+    return names
+
+
+def _upscaler_name(label: str) -> str:
+    """A1111's upscaler label ('Latent (bicubic)') -> our name; upscalers easel lacks (ESRGAN, ...) -> lanczos."""
+    names = _resolver()
+    if hasattr(names, "resolve_upscaler"):
+        with contextlib.suppress(ValueError):
+            return names.resolve_upscaler(label)
+    from easel.pipelines.hires import UPSCALER_LABELS
+    by_label = {v.lower(): k for k, v in UPSCALER_LABELS.items()} | {k: k for k in UPSCALER_LABELS}
+    if label.lower() not in by_label:
+        log.warning("hires upscaler %r is not available in easel; using lanczos", label)
+    return by_label.get(label.lower(), "lanczos")
+
+
+def _infotext_sizes(a: dict) -> dict:
+    out = {}
+    for label, (wname, hname) in {"Size": ("width", "height"), "Seed resize from": ("seed_resize_from_w",
+                                  "seed_resize_from_h"), "Hires resize": ("hr_resize_x", "hr_resize_y")}.items():
+        if label in a:
+            w, h = a[label].lower().split("x")
+            out[wname], out[hname] = int(w), int(h)
+    return out
+
+
+def check_pixels(width: int, height: int, max_pixels: int | None) -> None:
+    """Refuse an image whose announced size is over `max_pixels`, before anything decodes it."""
+    if max_pixels is not None and width * height > max_pixels:
+        raise ValueError(f"image is {width}x{height} ({width * height / 1e6:.1f} MP), over the limit of "
+                         f"{max_pixels / 1e6:.1f} MP: scale it down first")
+
+
+def open_image(data: bytes | str | os.PathLike | BinaryIO, max_pixels: int | None = MAX_IMAGE_PIXELS,
+               what: str = "image") -> Image.Image:
+    """Decode an image fully, after checking the size its header announces against `max_pixels`."""
+    raw = _read_bytes(data, what)
+    if raw.startswith(PNG_SIGNATURE):  # our own header read: PIL's bomb check would answer with its own message
+        try:
+            check_pixels(*_png_size(raw), max_pixels)
+        except ValueError as e:
+            raise ValueError(f"{what}: {e}") from None
+    with _open_lazily(raw, what) as im:
+        try:
+            check_pixels(*im.size, max_pixels)
+        except ValueError as e:
+            raise ValueError(f"{what}: {e}") from None
+        try:
+            im.load()
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise ValueError(f"{what} is damaged or truncated ({e})") from None
+        return im.copy()
+
+
+def _read_bytes(data, what: str = "image") -> bytes:
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        raw = bytes(data)
+    elif hasattr(data, "read"):
+        raw = data.read()
+    else:
+        path = Path(data)
+        if path.is_dir():
+            raise ValueError(f"{what} {path} is a folder, not an image file")
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{what} not found: {path}") from None
+    if not raw:
+        raise ValueError(f"{what} is empty: send or name an image file (PNG, JPEG, WebP)")
+    return raw
+
+
+@contextlib.contextmanager
+def _open_lazily(raw: bytes, what: str = "image") -> Iterator[Image.Image]:
+    """Image.open (header only), with PIL's errors turned into a ValueError naming the problem."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own check_pixels decides
+            im = Image.open(io.BytesIO(raw))
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{what} is too large to read ({e}): scale it down first") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise ValueError(f"{what} is not an image easel can read (PNG, JPEG, WebP, ...): {e}") from None
+    with im:
+        yield im
+
+
+def _png_size(raw: bytes) -> tuple[int, int]:
+    """Width and height from the IHDR chunk, which the PNG format requires to come first."""
+    if len(raw) < 24 or raw[12:16] != b"IHDR":
+        raise ValueError("image is not a valid PNG (no IHDR header): the file is damaged or truncated")
+    return struct.unpack(">II", raw[16:24])
+
+
+def _png_text_chunks(raw: bytes) -> dict:
+    """Every tEXt/zTXt/iTXt chunk of a PNG, before or after the pixel data, read without decoding the pixels."""
+    out, pos = {}, len(PNG_SIGNATURE)
+    while pos + 8 <= len(raw):
+        length, kind = struct.unpack(">I4s", raw[pos:pos + 8])
+        body = raw[pos + 8:pos + 8 + length]
+        pos += 12 + length
+        if kind in (b"tEXt", b"zTXt", b"iTXt"):
+            item = _text_chunk(kind, body)
+            if item:
+                out.setdefault(*item)
+        elif kind == b"IEND":
+            break
+    return out
+
+
+def _text_chunk(kind: bytes, body: bytes) -> tuple[str, str] | None:
+    """(keyword, text) of one PNG text chunk; None for a malformed one (skipped, as PIL does)."""
+    key, sep, rest = body.partition(b"\0")
+    if not sep:
+        return None
+    try:
+        if kind == b"tEXt":
+            return key.decode("latin-1"), rest.decode("latin-1")
+        if kind == b"zTXt":
+            return key.decode("latin-1"), _inflate(rest[1:]).decode("latin-1")
+        compressed, rest = rest[:1] == b"\1", rest[2:]  # iTXt: flag, method, language\0, translated\0, text
+        _, _, rest = rest.partition(b"\0")
+        _, _, text = rest.partition(b"\0")
+        return key.decode("latin-1"), (_inflate(text) if compressed else text).decode("utf-8")
+    except (zlib.error, UnicodeDecodeError, ValueError):
+        return None
+
+
+def _inflate(data: bytes) -> bytes:
+    d = zlib.decompressobj()
+    out = d.decompress(data, MAX_TEXT_BYTES)
+    if d.unconsumed_tail:
+        raise ValueError("text chunk inflates past the limit")
+    return out
+
+
+def _json_dict(value) -> dict | None:
+    try:
+        d = json.loads(value) if isinstance(value, str) else None
+    except json.JSONDecodeError:
+        return None
+    return d if isinstance(d, dict) else None
+
+
+def exif_parameters(im: Image.Image) -> str | None:
+    """A1111's parameters in a JPEG/WebP: the EXIF UserComment ('UNICODE' + UTF-16 or 'ASCII' prefix)."""
+    try:
+        raw = im.getexif().get_ifd(0x8769).get(0x9286)  # Exif IFD -> UserComment
+    except (OSError, ValueError, SyntaxError, struct.error):
+        return None  # a damaged EXIF block is no parameters, not an error
+    if not isinstance(raw, bytes) or len(raw) < 8:
+        return raw if isinstance(raw, str) and raw else None
+    prefix, body = raw[:8], raw[8:]
+    if prefix.startswith(b"UNICODE"):
+        # piexif (which A1111 uses) writes big-endian UTF-16, some tools little-endian: ASCII-heavy text
+        # decoded with the wrong byte order turns into CJK characters, so keep the reading with more Latin ones.
+        readings = [body.decode(enc, errors="replace") for enc in ("utf-16-be", "utf-16-le")]
+        return max(readings, key=lambda t: sum(ord(c) < 0x250 for c in t)) or None
+    return body.decode("utf-8", errors="replace").strip("\x00 ") or None
+
+
+def read_png_params(path: str | os.PathLike | BinaryIO) -> dict:
+    """{'parameters': A1111 text or None, 'easel': dict or None} from an image (see `read_image_metadata`)."""
+    meta = read_image_metadata(path)
+    return {"parameters": meta["parameters"], "easel": meta["easel"]}
