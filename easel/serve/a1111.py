@@ -25,8 +25,7 @@ from starlette.exceptions import HTTPException
 
 from easel import __version__
 from easel.files import next_image_number
-from easel.pipelines.metadata import infotext, parse_infotext, save_png
-from easel.pipelines.request import decode_image
+from easel.pipelines.metadata import infotext, parse_infotext, read_image_metadata, save_png
 from easel.serve.a1111_schema import (
     AUTOMATIC_SCHEDULE,
     UPSCALERS,
@@ -36,9 +35,12 @@ from easel.serve.a1111_schema import (
     echo,
     to_request,
 )
-from easel.serve.jobs import FAILED, Job
+from easel.serve.inputs import decode_checked, image_bytes
+from easel.serve.jobs import FAILED, INTERRUPTED, Job
 from easel.serve.models import model_entries
 from easel.serve.preview import to_base64_png
+from easel.serve.schema import GENERATION_RESPONSES
+from easel.serve.service import enqueue, failure, wait_for
 from easel.weights.load import file_sha256
 
 log = logging.getLogger("easel.serve")
@@ -73,23 +75,25 @@ def router(app: FastAPI) -> APIRouter:
 # -- txt2img / img2img --------------------------------------------------------------------------------------------
 
 def _add_generation(r: APIRouter, app: FastAPI) -> None:
-    @r.post("/txt2img", summary="Text to image (blocks until done; A1111 body and response)")
+    @r.post("/txt2img", summary="Text to image (blocks until done; A1111 body and response)",
+            responses=GENERATION_RESPONSES)
     async def txt2img(request: Request, body: Txt2ImgBody) -> dict:  # type: ignore[valid-type]
         return await generate(app, request, body, img2img=False)
 
-    @r.post("/img2img", summary="Image to image / inpainting (blocks until done; A1111 body and response)")
+    @r.post("/img2img", summary="Image to image / inpainting (blocks until done; A1111 body and response)",
+            responses=GENERATION_RESPONSES)
     async def img2img(request: Request, body: Img2ImgBody) -> dict:  # type: ignore[valid-type]
         return await generate(app, request, body, img2img=True)
 
 
 async def generate(app: FastAPI, request: Request, body, img2img: bool) -> dict:
     """Map the body, queue the job, wait for it, and answer {images, parameters, info} as A1111 does."""
-    from easel.serve.app import enqueue, failure
     queue, state = app.state.queue, app.state.a1111
     data = body.model_dump()
     sent = set(body.model_fields_set) | set(body.model_extra or {})
+    decode = partial(decode_checked, max_pixels=app.state.settings.input_pixels())
     mapped: Mapped = await run_in_threadpool(to_request, data, sent, img2img, dict(state.options),
-                                             partial(resolve_checkpoint, queue))
+                                             partial(resolve_checkpoint, queue), decode)
     if mapped.unsupported or mapped.notes:
         log.warning("A1111 request fields not honoured", extra={
             "event": "a1111_unsupported", "unsupported": mapped.unsupported, "notes": mapped.notes})
@@ -105,7 +109,6 @@ async def generate(app: FastAPI, request: Request, body, img2img: bool) -> dict:
 
 async def wait_or_cancel(request: Request, job: Job, queue) -> None:
     """Wait for the job; if the client goes away meanwhile, cancel it so nobody waits behind an unwanted job."""
-    from easel.serve.app import wait_for
     while not await wait_for(job, timeout=DISCONNECT_POLL_S):
         if await request.is_disconnected():
             queue.cancel(job.id)
@@ -137,7 +140,8 @@ def build_info(job: Job, mapped: Mapped, saved: list[str]) -> dict:
     req, params = mapped.request, [res.params for res in job.results]
     first = params[0] if params else {}
     seeds = [p["seed"] for p in params] or [req.seed]
-    subseeds = [p.get("subseed", -1) for p in params] or [req.subseed]
+    # The queue drew the variation seed when the client left it to chance; images count up from it (A1111).
+    subseeds = [p.get("subseed", req.subseed + (p["seed"] - req.seed)) for p in params] or [req.subseed]
     texts = [infotext(p) for p in params]
     sampler, scheduler = first.get("sampler", req.sampler), first.get("scheduler", req.scheduler)
     denoise = req.hr_denoising_strength if req.enable_hr else (req.denoising_strength if req.init_images else None)
@@ -157,7 +161,7 @@ def build_info(job: Job, mapped: Mapped, saved: list[str]) -> dict:
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.started or job.created)),
         "is_using_inpainting_conditioning": None, "version": f"easel {__version__}",
         "unsupported": mapped.unsupported, "ignored": mapped.ignored, "notes": mapped.notes,
-        "job_id": job.id, "state": job.state, "interrupted": "interrupt" in job.pending, "saved": saved,
+        "job_id": job.id, "state": job.state, "interrupted": job.state == INTERRUPTED, "saved": saved,
     }
 
 
@@ -255,19 +259,26 @@ def _add_lists(r: APIRouter, app: FastAPI) -> None:
     def latent_upscale_modes() -> list[dict]:
         return [{"name": k} for k in UPSCALERS if k.startswith("Latent")]
 
-    @r.post("/png-info", summary="The generation parameters stored in an image")
+    @r.post("/png-info", summary="The generation parameters stored in an image (read without decoding it)",
+            responses={400: GENERATION_RESPONSES[400]})
     def png_info(body: Annotated[dict, Body(examples=[{"image": "<base64 PNG>"}])]) -> dict:
-        return read_png_info(body.get("image") or "")
+        image = body.get("image") or ""
+        if not isinstance(image, str):
+            raise ValueError(f"image must be base64 text of a PNG/JPEG/WebP image (got {type(image).__name__})")
+        return read_png_info(image, app.state.settings.input_pixels())
 
 
-def read_png_info(image_b64: str) -> dict:
-    """A1111's PNGInfoResponse: info (the parameters text), items (other text chunks), parameters (parsed)."""
+def read_png_info(image_b64: str, max_pixels: int | None = None) -> dict:
+    """A1111's PNGInfoResponse: info (the parameters text), items (other text chunks), parameters (parsed); read by
+    easel's one image reader from the header and text chunks, so a huge image costs no decoding."""
     if not image_b64.strip():
         return {"info": "", "items": {}, "parameters": {}}
-    im = decode_image(image_b64.strip(), "image")
-    text = {k: v for k, v in {**getattr(im, "info", {}), **getattr(im, "text", {})}.items() if isinstance(v, str)}
-    info = text.pop("parameters", "") or ""
-    return {"info": info, "items": text, "parameters": parse_a1111_parameters(info) if info else {}}
+    meta = read_image_metadata(image_bytes(image_b64, "image"), max_pixels)
+    items = dict(meta.get("other") or {})
+    if meta.get("easel") is not None:
+        items["easel"] = json.dumps(meta["easel"])
+    info = meta.get("parameters") or ""
+    return {"info": info, "items": items, "parameters": parse_a1111_parameters(info) if info else {}}
 
 
 def parse_a1111_parameters(text: str) -> dict:
@@ -341,8 +352,9 @@ def _add_options(r: APIRouter, app: FastAPI) -> None:
     def get_options() -> dict:
         return current_options(queue, state)
 
-    @r.post("/options", summary="Change settings: sd_model_checkpoint switches the default model; others "
-                                "easel does not have are answered as ignored")
+    @r.post("/options", summary="Change settings: sd_model_checkpoint loads that model, then makes it the default "
+                                "(a model that cannot load is a 400 and changes nothing); others easel does not "
+                                "have are answered as ignored", responses={400: GENERATION_RESPONSES[400]})
     def set_options(body: Annotated[dict, Body(examples=[{"sd_model_checkpoint": "shapeworld"}])]) -> dict:
         applied, ignored = apply_options(queue, state, body)
         if ignored:
@@ -355,6 +367,16 @@ def current_options(queue, state: A1111State) -> dict:
     current = next((e for e in model_entries(queue) if _is_default(e, queue)), None)
     return {"sd_model_checkpoint": checkpoint_title(current) if current else queue.default_model,
             "sd_checkpoint_hash": sha256_of(current.path) if current else None, **state.options}
+
+
+def load_first(queue, model: str, title: str) -> None:
+    """Load `model` in the worker (after the jobs queued before) and return once it is loaded; ValueError with the
+    reason when it cannot load, so that the default model stays the one that works."""
+    job = queue.load(model)
+    job.wait()
+    if job.state == FAILED:
+        raise ValueError(f"sd_model_checkpoint {title!r} cannot be loaded ({job.error}); the server keeps "
+                         f"{queue.default_model!r}")
 
 
 def apply_options(queue, state: A1111State, body: dict) -> tuple[dict, list[str]]:
@@ -373,6 +395,8 @@ def apply_options(queue, state: A1111State, body: dict) -> tuple[dict, list[str]
             applied[key] = value
         elif key not in current or value != current[key]:
             ignored.append(key)
+    if model is not ... and model != queue.default_model:
+        load_first(queue, model, str(body["sd_model_checkpoint"]))
     if model is not ...:
         queue.set_default_model(model)
         applied["sd_model_checkpoint"] = body["sd_model_checkpoint"]

@@ -70,7 +70,7 @@ INEXACT_UPSCALERS = ("Latent (bicubic antialiased)", "Latent (nearest-exact)")  
 def _body_model(name: str, fields: dict[str, tuple[Any, Any]], doc: str):
     spec = {k: (t | None, Field(default_factory=lambda d=d: _copy(d)) if isinstance(d, (list, dict)) else d)
             for k, (t, d) in fields.items()}
-    model = create_model(name, __config__=ConfigDict(extra="allow"), **spec)
+    model = create_model(name, __config__=ConfigDict(extra="allow", allow_inf_nan=False), **spec)
     model.__doc__ = doc
     return model
 
@@ -109,11 +109,13 @@ class _Body:
         return self.defaults[name][1] if v is None else v
 
 
-def to_request(body: dict, sent: set[str], img2img: bool, options: dict, resolve_checkpoint) -> Mapped:
+def to_request(body: dict, sent: set[str], img2img: bool, options: dict, resolve_checkpoint,
+               decode=decode_image) -> Mapped:
     """Map an A1111 body (dict with defaults filled) onto a GenerationRequest; ValueError names a bad field.
 
     `sent` are the keys the client gave; `options` the server's A1111 options (CLIP skip, preview type);
-    `resolve_checkpoint(title) -> registry name` maps A1111 checkpoint titles."""
+    `resolve_checkpoint(title) -> registry name` maps A1111 checkpoint titles; `decode(text, field)` turns base64
+    text into an image (the server's checks the size from the header before decoding)."""
     defaults = COMMON_FIELDS | (IMG2IMG_FIELDS if img2img else TXT2IMG_FIELDS)
     get = _Body(body, defaults)
     sampler, scheduler = resolve_a1111_sampler(get("sampler_name") or get("sampler_index"), get("scheduler"))
@@ -127,7 +129,10 @@ def to_request(body: dict, sent: set[str], img2img: bool, options: dict, resolve
                     save_images=bool(get("save_images")))
     mapped.model = _override_settings(get("override_settings") or {}, fields, mapped, resolve_checkpoint, options)
     _refiner(get, fields, resolve_checkpoint)
-    (_img2img_fields if img2img else _hires_fields)(get, fields, mapped)
+    if img2img:
+        _img2img_fields(get, fields, mapped, decode)
+    else:
+        _hires_fields(get, fields, mapped)
     _report(body, sent, defaults, mapped)
     mapped.request = GenerationRequest(**fields)
     mapped.request.check()
@@ -198,9 +203,9 @@ def _upscaler(label: str | None, mapped: Mapped) -> str:
     return name
 
 
-def _img2img_fields(get: _Body, fields: dict, mapped: Mapped) -> None:
+def _img2img_fields(get: _Body, fields: dict, mapped: Mapped, decode=decode_image) -> None:
     """init_images / mask (base64) and the inpainting options."""
-    images = [decode_image(im, f"init_images[{i}]") for i, im in enumerate(get("init_images") or [])]
+    images = [decode(im, f"init_images[{i}]") for i, im in enumerate(get("init_images") or [])]
     if not images:
         raise ValueError("init_images: img2img needs at least one image (base64 PNG/JPEG text)")
     if 1 < len(images) <= fields["batch_size"]:
@@ -216,7 +221,7 @@ def _img2img_fields(get: _Body, fields: dict, mapped: Mapped) -> None:
                   inpainting_mask_invert=bool(get("inpainting_mask_invert")),
                   **{f"outpaint_{side}": get(f"outpaint_{side}") for side in ("left", "right", "up", "down")})
     if get("mask"):
-        fields["mask"] = decode_image(get("mask"), "mask")
+        fields["mask"] = decode(get("mask"), "mask")
 
 
 def _report(body: dict, sent: set[str], defaults: dict, mapped: Mapped) -> None:

@@ -5,23 +5,29 @@ import asyncio
 import base64
 import json
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Query
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from easel.serve.inputs import decode_body_images
 from easel.serve.jobs import DONE, FAILED, FINISHED, Job
 from easel.serve.models import model_entries
 from easel.serve.preview import to_png
-from easel.serve.schema import JobBody, request_from_body
+from easel.serve.schema import ERROR_SCHEMA, GENERATION_RESPONSES, NOT_FOUND, JobBody, request_from_body
+from easel.serve.service import enqueue, failure
+from easel.serve.settings import TOKEN_COOKIE
 
 PREFIX = "/api/v1"
 SSE_POLL_S = 0.1  # how often an event stream looks at its job
+CONFLICT = {409: {"description": "The job is not in a state that allows this", "content": {
+    "application/json": {"schema": ERROR_SCHEMA}}}}
+SSE_RESPONSE = {200: {"description": "text/event-stream: `progress` and `preview` events, then one `done`",
+                      "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
 
 
 def router(app: FastAPI) -> APIRouter:
     """The native API routes (jobs, progress, lists)."""
-    from easel.serve.app import failure
     r = APIRouter(prefix=PREFIX, tags=["native"])
     queue = app.state.queue
 
@@ -31,24 +37,27 @@ def router(app: FastAPI) -> APIRouter:
             raise HTTPException(404, f"no job {job_id!r} (unknown, or finished long enough ago to be forgotten)")
         return job
 
-    @r.post("/jobs", status_code=202, summary="Queue a generation request")
+    @r.post("/jobs", status_code=202, summary="Queue a generation request", responses=GENERATION_RESPONSES)
     def submit(body: JobBody) -> JSONResponse:
-        from easel.serve.app import enqueue
-        req, model = request_from_body(body.model_dump(exclude_unset=True))
+        data = decode_body_images(body.model_dump(exclude_unset=True), app.state.settings.input_pixels())
+        req, model = request_from_body(data)
         job = enqueue(app, req, model)
         return JSONResponse(job_summary(job, queue), status_code=202,
                             headers={"Location": f"{PREFIX}/jobs/{job.id}"})
 
-    @r.get("/jobs", summary="Every remembered job, oldest first")
-    def list_jobs() -> list[dict]:
-        return [{k: v for k, v in job_summary(j, queue).items() if k not in ("request", "params")}
-                for j in queue.jobs()]
+    @r.get("/jobs", summary="Every remembered job, oldest first, with what re-shows it: request (images as "
+                            "markers), parameters and image URLs of each")
+    def list_jobs(limit: int | None = Query(None, ge=1, description="only the newest `limit` jobs"),
+                  state: str | None = Query(None, description="only jobs in this state")) -> list[dict]:
+        jobs = [j for j in queue.jobs() if state is None or j.state == state]
+        return [job_summary(j, queue) for j in jobs[-limit if limit else 0:]]
 
-    @r.get("/jobs/{job_id}", summary="A job's state, progress and image parameters")
+    @r.get("/jobs/{job_id}", summary="A job's state, progress and image parameters", responses=NOT_FOUND)
     def get_job(job_id: str) -> dict:
         return job_summary(find(job_id), queue)
 
-    @r.delete("/jobs/{job_id}", summary="Cancel a job (queued: removed; running: stops at the next step)")
+    @r.delete("/jobs/{job_id}", summary="Cancel a job (queued: removed; running: stops at the next step)",
+              responses=NOT_FOUND | CONFLICT)
     def cancel(job_id: str) -> dict:
         job = find(job_id)
         if job.state in FINISHED:
@@ -57,12 +66,16 @@ def router(app: FastAPI) -> APIRouter:
         return {"id": job.id, "state": job.state, "cancel_requested": True}
 
     @r.get("/jobs/{job_id}/images/{n}.png", summary="Image n of a finished job, as PNG with its parameters",
-           response_class=Response, responses={200: {"content": {"image/png": {}}}})
+           response_class=Response, responses={200: {"content": {"image/png": {
+               "schema": {"type": "string", "format": "binary"}}}}} | NOT_FOUND | CONFLICT | {
+               400: {"description": "The job failed: the request was at fault", "content": {
+                   "application/json": {"schema": ERROR_SCHEMA}}}})
     def image(job_id: str, n: int) -> Response:
         job = find(job_id)
         if job.state not in FINISHED:
             raise HTTPException(409, f"job {job_id} is {job.state}; images are ready when it is done")
-        if job.state == FAILED:  # the job's error, with the status that says whose fault it was
+        if job.state == FAILED:  # the job's error, with the status that says whose fault it was (interrupted and
+            # cancelled jobs keep the images finished before they stopped)
             status, message = failure(job)
             raise HTTPException(status, f"job {job_id} failed: {message}")
         if not 0 <= n < len(job.results):
@@ -70,7 +83,8 @@ def router(app: FastAPI) -> APIRouter:
         result = job.results[n]
         return Response(to_png(result.image, result.params), media_type="image/png")
 
-    @r.get("/jobs/{job_id}/events", summary="Server-sent events: progress, previews, then done")
+    @r.get("/jobs/{job_id}/events", summary="Server-sent events: progress, previews, then done",
+           response_class=StreamingResponse, responses=SSE_RESPONSE | NOT_FOUND)
     async def events(job_id: str) -> StreamingResponse:
         job = find(job_id)
         return StreamingResponse(_event_stream(job, queue), media_type="text/event-stream",
@@ -92,8 +106,29 @@ def router(app: FastAPI) -> APIRouter:
         job = queue.skip()
         return {"id": job.id if job else None}
 
+    _add_session(r, app)
     _add_lists(r, queue)
     return r
+
+
+def _add_session(r: APIRouter, app: FastAPI) -> None:
+    """POST/DELETE /session: the bearer token in an HttpOnly cookie, so that a browser's EventSource and <img>
+    authenticate without the token in their URLs (where access logs and history would keep it)."""
+
+    @r.post("/session", status_code=204, summary="Keep this client's bearer token in an HttpOnly cookie",
+            response_class=Response)
+    def start_session() -> Response:
+        response = Response(status_code=204)
+        token = app.state.settings.token
+        if token:  # the request got here, so it carried the token (or basic auth): hand it to the browser
+            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict", path="/")
+        return response
+
+    @r.delete("/session", status_code=204, summary="Forget the token cookie", response_class=Response)
+    def end_session() -> Response:
+        response = Response(status_code=204)
+        response.delete_cookie(TOKEN_COOKIE, path="/", httponly=True, samesite="strict")
+        return response
 
 
 def _add_lists(r: APIRouter, queue) -> None:
@@ -141,8 +176,8 @@ async def _event_stream(job: Job, queue):
         finished = job.state in FINISHED  # read first: the last progress event then always precedes done
         if job.version != seen_version:
             seen_version = job.version
-            yield _sse("progress", {"id": job.id, "state": job.state, "step": job.step, "total": job.total,
-                                    "eta_s": job.eta_s(), "position": queue.position(job)})
+            yield _sse("progress", {"id": job.id, "state": job.state, "phase": job.phase, "step": job.step,
+                                    "total": job.total, "eta_s": job.eta_s(), "position": queue.position(job)})
             step = job.preview_step
             if every and step is not None and (sent_preview is None or step // every > sent_preview // every):
                 png = await run_in_threadpool(job.preview_png)  # a 'full' preview runs the VAE: not on the loop

@@ -2,9 +2,8 @@
 
 Other routers (A1111 `/sdapi/v1`, OpenAI `/v1/images`, the web UI) live in easel/serve/a1111.py,
 openai_images.py and ui*.py; each exposes `router(app) -> APIRouter | None` and finds the job queue at
-`app.state.queue` and the settings at `app.state.settings`. `enqueue(app, req, model)` checks the limits
-and queues a request; `await wait_for(job)` waits without holding a thread; `failure(job)` gives the status
-and message of a failed job (400: the request's fault, 500: the server's).
+`app.state.queue` and the settings at `app.state.settings`. Submitting (`enqueue`, `wait_for`, `failure`) lives in
+easel/serve/service.py, below every router, so that no router imports this module back.
 """
 from __future__ import annotations
 
@@ -13,6 +12,7 @@ import base64
 import binascii
 import importlib
 import logging
+import re
 import secrets
 from contextlib import asynccontextmanager
 
@@ -23,10 +23,11 @@ from starlette.exceptions import HTTPException
 
 from easel import __version__
 from easel.pipelines.request import GenerationRequest
-from easel.serve.jobs import USER_ERROR, Job, JobQueue, QueueFull
+from easel.serve.jobs import JobQueue, QueueFull
 from easel.serve.metrics import CONTENT_TYPE, Metrics
-from easel.serve.schema import LimitError, check_limits
-from easel.serve.settings import Settings  # noqa: F401  (re-exported: easel.serve.app.Settings)
+from easel.serve.schema import COMMON_RESPONSES, LimitError
+from easel.serve.service import admit, enqueue, failure, wait_for  # noqa: F401  (re-exported)
+from easel.serve.settings import MEMORY_FRACTION, TOKEN_COOKIE, Settings  # noqa: F401  (Settings re-exported)
 
 log = logging.getLogger("easel.serve")
 PLUGIN_MODULES = ("a1111", "openai_images", "ui")  # easel.serve.<name>, each optional
@@ -35,9 +36,12 @@ PLUGIN_MODULES = ("a1111", "openai_images", "ui")  # easel.serve.<name>, each op
 def create_app(settings: Settings | None = None, queue: JobQueue | None = None) -> FastAPI:
     """The server application; `queue` defaults to one built from the settings (tests pass their own)."""
     settings = settings or Settings()
+    settings.max_memory_bytes = settings.max_memory_bytes or default_max_memory()
     queue = queue or JobQueue(max_queued=settings.max_queue, default_model=settings.model, dtype=settings.dtype,
                               devices=(settings.device,), keep_finished=settings.keep_finished)
     queue.metrics = queue.metrics or Metrics()
+    queue.admit = lambda req, config: admit(req, settings, config)  # again in the worker, with the model's defaults
+    redact_access_log()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -45,14 +49,15 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
         yield
         await asyncio.get_running_loop().run_in_executor(None, queue.stop)
 
-    app = FastAPI(title="easel", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="easel", version=__version__, lifespan=lifespan, responses=COMMON_RESPONSES,
                   description="Stable Diffusion you can run, train and see inside: native API under /api/v1.")
     app.state.settings, app.state.queue, app.state.metrics = settings, queue, queue.metrics
     _install_error_handlers(app)
     from easel.serve import api
     app.include_router(api.router(app))
     app.add_api_route("/metrics", lambda: PlainTextResponse(queue.metrics.render(queue), media_type=CONTENT_TYPE),
-                      methods=["GET"], tags=["server"], summary="Prometheus metrics")
+                      methods=["GET"], tags=["server"], summary="Prometheus metrics", response_class=PlainTextResponse,
+                      responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
     register_routers(app)
     _install_middleware(app, settings)
     return app
@@ -75,35 +80,45 @@ def register_routers(app: FastAPI) -> list[str]:
     return added
 
 
-def enqueue(app: FastAPI, req: GenerationRequest, model: str | None = None) -> Job:
-    """Check the server's limits and queue a request (LimitError / ValueError -> 400, QueueFull -> 503)."""
-    check_limits(req, app.state.settings)
-    return app.state.queue.submit(req, model)
+def default_max_memory() -> int | None:
+    """MEMORY_FRACTION of the memory available now (cgroup limit or MemAvailable); None without an estimator."""
+    try:
+        from easel.pipelines.memory import available_memory_bytes
+    except ImportError:
+        return None
+    return int(available_memory_bytes() * MEMORY_FRACTION)
 
 
-def failure(job: Job) -> tuple[int, str]:
-    """(HTTP status, message) for a failed job: 400 with the message when the request was at fault (a bad input
-    the pipeline found), else 500 with a short message (the traceback is in the server's log)."""
-    if job.error_kind == USER_ERROR:
-        return 400, job.error or "bad request"
-    return 500, f"generation failed: {job.error} (the server's log has the details)"
+class RedactSecrets(logging.Filter):
+    """Replaces `token=...` in access-log lines with `token=[redacted]`: a browser's EventSource and <img> can
+    only send the token in the URL, and access logs are read by more people than should hold it."""
+
+    PATTERN = re.compile(r"((?:^|[?&;])(?:token|access_token)=)[^&\s\"]*", re.IGNORECASE)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(self.redact(a) if isinstance(a, str) else a for a in record.args)
+        if isinstance(record.msg, str):
+            record.msg = self.redact(record.msg)
+        return True
+
+    @classmethod
+    def redact(cls, text: str) -> str:
+        """`text` with every token query parameter's value replaced."""
+        return cls.PATTERN.sub(r"\1[redacted]", text)
 
 
-async def wait_for(job: Job, timeout: float | None = None, poll_s: float = 0.05) -> bool:
-    """Wait for a job to finish without holding a thread; False on timeout."""
-    waited = 0.0
-    while not job.wait(0):
-        if timeout is not None and waited >= timeout:
-            return False
-        await asyncio.sleep(poll_s)
-        waited += poll_s
-    return True
+def redact_access_log() -> None:
+    """Install RedactSecrets on uvicorn's access logger (once)."""
+    logger = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactSecrets) for f in logger.filters):
+        logger.addFilter(RedactSecrets())
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     """Every error is JSON {"error": message, ...} with the status that says whose fault it is."""
     async def limit(_, e: LimitError):
-        return JSONResponse(e.to_dict(), status_code=400)
+        return JSONResponse(e.to_dict(), status_code=e.http_status)
 
     async def bad_value(_, e: ValueError):
         return JSONResponse({"error": str(e)}, status_code=400)
@@ -170,6 +185,9 @@ class AuthMiddleware:
         query_token = _query_token(scope) if self.token else None
         if query_token is not None:  # a browser's EventSource and <img> cannot set headers
             return secrets.compare_digest(query_token.encode(), self.token.encode())
+        cookie_token = _cookie_token(scope) if self.token else None
+        if cookie_token is not None:  # set by POST /api/v1/session: keeps the token out of URLs (and logs)
+            return secrets.compare_digest(cookie_token.encode(), self.token.encode())
         if self.credentials and scheme.lower() == "basic":
             try:
                 user, _, password = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")
@@ -180,6 +198,19 @@ class AuthMiddleware:
                   for u, p in self.credentials]
             return any(ok)
         return False
+
+
+def _cookie_token(scope) -> str | None:
+    """The token cookie's value, if the request carries one."""
+    from http.cookies import CookieError, SimpleCookie
+    header = dict(scope.get("headers") or []).get(b"cookie")
+    if not header:
+        return None
+    try:
+        morsel = SimpleCookie(header.decode("latin-1")).get(TOKEN_COOKIE)
+    except CookieError:
+        return None
+    return morsel.value if morsel is not None else None
 
 
 def _query_token(scope) -> str | None:

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import inspect
 import itertools
 import logging
 import math
 import os
+import random
 import threading
 import time
 import uuid
@@ -30,10 +32,17 @@ from easel.pipelines.common import Interrupted, Skipped
 from easel.pipelines.request import GenerationRequest
 from easel.serve.models import Loader, ModelCache, builtin_name, default_loader, registry_names
 
+Admit = Callable[[GenerationRequest, object], None]  # (request, model config) -> None, raising when over a limit
+
 log = logging.getLogger("easel.serve")
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
-FINISHED = (DONE, FAILED, CANCELLED)
+INTERRUPTED = "interrupted"  # stopped by an interrupt: the images finished before it are kept (A1111)
+FINISHED = (DONE, FAILED, CANCELLED, INTERRUPTED)
+# Job.phase while running: what the worker does now, so that a progress bar can say "loading the model" only
+# when it really loads one.
+LOADING, PREPARING, SAMPLING = "loading_model", "preparing", "sampling"
+GENERATE, LOAD = "generate", "load"  # Job.kind: a generation, or a model load asked for by a settings change
 USER_ERROR, SERVER_ERROR = "user", "server"  # Job.error_kind of a failed job
 _EASEL_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # .../easel/
 
@@ -61,6 +70,9 @@ class Job:
     total: int = 0
     error: str | None = None
     error_kind: str | None = None  # when failed: USER_ERROR (the request's fault) or SERVER_ERROR
+    error_status: int | None = None  # when failed for a limit: the HTTP status that says so (413 for memory)
+    phase: str = QUEUED  # while running: LOADING, PREPARING or SAMPLING; then the final state
+    kind: str = GENERATE
     results: list = field(default_factory=list)
     runs: int = 0  # how many times a worker took it (always 0 or 1; tests hold us to that)
     device: str | None = None
@@ -71,6 +83,8 @@ class Job:
     _preview: tuple | None = field(default=None, repr=False)  # (step, "image" | "latent", value)
     _preview_png: tuple | None = field(default=None, repr=False)  # (step, PNG bytes) cache
     _decoder: Callable | None = field(default=None, repr=False)  # latent -> PIL image, set while running
+    _batches: list = field(default_factory=list, repr=False)  # images of the batches finished so far (on_batch)
+    _stopped: bool = field(default=False, repr=False)  # an interrupt or cancel actually stopped the work
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -124,7 +138,7 @@ class Job:
 
     def to_dict(self) -> dict:
         """JSON-able summary (without images)."""
-        return {"id": self.id, "state": self.state, "model": self.model, "created": self.created,
+        return {"id": self.id, "state": self.state, "phase": self.phase, "model": self.model, "created": self.created,
                 "started": self.started, "finished": self.finished, "step": self.step, "total": self.total,
                 "progress": round(self.step / self.total, 4) if self.total else (1.0 if self.state == DONE else 0.0),
                 "eta_s": self.eta_s(), "error": self.error, "error_kind": self.error_kind, "n_images": len(self.results),
@@ -132,7 +146,13 @@ class Job:
 
 
 def estimate_steps(req: GenerationRequest) -> int:
-    """Sampler steps a request will take (for progress; the callback count corrects it if it runs over)."""
+    """Sampler steps a request will take (for progress; the callback count corrects it if it runs over): the
+    sampling plan's count when easel.pipelines.plan has it, else counted here."""
+    try:
+        from easel.pipelines.plan import count_steps
+        return count_steps(req)
+    except (ImportError, ValueError, TypeError):
+        pass  # no plan module yet, or a request it cannot count before the model fills defaults
     steps = req.steps
     if req.init_images and req.mode != "outpaint":
         steps = max(1, math.ceil(req.steps * req.denoising_strength))  # img2img runs the tail of the schedule
@@ -157,6 +177,8 @@ class JobQueue:
             default_model = builtin_name()  # named, so that asking for it by name reuses the loaded model
         self.default_model = None if default_model is None else self.register_model(default_model)
         self.metrics = metrics
+        self.admit: Admit | None = None  # the server's limits, checked again once the model (and its defaults) is known
+        self._configs: dict[str | None, object] = {}  # model name -> ModelConfig, for every model loaded so far
         self._cond = threading.Condition()
         self._queue: collections.deque[Job] = collections.deque()
         self._jobs: dict[str, Job] = {}  # every job still remembered, in submission order
@@ -219,6 +241,20 @@ class JobQueue:
         """Make `model` (a name) what requests without a model run from now on, on every API."""
         self.default_model = self.check_model(model)
 
+    def model_config(self, model: str | None) -> object | None:
+        """The ModelConfig of `model` (None: the default) once a worker has loaded it; None before."""
+        return self._configs.get(self.default_model if model is None else model)
+
+    def model_spec(self, model: str) -> str:
+        """What loads `model` (a checked name): the path the server was started with, else the name itself."""
+        return self._known.get(model, model)
+
+    def load(self, model: str | None) -> Job:
+        """Queue a job that only loads `model` into the workers' cache (a settings change: load before switching);
+        it fails, naming why, when the model cannot load."""
+        model = self.check_model(model)
+        return self._enqueue(Job(self._new_id(), GenerationRequest(), model, kind=LOAD, total=0))
+
     # -- submitting and looking up ------------------------------------------------------------------------
     def submit(self, req: GenerationRequest, model: str | None = None) -> Job:
         """Queue a request (checked first: ValueError names the field); QueueFull when the queue has no room.
@@ -227,6 +263,16 @@ class JobQueue:
         model = self.check_model(model)
         if model is None:
             model = self.default_model
+        draw_seeds(req)
+        job = self._enqueue(Job(self._new_id(), req, model, total=estimate_steps(req)))
+        log.info("job queued", extra={"event": "job_queued", "job": job.id, "model": model, "mode": req.mode})
+        return job
+
+    def _new_id(self) -> str:
+        return f"{next(self._seq):06d}-{uuid.uuid4().hex[:10]}"
+
+    def _enqueue(self, job: Job) -> Job:
+        """Put a job at the end of the queue (QueueFull when there is no room)."""
         self.start()
         with self._cond:
             if self._stopping:
@@ -235,13 +281,12 @@ class JobQueue:
                 if self.metrics:
                     self.metrics.rejected()
                 raise QueueFull(self.max_queued, self.retry_after())
-            job = Job(f"{next(self._seq):06d}-{uuid.uuid4().hex[:10]}", req, model, total=estimate_steps(req))
-            self._jobs[job.id] = job
+            if job.kind == GENERATE:  # a model load is nobody's job to list or count
+                self._jobs[job.id] = job
             self._queue.append(job)
             self._cond.notify()
-        if self.metrics:
+        if self.metrics and job.kind == GENERATE:
             self.metrics.submitted()
-        log.info("job queued", extra={"event": "job_queued", "job": job.id, "model": model, "mode": req.mode})
         return job
 
     def get(self, job_id: str) -> Job | None:
@@ -323,7 +368,7 @@ class JobQueue:
                 png = job.preview_png()
             except Exception:  # a preview must never break progress reporting
                 log.exception("preview failed", extra={"event": "preview_error", "job": job.id})
-        return {"id": job.id, "state": job.state, "step": d["step"], "total": d["total"], "progress": d["progress"],
+        return {"id": job.id, "state": job.state, "phase": job.phase, "step": d["step"], "total": d["total"], "progress": d["progress"],
                 "eta_s": d["eta_s"], "preview": png, "preview_step": job.preview_step, "queued": self.queued(),
                 "position": self.position(job)}
 
@@ -353,30 +398,68 @@ class JobQueue:
                 log.exception("worker error", extra={"event": "worker_error", "job": job.id})
 
     def _run(self, job: Job, cache: ModelCache) -> None:
-        if self.metrics:
+        if self.metrics and job.kind == GENERATE:
             self.metrics.started()
         log.info("job started", extra={"event": "job_started", "job": job.id, "device": cache.device})
         results, state, pipe = [], DONE, None
         try:
+            job.phase = PREPARING if cache.holds(job.model) else LOADING
+            job.version += 1
             pipe = cache.get(job.model)
-            job._decoder = _preview_decoder(pipe, job.request.preview_mode)
-            job._last_t = time.monotonic()
-            # Pipeline.generate writes dtype/device into the request: give it a copy, keep the job's as sent.
-            results = pipe.generate(dataclasses.replace(job.request), self._callback(job))
+            self._configs[job.model] = getattr(pipe, "config", None)
+            if job.kind == GENERATE:
+                job.phase = PREPARING
+                job.version += 1
+                results = self._generate(job, pipe)
         except (Interrupted, Skipped):
-            pass  # a pipeline that does not catch them itself: nothing finished to keep
+            results = list(job._batches)  # a pipeline that does not catch them itself: keep the finished batches
+            job._stopped = True
         except Exception as e:
-            # Only the pipeline judges the request: a model that will not load is the server's problem.
-            job.error_kind = USER_ERROR if pipe is not None and is_user_error(e) else SERVER_ERROR
-            state, job.error = FAILED, describe_error(e, job.error_kind)
-            extra = {"event": "job_failed", "job": job.id, "error": job.error, "error_kind": job.error_kind}
-            if job.error_kind == USER_ERROR:
-                log.info("job failed: bad request", extra=extra)
-            else:
-                log.exception("job failed", extra=extra)
-        if state == DONE and "cancel" in job._flags:
+            self._fail(job, e, pipe)
+            state = FAILED
+        if state == DONE and job._stopped:
+            state = CANCELLED if "cancel" in job._flags else INTERRUPTED if "interrupt" in job._flags else DONE
+        elif state == DONE and "cancel" in job._flags:
             state = CANCELLED
         self._finish_running(job, list(results or []), state, job.error)
+
+    def _generate(self, job: Job, pipe) -> list:
+        """Run the job's request on `pipe`, after the server's limits with the model's own defaults."""
+        config = self._configs.get(job.model)
+        if self.admit is not None and config is not None:
+            self.admit(job.request, config)
+        job._decoder = _preview_decoder(pipe, job.request.preview_mode)
+        job._last_t = time.monotonic()
+        # Pipeline.generate writes dtype/device into the request: give it a copy, keep the job's as sent.
+        return pipe.generate(dataclasses.replace(job.request), self._callback(job), **self._hooks(job, pipe))
+
+    def _hooks(self, job: Job, pipe) -> dict:
+        """on_batch / should_stop for a pipeline that takes them (older ones and test doubles may not)."""
+        try:
+            params = inspect.signature(pipe.generate).parameters
+        except (TypeError, ValueError):
+            return {}
+        takes = lambda name: name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())  # noqa: E731
+
+        def should_stop() -> bool:
+            stop = bool(job._flags & {"cancel", "interrupt"})
+            job._stopped = job._stopped or stop
+            return stop
+        hooks = {"on_batch": job._batches.extend, "should_stop": should_stop}
+        return {k: v for k, v in hooks.items() if takes(k)}
+
+    def _fail(self, job: Job, e: Exception, pipe) -> None:
+        """Record why a job failed: a limit (with its status), a bad input (400) or the server's fault (500)."""
+        status = getattr(e, "http_status", None)
+        # Only the pipeline judges the request: a model that will not load is the server's problem.
+        user = status is not None or (pipe is not None and is_user_error(e))
+        job.error_kind, job.error_status = (USER_ERROR if user else SERVER_ERROR), status
+        job.error = describe_error(e, job.error_kind)
+        extra = {"event": "job_failed", "job": job.id, "error": job.error, "error_kind": job.error_kind}
+        if job.error_kind == USER_ERROR:
+            log.info("job failed: bad request", extra=extra)
+        else:
+            log.exception("job failed", extra=extra)
 
     def _callback(self, job: Job):
         def on_step(d: dict) -> None:
@@ -385,6 +468,7 @@ class JobQueue:
             job._step_times.append(dt)
             job.step += 1
             job.total = max(job.total, job.step)
+            job.phase = SAMPLING
             if d.get("preview") is not None:
                 job._preview = (job.step, "image", d["preview"])
             elif d.get("denoised") is not None:
@@ -393,6 +477,7 @@ class JobQueue:
             if self.metrics:
                 self.metrics.step(dt)
             if job._flags & {"cancel", "interrupt"}:
+                job._stopped = True
                 raise Interrupted()
             if "skip" in job._flags:
                 job._flags.discard("skip")
@@ -402,7 +487,8 @@ class JobQueue:
     def _finish_running(self, job: Job, results: list, state: str, error: str | None) -> None:
         with self._cond:
             job.results, job.state, job.error, job.finished = results, state, error, time.time()
-            if state == DONE and "interrupt" not in job._flags:
+            job.phase, job._batches = state, []
+            if state == DONE:
                 job.step = job.total = max(job.step, job.total)
             # Dropping the decoder lets go of the model it holds. A pipeline-made preview (small images) stays, so
             # a client that connects after a fast job still gets its last preview; a latent one needs the decoder.
@@ -414,7 +500,7 @@ class JobQueue:
             self._forget_old()
             job.version += 1
         job._done.set()
-        if self.metrics:
+        if self.metrics and job.kind == GENERATE:
             self.metrics.finished(state, len(results))
         log.info("job finished", extra={"event": "job_" + state, "job": job.id, "images": len(results),
                                         "seconds": round(job.finished - job.started, 3), "steps": job.step})
@@ -422,10 +508,10 @@ class JobQueue:
     def _finish_queued(self, job: Job, state: str, error: str | None) -> None:
         """Finish a job that never ran (caller holds the lock)."""
         self._queue.remove(job)
-        job.state, job.error, job.finished = state, error, time.time()
+        job.state, job.phase, job.error, job.finished = state, state, error, time.time()
         job.version += 1
         job._done.set()
-        if self.metrics:
+        if self.metrics and job.kind == GENERATE:
             self.metrics.finished(state, 0, ran=False)
         log.info("job cancelled while queued", extra={"event": "job_" + state, "job": job.id})
 
@@ -434,6 +520,15 @@ class JobQueue:
         finished = [j for j in self._jobs.values() if j.state in FINISHED]
         for job in finished[: max(0, len(finished) - self.keep_finished)]:
             del self._jobs[job.id]
+
+
+def draw_seeds(req: GenerationRequest) -> None:
+    """Draw the random seed and variation seed a request leaves to chance (-1) now, so that the job, its progress
+    and A1111's all_seeds / all_subseeds report the ones that run."""
+    if req.seed is None or req.seed < 0:
+        req.seed = random.randrange(2**32)
+    if req.subseed is None or req.subseed < 0:
+        req.subseed = random.randrange(2**32)
 
 
 def _preview_decoder(pipe, mode: str):

@@ -8,10 +8,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from easel.serve.jobs import JobQueue
 
 log = logging.getLogger("easel.serve")
 
@@ -42,9 +38,10 @@ def registry_names() -> list[str]:
     return [e.name for e in list_models()]
 
 
-def model_entries(queue: JobQueue) -> list:
+def model_entries(queue) -> list:
     """ModelEntry items for the models requests may name: those the server was started with (a --model path,
-    under its name) first, then the model folders' others."""
+    under its name) first, then the model folders' others. `queue` is the JobQueue (anything with
+    `known_models()`: this module stays below easel.serve.jobs)."""
     from easel.weights.registry import ModelEntry, list_models
     found = list_models()
     in_folders = {e.name for e in found}
@@ -66,6 +63,10 @@ class ModelCache:
 
     def __init__(self, loader: Loader, device: str):
         self.loader, self.device, self.name, self.pipe = loader, device, object(), None
+
+    def holds(self, name: str | None) -> bool:
+        """True when model `name` is the one loaded (a job for it starts without loading)."""
+        return self.pipe is not None and name == self.name
 
     def get(self, name: str | None):
         """The pipeline of model `name` (None: the built-in), loaded unless it is the one held."""

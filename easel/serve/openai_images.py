@@ -22,10 +22,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from easel.pipelines.request import GenerationRequest
-from easel.serve.jobs import DONE, FAILED, Job, QueueFull
+from easel.serve.jobs import FAILED, Job, QueueFull
 from easel.serve.models import model_entries
 from easel.serve.preview import to_base64_png
-from easel.serve.schema import LimitError
+from easel.serve.schema import GENERATION_RESPONSES, LimitError
+from easel.serve.service import enqueue, failure
 
 log = logging.getLogger("easel.serve")
 PREFIX = "/v1/images"
@@ -62,6 +63,12 @@ class GenerationsBody(BaseModel):
     sampler: str | None = Field(None, description="easel extension: easel name or A1111 label")
 
 
+ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": ["string", "null"]},
+        "code": {"type": ["string", "null"]}}}}}
+
+
 class OpenAIError(Exception):
     """An error answered in OpenAI's shape."""
 
@@ -83,7 +90,12 @@ def router(app: FastAPI) -> APIRouter:
     schema = GenerationsBody.model_json_schema()
 
     @r.post("/generations", summary="Create images (OpenAI images API; b64_json only)", openapi_extra={
-        "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}})
+        "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}},
+        responses={status: {"description": d["description"], "content": {"application/json": {"schema": ERROR}}}
+                   for status, d in GENERATION_RESPONSES.items()} | {
+            404: {"description": "Unknown model", "content": {"application/json": {"schema": ERROR}}},
+            409: {"description": "Stopped before an image finished", "content": {"application/json": {
+                "schema": ERROR}}}})
     async def generations(request: Request) -> JSONResponse:
         try:
             return JSONResponse(await create(app, request))
@@ -99,15 +111,14 @@ async def create(app: FastAPI, request: Request) -> dict:
     model = _model(app.state.queue, body.model)
     job = _enqueue(app, req, model)
     from easel.serve.a1111 import wait_or_cancel
-    from easel.serve.app import failure
     await wait_or_cancel(request, job, app.state.queue)
     if job.state == FAILED:
         status, message = failure(job)
         raise OpenAIError(status, message, code=None if status == 400 else FAILED,
                           kind="invalid_request_error" if status == 400 else "server_error")
-    if job.state != DONE or not job.results:
-        raise OpenAIError(500, f"image generation did not finish ({job.state}): {job.error or 'no images'}",
-                          code=job.state, kind="server_error")
+    if not job.results:  # interrupted or cancelled (from another API) before an image was finished
+        raise OpenAIError(409, f"image generation stopped ({job.state}) before any image was finished",
+                          code=job.state)
     fmt = body.output_format or "png"
     data = await run_in_threadpool(lambda: [{"b64_json": encode(res, fmt, body.output_compression)}
                                             for res in job.results])
@@ -198,11 +209,10 @@ def _model(queue, name: str | None) -> str | None:
 
 def _enqueue(app: FastAPI, req: GenerationRequest, model: str | None) -> Job:
     """Queue through the server's limits; their errors in OpenAI's shape."""
-    from easel.serve.app import enqueue
     try:
         return enqueue(app, req, model)
     except LimitError as e:
-        raise OpenAIError(400, str(e), param=LIMIT_PARAMS.get(e.limit), code=e.limit) from None
+        raise OpenAIError(e.http_status, str(e), param=LIMIT_PARAMS.get(e.limit), code=e.limit) from None
     except QueueFull as e:
         raise OpenAIError(503, str(e), code="queue_full", kind="server_error",
                           headers={"Retry-After": str(e.retry_after)}) from None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 
 from PIL import Image
@@ -31,7 +32,7 @@ def _body_fields() -> dict:
 
 
 JobBody = create_model(
-    "JobBody", __config__=ConfigDict(extra="forbid", json_schema_extra={"example": {
+    "JobBody", __config__=ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra={"example": {
         "prompt": "a red star above a blue circle", "steps": 20, "seed": 42, "model": None}}),
     model=(str | None, Field(None, description="a name from GET /api/v1/models (default: the server's model)")),
     **_body_fields())
@@ -52,8 +53,26 @@ def request_from_body(body: dict) -> tuple[GenerationRequest, str | None]:
     return req, model
 
 
+ERROR_SCHEMA = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"],
+                "additionalProperties": True}
+COMMON_RESPONSES = {status: {"description": what, "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+                    for status, what in ((401, "Authentication required (--api-auth / --token)"),
+                                         (413, "Request body over --max-body-mb"))}
+GENERATION_RESPONSES = {status: {"description": what, "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+                        for status, what in ((400, "A bad value or a request over a limit; the message names it"),
+                                             (413, "Over --max-body-mb, or its estimated memory over --max-memory"),
+                                             (503, "The queue is full; retry after Retry-After seconds"))}
+NOT_FOUND = {404: {"description": "No such job", "content": {"application/json": {"schema": ERROR_SCHEMA}}}}
+
+MAX_MASK_BLUR = 256  # pixels; A1111's slider stops at 64, and a blur radius costs memory in proportion
+MAX_PROMPT_CHARS = 50_000  # all prompt fields together: each 75 tokens are one more text-encoder pass
+MAX_LORAS = 32  # LoRAs one request may apply (tags and `loras` together)
+
+
 class LimitError(ValueError):
     """A request over one of the server's limits; carries the limit's name, the value and the maximum."""
+
+    http_status = 400
 
     def __init__(self, limit: str, value, maximum, what: str):
         super().__init__(f"{what} is {value}, over this server's limit of {maximum} ({limit}); "
@@ -65,34 +84,90 @@ class LimitError(ValueError):
         return {"error": str(self), "limit": self.limit, "value": self.value, "max": self.maximum}
 
 
-def output_size(req: GenerationRequest) -> tuple[int | None, int | None]:
-    """The largest image a request makes (outpaint borders and hires upscale included); None: model default."""
-    w, h = req.width, req.height
-    if req.init_images and (w is None or h is None):
-        w, h = w or req.init_images[0].width, h or req.init_images[0].height
-    if w is None or h is None:
-        return w, h
-    w, h = w + req.outpaint_left + req.outpaint_right, h + req.outpaint_up + req.outpaint_down
-    if req.enable_hr:
-        w = req.hr_resize_x or int(w * req.hr_scale)
-        h = req.hr_resize_y or int(h * req.hr_scale)
+class MemoryLimit(LimitError):
+    """A request whose estimated peak memory is over the server's --max-memory (413: too large to run here)."""
+
+    http_status = 413
+
+    def __init__(self, message: str, estimate: int | None, maximum: int):
+        ValueError.__init__(self, message)
+        self.limit, self.value, self.maximum = "max_memory", estimate, maximum
+
+
+def base_size(req: GenerationRequest, default_size: int) -> tuple[int, int]:
+    """(width, height) of the first pass: the request's, else the init image's (keeping its aspect when one side
+    is given), else the model's default size."""
+    if req.init_images:
+        from easel.pipelines.img2img import default_size as edit_size
+        return edit_size(req.init_images[0].size, req.width, req.height)
+    return (default_size if req.width is None else req.width), (default_size if req.height is None else req.height)
+
+
+def final_size(req: GenerationRequest, default_size: int) -> tuple[int, int]:
+    """(width, height) of the images a request makes: after outpaint borders and the hires second pass."""
+    try:
+        from easel.pipelines.plan import final_size as planned
+        return planned(req, default_size)
+    except ImportError:
+        pass  # the sampling plan is not there yet: count it here the same way
+    w, h = base_size(req, default_size)
+    if req.mode == "outpaint":
+        from easel.pipelines.outpaint import margins
+        left, right, up, down = margins(req)
+        w, h = w + left + right, h + up + down
+    if req.mode == "txt2img" and req.enable_hr:
+        from easel.pipelines.hires import hires_size
+        w, h = hires_size(dataclasses.replace(req, width=w, height=h))
     return w, h
 
 
-def check_limits(req: GenerationRequest, settings) -> None:
-    """Raise LimitError when a request asks for more than `settings` allow (pixels, steps, images, inputs)."""
-    w, h = output_size(req)
-    if w is not None and h is not None and w * h > settings.max_pixels:
-        raise LimitError("max_pixels", w * h, settings.max_pixels, f"width x height ({w}x{h})")
+def check_limits(req: GenerationRequest, settings, config=None) -> None:
+    """Raise LimitError when a request asks for more than `settings` allow, counting what will run: the final
+    size (hires, outpaint), every batch, the steps of both passes. `config` is the model's (its default size and
+    batch fill unset fields); without it the smallest possible defaults are assumed, and the worker checks again
+    once the model is loaded."""
+    _check_finite(req)
+    size, batch = (config.default_size, config.default_batch) if config is not None else (8, 1)
+    for label, (w, h) in (("width x height", base_size(req, size)), ("final width x height", final_size(req, size))):
+        if w * h > settings.max_pixels:
+            raise LimitError("max_pixels", w * h, settings.max_pixels, f"{label} ({w}x{h})")
+    if req.seed_resize_from_w and req.seed_resize_from_h:
+        pixels = req.seed_resize_from_w * req.seed_resize_from_h
+        if pixels > settings.max_pixels:
+            raise LimitError("max_pixels", pixels, settings.max_pixels, "seed_resize_from_w x seed_resize_from_h")
     for name in ("steps", "hr_second_pass_steps"):
         if getattr(req, name) > settings.max_steps:
             raise LimitError("max_steps", getattr(req, name), settings.max_steps, name)
-    images = (req.batch_size or 1) * req.n_iter  # an unset batch size is the model's default, 1 to 4
+    images = (batch if req.batch_size is None else req.batch_size) * req.n_iter  # unset: the model's default batch
     if images > settings.max_batch:
         raise LimitError("max_batch", images, settings.max_batch, "batch_size x n_iter")
-    inputs = [*((f"init_images[{i}]", im) for i, im in enumerate(req.init_images)),
-              *((("mask", req.mask),) if req.mask is not None else ())]
-    for name, im in inputs:
-        if im.width * im.height > settings.max_input_pixels:
-            raise LimitError("max_input_pixels", im.width * im.height, settings.max_input_pixels,
+    _check_sizes(req)
+
+
+def _check_finite(req: GenerationRequest) -> None:
+    """NaN and infinity pass range checks written as comparisons (and JSON parsers accept them): refuse them."""
+    for f in dataclasses.fields(req):
+        value = getattr(req, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name} must be a finite number (got {value})")
+
+
+def _check_sizes(req: GenerationRequest) -> None:
+    """Bounds on the fields whose cost grows with their value."""
+    if req.mask_blur > MAX_MASK_BLUR:
+        raise LimitError("max_mask_blur", req.mask_blur, MAX_MASK_BLUR, "mask_blur")
+    if req.inpaint_full_res_padding > MAX_MASK_BLUR * 4:
+        raise LimitError("max_padding", req.inpaint_full_res_padding, MAX_MASK_BLUR * 4, "inpaint_full_res_padding")
+    chars = sum(len(getattr(req, f) or "") for f in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt"))
+    if chars > MAX_PROMPT_CHARS:
+        raise LimitError("max_prompt_chars", chars, MAX_PROMPT_CHARS, "the prompts' length in characters")
+    if len(req.loras) > MAX_LORAS:
+        raise LimitError("max_loras", len(req.loras), MAX_LORAS, "the number of loras")
+
+
+def check_inputs(images: list[tuple[str, Image.Image]], max_pixels: int) -> None:
+    """LimitError for an input image (opened, not yet decoded) of more than `max_pixels` pixels."""
+    for name, im in images:
+        if im.width * im.height > max_pixels:
+            raise LimitError("max_input_pixels", im.width * im.height, max_pixels,
                              f"{name} ({im.width}x{im.height}) pixel count")

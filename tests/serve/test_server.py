@@ -18,7 +18,8 @@ from tests.serve.conftest import builtin_pipe
 FAST = {"prompt": "a red star above a blue circle", "steps": 2, "batch_size": 1, "seed": 3}
 
 
-def wait_state(client: httpx.Client, job_id: str, states=("done", "failed", "cancelled"), timeout=60.0) -> dict:
+def wait_state(client: httpx.Client, job_id: str, states=("done", "failed", "cancelled", "interrupted"),
+               timeout=60.0) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         job = client.get(f"/api/v1/jobs/{job_id}").json()
@@ -125,7 +126,8 @@ def test_interrupt_and_progress(client):
     assert client.post("/api/v1/interrupt").json()["id"] == job_id
     job = wait_state(client, job_id)
     # The first batch finished; the interrupt landed in the second (or, on a stalled machine, the third).
-    assert job["state"] == "done" and 1 <= len(job["images"]) <= 2 and job["step"] < 36
+    assert job["state"] == "interrupted" and 1 <= len(job["images"]) <= 2 and job["step"] < 36
+    assert client.get(job["images"][0]).status_code == 200  # an interrupted job's finished images are served
     assert client.get("/api/v1/progress").json()["state"] == "idle"
     assert client.post("/api/v1/interrupt").json() == {"id": None}
 
@@ -202,7 +204,7 @@ def test_user_errors_are_400_and_server_errors_500_on_every_api(start_server, tm
     crashed = "RuntimeError: device lost"
     with httpx.Client(base_url=server.url, timeout=60) as c:
         r = c.post("/sdapi/v1/txt2img", json={**FAST, "loras": ["nope:0.8"]})
-        assert r.status_code == 400 and "LoRA 'nope' not found" in r.json()["error"]
+        assert r.status_code == 400 and "LoRA 'nope' is not one of this server's LoRAs" in r.json()["error"]
         empty = Image.new("L", (64, 64), 0)  # the real inpainting pipeline finds nothing to repaint
         r = c.post("/sdapi/v1/img2img", json={**FAST, "init_images": [b64_png(Image.new("RGB", (64, 64)))],
                                               "mask": b64_png(empty)})
@@ -217,8 +219,9 @@ def test_user_errors_are_400_and_server_errors_500_on_every_api(start_server, tm
         err = r.json()["error"]
         assert r.status_code == 500 and (err["type"], err["code"]) == ("server_error", "failed")
         assert crashed in err["message"]
-        for body, kind, status in (({**FAST, "loras": ["nope:1"]}, "user", 400), ({**FAST, "prompt": "crash"},
-                                                                                "server", 500)):
+        assert c.post("/api/v1/jobs", json={**FAST, "loras": ["nope:1"]}).status_code == 400  # refused, not queued
+        masked = {**FAST, "init_images": [b64_png(Image.new("RGB", (64, 64)))], "mask": b64_png(empty)}
+        for body, kind, status in ((masked, "user", 400), ({**FAST, "prompt": "crash"}, "server", 500)):
             job = wait_state(c, c.post("/api/v1/jobs", json=body).json()["id"])
             assert (job["state"], job["error_kind"]) == ("failed", kind)
             image = c.get(f"/api/v1/jobs/{job['id']}/images/0.png")  # asking for its image tells the failure
