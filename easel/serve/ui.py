@@ -26,7 +26,8 @@ from easel.pipelines.request import HR_UPSCALERS, INPAINTING_FILLS, PREVIEW_MODE
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 # The only files /ui/<name> serves (a fixed list, so no request can reach outside the folder).
 ASSETS = {"ui.css": "text/css", "ui.js": "text/javascript", "canvas.js": "text/javascript",
-          "gallery.js": "text/javascript", "form.js": "text/javascript"}
+          "gallery.js": "text/javascript", "form.js": "text/javascript", "jobs.js": "text/javascript"}
+PROMPT_CHARS = 200  # of each job's prompt in the queue list (the full prompt is in its images' parameters)
 _NOT_FORM_FIELDS = ("dtype", "device", "extra", "init_images", "mask")  # set by the server or by the page itself
 
 
@@ -44,12 +45,20 @@ def router(app: FastAPI) -> APIRouter:
     def config() -> dict:
         return ui_config(app)
 
+    @r.get("/ui/jobs", summary="Every remembered job, oldest first, as the web UI's queue shows it")
+    def jobs(full: bool = False) -> list[dict]:
+        # full=true (once, when the page loads) adds each finished image's parameters and A1111 text.
+        queue = app.state.queue
+        return [ui_job(job, queue, full) for job in queue.jobs()]
+
+    @r.get("/ui/jobs/{job_id}", summary="One job as the web UI shows it, with its images' parameters and texts")
+    def job(job_id: str) -> dict:
+        return ui_job(_find(app, job_id), app.state.queue, full=True)
+
     @r.get("/ui/jobs/{job_id}/infotext", summary="A1111 parameters text of each image of a finished job")
     def infotexts(job_id: str) -> dict:
         from easel.pipelines.metadata import infotext
-        job = app.state.queue.get(job_id)
-        if job is None:
-            raise HTTPException(404, f"no job {job_id!r} (unknown, or finished long enough ago to be forgotten)")
+        job = _find(app, job_id)
         return {"id": job.id, "infotexts": [infotext(r.params) for r in job.results]}
 
     @r.post("/ui/png-info", summary="The generation parameters stored in an image (the request body is the file)")
@@ -64,6 +73,28 @@ def router(app: FastAPI) -> APIRouter:
         return FileResponse(STATIC_DIR / name, media_type=ASSETS[name], headers={"Cache-Control": "no-cache"})
 
     return r
+
+
+def _find(app: FastAPI, job_id: str):
+    job = app.state.queue.get(job_id)
+    if job is None:
+        raise HTTPException(404, f"no job {job_id!r} (unknown, or finished long enough ago to be forgotten)")
+    return job
+
+
+def ui_job(job, queue, full: bool = False) -> dict:
+    """A job as a row of the queue list (state, progress, prompt); `full` adds its images, their parameters
+    and A1111 texts (what the gallery shows)."""
+    from easel.serve.api import PREFIX
+    out = {"id": job.id, "state": job.state, "mode": job.request.mode, "prompt": job.request.prompt[:PROMPT_CHARS],
+           "step": job.step, "total": job.total, "eta_s": job.eta_s(), "position": queue.position(job),
+           "created": job.created, "started": job.started, "finished": job.finished, "error": job.error,
+           "n_images": len(job.results)}
+    if full:
+        from easel.pipelines.metadata import infotext
+        out.update(images=[f"{PREFIX}/jobs/{job.id}/images/{i}.png" for i in range(len(job.results))],
+                   params=[r.params for r in job.results], infotexts=[infotext(r.params) for r in job.results])
+    return out
 
 
 def page_html(token: str | None = None) -> str:

@@ -1,5 +1,6 @@
 """The web UI end to end in a real headless browser (Debian's chromium driven by Playwright) against a real
-server on the built-in model: generate, paint a mask and inpaint, img2img/outpaint, cancel, PNG info."""
+server on the built-in model: generate, paint a mask and inpaint, img2img/outpaint, cancel, PNG info, the queue
+and reloads, the phone layout, keyboard tabs, the full-size view and the LoRA picker."""
 from __future__ import annotations
 
 import base64
@@ -39,20 +40,31 @@ def browser():
         b.close()
 
 
-@pytest.fixture
-def ui(browser, start_server):
-    """(page, server): the UI open and ready on a fresh server; fails the test on any script error."""
-    server = start_server()
-    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+def open_ui(browser, server, viewport=(1280, 1000)):
+    """(context, page, errors): the UI open and ready; `errors` collects script errors and failed requests."""
+    context = browser.new_context(viewport={"width": viewport[0], "height": viewport[1]})
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(f"uncaught: {e}"))
     page.on("console", lambda m: errors.append(f"console: {m.text}") if m.type == "error" else None)
     page.goto(server.url + "/")
     page.wait_for_selector("body[data-ready=true]")
+    return context, page, errors
+
+
+@pytest.fixture
+def ui(browser, start_server):
+    """(page, server): the UI open and ready on a fresh server; fails the test on any script error."""
+    server = start_server()
+    context, page, errors = open_ui(browser, server)
     yield page, server
     context.close()
     assert not errors, f"the page reported errors: {errors}"
+
+
+def reload(page) -> None:
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
 
 
 def generate(page, timeout_s: float = 90) -> str:
@@ -85,6 +97,7 @@ def test_txt2img_generates_and_shows_parameters(ui):
     page.fill("#steps", "2")
     page.fill("#batch_size", "2")
     page.fill("#seed", "1234")
+    assert page.is_hidden("#queue-view")  # nothing queued or finished yet
     job_id = generate(page)
 
     job = server.queue.get(job_id)
@@ -102,6 +115,23 @@ def test_txt2img_generates_and_shows_parameters(ui):
     assert page.input_value("#seed") == "-1"
     page.click("#seed-reuse")
     assert page.input_value("#seed") == "1235"
+    row = page.locator("#queue-list li").first  # the finished job, listed in the queue view
+    assert (row.get_attribute("data-state"), row.locator(".job-text").inner_text(),
+            row.locator(".detail").inner_text()) == ("done", PROMPT, "2 image(s)")
+
+    # The full-size view: a modal dialog; arrows move through the results, Esc closes it and focus returns.
+    page.click("#open-full")
+    page.wait_for_selector("#lightbox[open]")
+    assert page.get_attribute("#lightbox-image", "src") == page.get_attribute("#selected-image", "src")
+    assert page.locator("#lightbox-image").bounding_box()["width"] > 500  # larger than the 384 px viewer
+    assert page.evaluate("document.activeElement.id") == "lightbox-close"
+    assert page.inner_text("#lightbox-caption").startswith("Seed 1235")
+    page.keyboard.press("ArrowRight")
+    assert page.inner_text("#lightbox-caption").startswith("Seed 1234")
+    page.keyboard.press("Escape")
+    page.wait_for_selector("#lightbox", state="hidden")
+    assert page.evaluate("document.activeElement.id") == "open-full"
+    assert "Seed: 1234" in page.inner_text("#infotext")  # the view follows what the lightbox showed
 
     page.click("#send-inpaint")  # the image and its prompt go to the inpaint tab
     page.wait_for_selector("#tabs [data-tab=inpaint][aria-selected=true]")
@@ -110,7 +140,8 @@ def test_txt2img_generates_and_shows_parameters(ui):
 
 
 def test_hires_fix_and_lora_picker(browser, start_server, tmp_path, monkeypatch):
-    """Hires options and a LoRA picked from the server's list reach the request (and the job runs them)."""
+    """Hires options reach the request; a LoRA picked from the server's list is written into the prompt as
+    <lora:name:weight> (so the PNG's parameters carry it for A1111/civitai), its chip edits and removes the tag."""
     import torch
 
     from easel.weights.lora import save_lora
@@ -123,26 +154,33 @@ def test_hires_fix_and_lora_picker(browser, start_server, tmp_path, monkeypatch)
         config=model.config)
     monkeypatch.setenv("EASEL_LORA_DIRS", str(tmp_path))
     server = start_server()
-    page = browser.new_page()
-    page.goto(server.url + "/")
-    page.wait_for_selector("body[data-ready=true]")
+    context, page, errors = open_ui(browser, server)
     assert page.is_disabled("#hr_scale")  # greyed out until hires fix is on
     page.check("#enable_hr")
     page.fill("#hr_scale", "1.5")
     page.fill("#hr_second_pass_steps", "2")
-    page.select_option("#lora-pick", "tinystyle")
-    page.fill("#lora-weight", "0.5")
-    page.click("#lora-add")
-    assert page.inner_text("#lora-list").startswith("tinystyle")
     page.fill("#prompt", PROMPT)
+    page.select_option("#lora-pick", "tinystyle")
+    page.fill("#lora-weight", "0.8")
+    page.click("#lora-add")
+    assert page.input_value("#prompt") == PROMPT + " <lora:tinystyle:0.8>"
+    assert page.inner_text("#lora-list").startswith("tinystyle")
+    page.fill("#lora-list input", "0.5")  # the chip's weight rewrites the tag in place
+    page.dispatch_event("#lora-list input", "change")
+    assert page.input_value("#prompt") == PROMPT + " <lora:tinystyle:0.5>"
     page.fill("#steps", "2")
     page.fill("#batch_size", "1")
     job = server.queue.get(generate(page))
-    page.close()
     assert job.state == "done", job.error
     assert job.request.enable_hr and (job.request.hr_scale, job.request.hr_second_pass_steps) == (1.5, 2)
-    assert job.request.loras == ["tinystyle:0.5"]
+    assert job.request.prompt == PROMPT + " <lora:tinystyle:0.5>" and not job.request.loras
     assert job.results[0].image.size == (96, 96)
+    assert page.inner_text("#infotext").startswith(PROMPT + " <lora:tinystyle:0.5>")
+    page.click("#lora-list button")  # removing the chip removes the tag
+    assert page.input_value("#prompt") == PROMPT and page.locator("#lora-list li").count() == 0
+    context.close()
+    assert not errors, errors
+
 
 def paint(page, selector: str, strokes: list[tuple[float, float, float, float]]) -> None:
     """Drag the mouse over an element along strokes given as fractions (x0, y0, x1, y1) of its box."""
@@ -217,7 +255,8 @@ def test_cancel_running_job_with_live_progress(ui):
     page.click("#generate")
     page.wait_for_function("document.getElementById('progress-text').textContent.includes('ETA')", timeout=60000)
     page.wait_for_selector("#preview[src^='data:image/png']")  # a live preview arrived over server-sent events
-    assert page.is_disabled("#generate") and page.is_enabled("#cancel")
+    assert page.is_enabled("#cancel")
+    assert page.is_enabled("#generate")  # another click would queue another job
     page.click("#cancel")
     page.wait_for_selector("body[data-finished]", timeout=60000)
 
@@ -225,6 +264,7 @@ def test_cancel_running_job_with_live_progress(ui):
     assert job.state == "cancelled" and job.step < job.total
     assert page.inner_text("#progress-text").startswith("Cancelled")
     assert page.is_enabled("#generate") and page.is_disabled("#cancel")
+    assert page.get_attribute("#queue-list li", "data-state") == "cancelled"
 
 
 def test_png_info_of_a_dropped_generated_image(ui):
@@ -283,3 +323,105 @@ def test_page_works_behind_a_token(browser, start_server):
     page.wait_for_function("document.getElementById('selected-image').naturalWidth === 64")
     context.close()
     assert not failed, failed
+
+
+def job_rows(page) -> list[tuple[str, str]]:
+    """(state, job id) of each row of the queue list, top to bottom."""
+    return page.eval_on_selector_all("#queue-list li", "rows => rows.map((r) => [r.dataset.state, r.dataset.id])")
+
+
+def test_queue_survives_reloads(ui):
+    """Several jobs queue up; a reload keeps the form, follows the running job again and lists the queue;
+    each job cancels from its row; finished jobs' images are back in the gallery after the next reload."""
+    page, server = ui
+    page.fill("#prompt", PROMPT)
+    page.fill("#negative_prompt", "green")
+    page.fill("#steps", "150")  # a long first job, so the others wait behind it
+    page.fill("#batch_size", "4")
+    page.click("#generate")
+    page.fill("#steps", "2")
+    page.fill("#batch_size", "1")
+    page.fill("#seed", "99")
+    page.click("#generate")
+    page.wait_for_function("document.querySelectorAll('#queue-list li').length === 2")
+    page.click("#generate")
+    page.wait_for_function("document.querySelectorAll('#queue-list li').length === 3")
+    long_id = page.get_attribute("body", "data-job")
+    page.wait_for_function("document.getElementById('progress-text').textContent.startsWith('Step')", timeout=60000)
+
+    reload(page)
+    assert (page.input_value("#prompt"), page.input_value("#negative_prompt")) == (PROMPT, "green")
+    assert (page.input_value("#steps"), page.input_value("#batch_size"), page.input_value("#seed")) == ("2", "1", "99")
+    rows = job_rows(page)
+    assert [state for state, _ in rows] == ["running", "queued", "queued"] and rows[0][1] == long_id
+    assert page.get_attribute("body", "data-job") == long_id and page.is_enabled("#cancel")
+    page.wait_for_function("document.getElementById('progress-text').textContent.startsWith('Step')", timeout=60000)
+    assert "1 running \u00b7 2 queued" in page.inner_text("#queue-counts")
+
+    last = rows[2][1]
+    page.click(f"#queue-list li[data-id='{last}'] .job-cancel")  # a queued job: removed from the queue
+    page.wait_for_selector(f"#queue-list li[data-id='{last}'][data-state=cancelled]")
+    page.click("#cancel")  # the running job (the one in the progress bar)
+    middle = rows[1][1]
+    page.wait_for_function("id => document.body.dataset.finished === id", arg=middle, timeout=60000)
+    states = {i: server.queue.get(i).state for i in (long_id, middle, last)}
+    assert states == {long_id: "cancelled", middle: "done", last: "cancelled"}
+    assert page.is_disabled("#cancel")
+
+    reload(page)
+    assert page.locator(f"#gallery .thumb[data-job='{middle}']").count() == 1
+    assert len(server.queue.get(long_id).results) == page.locator(f"#gallery .thumb[data-job='{long_id}']").count()
+    assert [state for state, _ in job_rows(page)] == ["cancelled", "done", "cancelled"]
+    assert page.get_attribute("#gallery .thumb.selected", "data-job") == middle and page.is_visible("#open-full")
+
+
+def test_tabs_follow_the_arrow_keys(ui):
+    """WAI-ARIA tabs: one tab in the Tab order; Left/Right (wrapping), Home and End select and focus."""
+    page, _ = ui
+
+    def selected():
+        tabs = page.eval_on_selector_all("#tabs [role=tab]", "ts => ts.map((t) => [t.dataset.tab, "
+                                         "t.getAttribute('aria-selected'), t.tabIndex])")
+        on = [name for name, sel, _ in tabs if sel == "true"]
+        assert len(on) == 1 and [name for name, _, index in tabs if index == 0] == on  # roving tabindex
+        assert page.evaluate("document.activeElement.dataset.tab") == on[0]
+        return on[0]
+
+    page.focus("#tab-txt2img")
+    for key, want in [("ArrowRight", "img2img"), ("ArrowRight", "inpaint"), ("End", "pnginfo"),
+                      ("ArrowRight", "txt2img"), ("ArrowLeft", "pnginfo"), ("Home", "txt2img"),
+                      ("ArrowLeft", "pnginfo"), ("ArrowLeft", "outpaint")]:
+        page.keyboard.press(key)
+        assert selected() == want, key
+    assert page.is_visible("#outpaint_left") and page.get_attribute("#generate-view", "aria-labelledby") == "tab-outpaint"
+    page.keyboard.press("Tab")  # out of the tab list, into the panel
+    assert page.evaluate("document.activeElement.getAttribute('role')") != "tab"
+    reload(page)  # the tab is part of what a reload keeps
+    assert page.get_attribute("#tab-outpaint", "aria-selected") == "true"
+
+
+def test_phone_layout(browser, start_server):
+    """At 390x844: nothing wider than the screen, every tab on it, the result right under the Generate button."""
+    server = start_server()
+    context, page, errors = open_ui(browser, server, viewport=(390, 844))
+    width = 390
+
+    def assert_fits():
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+        for box in (page.locator("#tabs [role=tab]").nth(i).bounding_box() for i in range(5)):
+            assert box["x"] >= 0 and box["x"] + box["width"] <= width, box
+
+    assert_fits()
+    page.fill("#prompt", PROMPT)
+    page.fill("#steps", "2")
+    page.fill("#batch_size", "2")
+    generate(page)
+    page.wait_for_function("document.getElementById('selected-image').naturalWidth === 64")
+    assert_fits()
+    button, image = page.locator("#generate").bounding_box(), page.locator("#selected-image").bounding_box()
+    assert image["y"] > button["y"] and image["y"] + image["height"] <= 844, (button, image)  # seen without scrolling
+    for tab in ("inpaint", "outpaint", "pnginfo"):
+        page.click(f"#tab-{tab}")
+        assert_fits()
+    context.close()
+    assert not errors, errors

@@ -45,7 +45,10 @@ function setOptions(select, items, selected) {
 export function initForm(config, samplers, schedulers) {
   const d = config.defaults;
   setOptions($("sampler"), samplers.map((s) => ({ value: s.name, label: s.label })), d.sampler);
-  setOptions($("scheduler"), schedulers.map((s) => ({ value: s.name, label: s.label })), d.scheduler);
+  const schedules = schedulers.map((s) => ({ value: s.name, label: s.label }));
+  // No default scheduler: each sampler's own (A1111's "Automatic"), sent as no scheduler at all.
+  if (d.scheduler == null) schedules.unshift({ value: "", label: "Sampler's default" });
+  setOptions($("scheduler"), schedules, d.scheduler ?? "");
   const plain = (names) => names.map((n) => ({ value: n, label: n.replaceAll("_", " ") }));
   setOptions($("hr_upscaler"), plain(config.choices.hr_upscaler), d.hr_upscaler);
   setOptions($("inpainting_fill"), plain(config.choices.inpainting_fill), d.inpainting_fill);
@@ -80,6 +83,7 @@ function fieldValue(element) {
   if (element.type === "number" || element.type === "range") {
     return element.value.trim() === "" ? undefined : Number(element.value);
   }
+  if (element.tagName === "SELECT" && element.value === "") return undefined;  // "" options: left to the server
   return element.value;
 }
 
@@ -116,9 +120,13 @@ export function writeForm(fields) {
   if (Array.isArray(fields.loras)) setLoras(fields.loras);
 }
 
-// -- LoRA picker: the chosen files, each with a weight, sent as loras: ["name:weight", ...] -------------------
+// -- LoRA picker: writes <lora:name:weight> into the prompt, as A1111 does, so that the PNG's parameters text
+// carries it and A1111/civitai re-apply it. The chips below the picker show the prompt's tags, editable.
+const LORA_TAG = /<(lora|lyco):([^:>]+)(?::([^>]*))?>/gi;
+
 export function initLoras(entries) {
   const pick = $("lora-pick");
+  $("prompt").addEventListener("input", renderLoraChips);
   if (!entries.length) {
     setOptions(pick, [{ value: "", label: "(no LoRA files in the LoRA folders)" }], "");
     pick.disabled = $("lora-add").disabled = $("lora-weight").disabled = true;
@@ -128,30 +136,89 @@ export function initLoras(entries) {
   $("lora-add").addEventListener("click", () => addLora(pick.value, Number($("lora-weight").value || 1)));
 }
 
+// The prompt's LoRA tags: [{name, weight (text as written), index, length}].
+export function loraTags(prompt) {
+  return [...prompt.matchAll(LORA_TAG)].map((m) => ({ name: m[2], weight: m[3] ?? "1", index: m.index,
+                                                      length: m[0].length }));
+}
+
+function setPrompt(text) {
+  const prompt = $("prompt");
+  prompt.value = text;
+  prompt.dispatchEvent(new Event("input"));
+}
+
+// Put <lora:name:weight> into the prompt (or change the weight of the tag already there).
 export function addLora(name, weight) {
   if (!name) return;
-  const existing = [...$("lora-list").children].find((li) => li.dataset.name === name);
-  if (existing) { existing.querySelector("input").value = weight; return; }
-  const li = document.createElement("li");
-  li.dataset.name = name;
-  const w = Object.assign(document.createElement("input"), { type: "number", step: "0.05", value: weight });
-  w.setAttribute("aria-label", `weight of ${name}`);
-  const remove = Object.assign(document.createElement("button"), { type: "button", textContent: "\u00d7",
-                                                                    title: "Remove" });
-  remove.addEventListener("click", () => li.remove());
-  li.append(name + " ", w, remove);
-  $("lora-list").append(li);
+  const text = $("prompt").value;
+  const tag = `<lora:${name}:${weight}>`;
+  const existing = loraTags(text).find((t) => t.name === name);
+  if (existing) setPrompt(text.slice(0, existing.index) + tag + text.slice(existing.index + existing.length));
+  else setPrompt(text + (text && !/\s$/.test(text) ? " " : "") + tag);
 }
 
-export function selectedLoras() {
-  return [...$("lora-list").children].map((li) => `${li.dataset.name}:${li.querySelector("input").value || 1}`);
+function removeLora(name) {
+  const t = loraTags($("prompt").value).find((x) => x.name === name);
+  if (!t) return;
+  const text = $("prompt").value;
+  setPrompt((text.slice(0, t.index).replace(/[ ,]*$/, "") + " " + text.slice(t.index + t.length).replace(/^[ ,]*/, "")).trim());
 }
 
+function renderLoraChips() {
+  const chips = loraTags($("prompt").value).map(({ name, weight }) => {
+    const li = document.createElement("li");
+    li.dataset.name = name;
+    const w = Object.assign(document.createElement("input"), { type: "number", step: "0.05", value: weight });
+    w.setAttribute("aria-label", `weight of ${name}`);
+    w.addEventListener("change", () => addLora(name, w.value || 1));
+    const remove = Object.assign(document.createElement("button"), { type: "button", textContent: "\u00d7",
+                                                                      title: "Remove from the prompt" });
+    remove.setAttribute("aria-label", `remove ${name}`);
+    remove.addEventListener("click", () => { $("lora-pick").focus(); removeLora(name); });  // focus: not lost
+    li.append(name + " ", w, remove);
+    return li;
+  });
+  const list = $("lora-list");
+  if (list.contains(document.activeElement) && document.activeElement.tagName === "INPUT") return;  // typing
+  list.replaceChildren(...chips);
+}
+
+// LoRAs given as a list (an easel PNG made through the API's `loras` field) become prompt tags.
 function setLoras(specs) {
-  $("lora-list").replaceChildren();
   for (const spec of specs) {
     const at = spec.lastIndexOf(":");
     const weight = at > 0 ? Number(spec.slice(at + 1)) : NaN;
     if (Number.isNaN(weight)) addLora(spec, 1); else addLora(spec.slice(0, at), weight);
   }
+}
+
+// -- the form survives a reload: every field, the tab and the model, in localStorage ---------------------------
+const STORE_KEY = "easel.form";
+
+// Save what the user set; called on every change (a few hundred bytes: cheap enough to write each time).
+export function saveForm(mode) {
+  const fields = {};
+  for (const element of document.querySelectorAll("[data-field]")) {
+    // As typed (a blank number stays blank: "left to the server" survives the reload too).
+    fields[element.dataset.field] = element.type === "checkbox" ? element.checked : element.value;
+  }
+  try {
+    localStorage.setItem(STORE_KEY, JSON.stringify({ mode, model: $("model").value, fields }));
+  } catch (e) { /* storage full or disabled (private mode): the form just will not survive a reload */ }
+}
+
+// The saved {mode, model, fields} (null when nothing was saved or it cannot be read).
+export function restoreForm() {
+  let saved = null;
+  try { saved = JSON.parse(localStorage.getItem(STORE_KEY) || "null"); } catch (e) { return null; }
+  if (!saved || typeof saved !== "object" || typeof saved.fields !== "object") return null;
+  writeForm(saved.fields);
+  const model = $("model");
+  if ([...model.options].some((o) => o.value === saved.model)) model.value = saved.model;
+  return saved;
+}
+
+export function forgetForm() {
+  try { localStorage.removeItem(STORE_KEY); } catch (e) { /* nothing saved */ }
 }

@@ -1,5 +1,5 @@
-// Progress bar with live previews, and the gallery of results with each image's parameters.
-import { $, api, apiUrl } from "./form.js";
+// Progress bar with live previews, the gallery of results with each image's parameters, and the full-size view.
+import { $, apiUrl } from "./form.js";
 
 const MAX_KEPT = 200;  // images kept in the page's gallery (the server keeps its own finished jobs)
 const results = [];    // newest first: {jobId, index, url, params, infotext}
@@ -20,7 +20,7 @@ export function showProgress(p) {
   $("progress-fill").style.width = `${(fraction * 100).toFixed(1)}%`;
   let text;
   if (p.state === "queued") text = p.position ? `Queued: ${p.position} job(s) ahead` : "Queued: next";
-  else if (p.state === "running" && !p.step) text = "Starting (loading the model the first time)\u2026";
+  else if (p.state === "running" && !p.step) text = "Starting\u2026";
   else if (p.state === "running") {
     text = `Step ${p.step}/${p.total}`;
     if (p.eta_s != null) text += ` \u00b7 ETA ${formatSeconds(p.eta_s)}`;
@@ -39,32 +39,35 @@ export function showPreview(base64png) {
   const img = $("preview");
   img.src = "data:image/png;base64," + base64png;
   img.hidden = false;
-  $("selected-image").hidden = true;
+  $("open-full").hidden = true;
   $("viewer-empty").hidden = true;
 }
 
 export function clearPreview() {
   $("preview").hidden = true;
   $("preview").removeAttribute("src");
-  if (selected) $("selected-image").hidden = false;
+  if (selected) $("open-full").hidden = false;
 }
 
-// The images of a finished job (the `done` event), with their A1111 parameters text, at the gallery's front.
-export async function addJobResults(job) {
+// The images of a finished job as /ui/jobs/{id} gives them (URLs, parameters, A1111 texts), at the gallery's
+// front; `show` selects its first image (jobs loaded with the page are added without stealing the view).
+export function addJobResults(job, show = true) {
   if (!job.images || !job.images.length) return [];
-  let infotexts = [];
-  try {
-    infotexts = (await api(`/ui/jobs/${job.id}/infotext`)).infotexts;
-  } catch (e) { /* the parameters are still shown from the JSON below */ }
   const added = job.images.map((url, i) => ({
-    jobId: job.id, index: i, url, params: job.params[i] || {},
-    infotext: infotexts[i] || JSON.stringify(job.params[i] || {}, null, 1),
+    jobId: job.id, index: i, url, params: (job.params || [])[i] || {},
+    infotext: (job.infotexts || [])[i] || JSON.stringify((job.params || [])[i] || {}, null, 1),
   }));
   results.unshift(...added);
   results.length = Math.min(results.length, MAX_KEPT);
   renderGallery();
-  select(added[0]);
+  if (show || !selected) select(added[0]);
   return added;
+}
+
+// Show the first image of a job (a click on a finished job in the queue list).
+export function showJob(jobId) {
+  const r = results.find((x) => x.jobId === jobId && x.index === 0);
+  if (r) select(r);
 }
 
 function renderGallery() {
@@ -81,27 +84,76 @@ function renderGallery() {
     return button;
   });
   $("gallery").replaceChildren(...thumbs);
+  if (selected) markSelected();
 }
+
+const isSmall = (r) => Math.max(r.params.width || 0, r.params.height || 0) < 256;  // drawn with whole pixels
 
 function select(r) {
   selected = r;
   const img = $("selected-image");
   img.src = apiUrl(r.url);
-  img.hidden = !$("preview").hidden;
-  img.classList.toggle("pixelated", Math.max(r.params.width || 0, r.params.height || 0) < 256);
+  img.alt = `result ${r.index + 1}, seed ${r.params.seed}: open full size`;
+  img.classList.toggle("pixelated", isSmall(r));
+  $("open-full").hidden = !$("preview").hidden;
   $("viewer-empty").hidden = true;
   $("infotext").textContent = r.infotext;
   $("image-info").hidden = false;
   const download = $("download");
   download.href = apiUrl(r.url);
   download.download = `easel-${r.params.seed ?? r.jobId}-${r.index}.png`;
+  markSelected();
+  if ($("lightbox").open) showFull(r);
+}
+
+function markSelected() {
   for (const thumb of $("gallery").children) {
-    thumb.classList.toggle("selected", thumb.dataset.job === r.jobId && Number(thumb.dataset.index) === r.index);
+    const on = thumb.dataset.job === selected.jobId && Number(thumb.dataset.index) === selected.index;
+    thumb.classList.toggle("selected", on);
+    thumb.setAttribute("aria-pressed", String(on));
   }
+}
+
+// -- full-size view: a modal <dialog> (focus stays inside; Esc closes it natively) --------------------------
+function showFull(r) {
+  const img = $("lightbox-image");
+  img.src = apiUrl(r.url);
+  img.alt = `result ${r.index + 1} of job ${r.jobId}`;
+  img.classList.toggle("pixelated", isSmall(r));
+  const size = r.params.width ? ` \u00b7 ${r.params.width}\u00d7${r.params.height}` : "";
+  $("lightbox-caption").textContent = `Seed ${r.params.seed}${size} \u00b7 ${results.indexOf(r) + 1}/${results.length}`;
+}
+
+function openFull() {
+  if (!selected) return;
+  showFull(selected);
+  $("lightbox").showModal();
+  $("lightbox-close").focus();
+}
+
+function step(delta) {
+  const i = results.indexOf(selected);
+  if (i < 0 || !results.length) return;
+  select(results[(i + delta + results.length) % results.length]);
+}
+
+function initLightbox() {
+  const box = $("lightbox");
+  $("open-full").addEventListener("click", openFull);
+  $("lightbox-close").addEventListener("click", () => box.close());
+  $("lightbox-prev").addEventListener("click", () => step(-1));
+  $("lightbox-next").addEventListener("click", () => step(1));
+  box.addEventListener("click", (e) => { if (e.target === box) box.close(); });  // a click on the backdrop
+  box.addEventListener("keydown", (e) => {
+    if (e.key === "ArrowLeft") step(-1);
+    else if (e.key === "ArrowRight") step(1);
+  });
+  box.addEventListener("close", () => $("open-full").focus());  // back where the user was
 }
 
 // The "send to ..." buttons under the selected image call onSend(target, result).
 export function initGallery(onSend) {
+  initLightbox();
   for (const target of ["img2img", "inpaint", "outpaint"]) {
     $(`send-${target}`).addEventListener("click", () => { if (selected) onSend(target, selected); });
   }

@@ -1,14 +1,14 @@
 // easel's web UI: tabs, generate / cancel over the native API (/api/v1) and its server-sent events, PNG info.
-import { $, api, apiUrl, initForm, initLoras, inMode, readForm, selectedLoras, writeForm } from "./form.js";
+import { $, api, apiUrl, forgetForm, initForm, initLoras, inMode, readForm, restoreForm, saveForm,
+         writeForm } from "./form.js";
 import { clearSource, hasSource, initMaskBrush, maskDataUrl, maskEmpty, render, setSource,
          sourceDataUrl } from "./canvas.js";
-import { addJobResults, clearPreview, initGallery, lastResult, selectedResult, setProgressText, showPreview,
-         showProgress } from "./gallery.js";
+import { initGallery, lastResult, selectedResult, setProgressText } from "./gallery.js";
+import { cancelJob, currentJob, loadJobs, submitted } from "./jobs.js";
 
 const EDIT_MODES = ["img2img", "inpaint", "outpaint"];
 const SENT_PARAMS = ["prompt", "negative_prompt", "sampler", "scheduler", "steps", "cfg_scale"];
 let mode = "txt2img";
-let running = null;  // {id, events: EventSource | null, done: bool}
 let pngInfo = null;  // {file, request} of the image in the PNG info tab
 
 function showError(message) {
@@ -17,21 +17,38 @@ function showError(message) {
   box.hidden = !message;
 }
 
-// -- tabs -----------------------------------------------------------------------------------------------------
+// -- tabs (WAI-ARIA tabs pattern: the selected tab alone is in the Tab order; arrows, Home, End move) --------
+const tabs = () => [...document.querySelectorAll("#tabs [role=tab]")];
+
 function setMode(next) {
   mode = next;
-  for (const tab of document.querySelectorAll("#tabs [role=tab]")) {
-    tab.setAttribute("aria-selected", String(tab.dataset.tab === next));
+  for (const tab of tabs()) {
+    const on = tab.dataset.tab === next;
+    tab.setAttribute("aria-selected", String(on));
+    tab.tabIndex = on ? 0 : -1;
   }
   document.body.dataset.mode = next;
   $("pnginfo-view").hidden = next !== "pnginfo";
   $("generate-view").hidden = next === "pnginfo";
   if (next === "pnginfo") return;
+  $("generate-view").setAttribute("aria-labelledby", `tab-${next}`);
   for (const element of document.querySelectorAll("#generate-view [data-modes]")) {
     element.hidden = !element.dataset.modes.split(" ").includes(next);
   }
   render(next);
   syncDisabled();
+  saveForm(mode);
+}
+
+function tabKeys(e) {
+  const all = tabs();
+  const i = all.indexOf(e.target);
+  const target = { ArrowLeft: i - 1, ArrowRight: i + 1, Home: 0, End: all.length - 1 }[e.key];
+  if (i < 0 || target === undefined) return;
+  e.preventDefault();
+  const tab = all[(target + all.length) % all.length];  // Left from the first wraps to the last, and back
+  setMode(tab.dataset.tab);
+  tab.focus();
 }
 
 // Fields that the request would ignore are greyed out: hires options without hires fix, the size of an
@@ -43,11 +60,9 @@ function syncDisabled() {
   $("width").disabled = $("height").disabled = keepSize;
 }
 
-// -- generating -----------------------------------------------------------------------------------------------
+// -- generating: each click queues a job; the queue list and the progress bar follow them ---------------------
 function buildRequest() {
-  const body = readForm(mode);
-  const loras = selectedLoras();
-  if (loras.length) body.loras = loras;
+  const body = readForm(mode);  // LoRAs travel as <lora:...> tags inside the prompt
   const model = $("model");
   if (model.value && !model.selectedOptions[0].dataset.default) body.model = model.value;
   if (EDIT_MODES.includes(mode)) {
@@ -67,87 +82,28 @@ function buildRequest() {
 }
 
 async function generate() {
-  if (running) return;
   showError("");
   let body;
   try { body = buildRequest(); } catch (e) { showError(e.message); return; }
-  setRunning(true);
-  setProgressText("Submitting\u2026", "submitting");
+  saveForm(mode);
+  const button = $("generate");
+  button.disabled = true;  // only while submitting: one click, one job
+  if (!currentJob()) setProgressText("Submitting\u2026", "submitting");
   try {
-    const job = await api("/api/v1/jobs", { method: "POST", json: body });
-    running = { id: job.id, events: null, done: false };
-    document.body.dataset.job = job.id;
-    follow(job.id);
+    submitted(await api("/api/v1/jobs", { method: "POST", json: body }));
   } catch (e) {
     showError(e.message);
-    setProgressText("Not started", "failed");
-    setRunning(false);
+    if (!currentJob()) setProgressText("Not started", "failed");
+  } finally {
+    button.disabled = false;
   }
 }
 
-function setRunning(on) {
-  $("generate").disabled = on;
-  $("cancel").disabled = !on;
-  document.body.dataset.busy = String(on);
-}
-
-// Follow a job over server-sent events; if the stream breaks, poll the job instead.
-function follow(id) {
-  const events = new EventSource(apiUrl(`/api/v1/jobs/${id}/events`));
-  running.events = events;
-  events.addEventListener("progress", (e) => showProgress(JSON.parse(e.data)));
-  events.addEventListener("preview", (e) => showPreview(JSON.parse(e.data).image));
-  events.addEventListener("done", (e) => { events.close(); finish(JSON.parse(e.data)); });
-  events.onerror = () => {
-    if (!running || running.done) return;
-    events.close();
-    poll(id);
-  };
-}
-
-async function poll(id) {
-  while (running && !running.done) {
-    try {
-      const job = await api(`/api/v1/jobs/${id}`);
-      if (["done", "failed", "cancelled"].includes(job.state)) { finish(job); return; }
-      showProgress(job);
-    } catch (e) {
-      showError(e.message);
-      if (e.status === 404) { finish({ id, state: "failed", error: e.message, images: [] }); return; }
-    }
-    await new Promise((resolve) => setTimeout(resolve, 500));
-  }
-}
-
-async function finish(job) {
-  if (!running || running.done) return;
-  running.done = true;
-  running = null;
-  setRunning(false);
-  clearPreview();
-  const n = (job.images || []).length;
-  if (job.state === "failed") {
-    showError(job.error || "the job failed");
-    setProgressText("Failed", "failed");
-  } else if (job.state === "cancelled") {
-    setProgressText(n ? `Cancelled (kept ${n} finished image(s))` : "Cancelled", "cancelled");
-  } else {
-    const seconds = job.finished && job.started ? ` in ${(job.finished - job.started).toFixed(1)} s` : "";
-    setProgressText(`Done: ${n} image(s)${seconds}`, "done");
-    $("progress-fill").style.width = "100%";
-  }
-  await addJobResults(job);
-  document.body.dataset.finished = job.id;  // tests (and scripts) wait on this
-}
-
-async function cancel() {
-  if (!running) return;
+function cancel() {
+  const id = currentJob();
+  if (!id) return;
   setProgressText("Cancelling\u2026", "cancelling");
-  try {
-    await api(`/api/v1/jobs/${running.id}`, { method: "DELETE" });
-  } catch (e) {
-    if (e.status !== 409) showError(e.message);  // 409: it finished meanwhile; the done event follows
-  }
+  cancelJob(id);
 }
 
 // -- moving images between tabs ---------------------------------------------------------------------------
@@ -215,9 +171,12 @@ function fileDrop(zone, onFile) {
 }
 
 function wire() {
-  for (const tab of document.querySelectorAll("#tabs [role=tab]")) {
-    tab.addEventListener("click", () => setMode(tab.dataset.tab));
-  }
+  for (const tab of tabs()) tab.addEventListener("click", () => setMode(tab.dataset.tab));
+  $("tabs").addEventListener("keydown", tabKeys);
+  const save = () => saveForm(mode);
+  for (const id of ["params", "prompt", "negative_prompt"]) $(id).addEventListener("input", save);
+  $("params").addEventListener("change", save);
+  $("model").addEventListener("change", save);
   $("generate").addEventListener("click", generate);
   $("cancel").addEventListener("click", cancel);
   for (const id of ["prompt", "negative_prompt"]) {
@@ -255,21 +214,28 @@ function fillModels(models) {
 }
 
 async function boot() {
+  let saved = null;
   try {
     const [config, samplers, schedulers, loras, models] = await Promise.all(
       ["/ui/config.json", "/api/v1/samplers", "/api/v1/schedulers", "/api/v1/loras", "/api/v1/models"].map((p) => api(p)));
     initForm(config, samplers, schedulers);
     initLoras(loras);
     fillModels(models);
+    saved = restoreForm();
     $("server-status").textContent = `easel ${config.version}`;
   } catch (e) {
     showError(`could not load the form from the server: ${e.message}`);
   }
   wire();
-  setMode("txt2img");
+  setMode(saved && tabs().some((t) => t.dataset.tab === saved.mode) ? saved.mode : "txt2img");
+  try {
+    await loadJobs(showError);  // finished jobs' images, and the running one followed again after a reload
+  } catch (e) {
+    showError(`could not load the server's jobs: ${e.message}`);
+  }
   document.body.dataset.ready = "true";
 }
 
 // Exposed for scripts and tests that drive the page (e.g. screenshots), not needed by the page itself.
-window.easel = { setMode, inMode };
+window.easel = { setMode, inMode, forgetForm };
 boot();

@@ -1,0 +1,192 @@
+// The queue: every job the server remembers (so a reload loses nothing), shown as a list with a cancel button
+// each. One job at a time is followed over server-sent events (progress bar, live previews); the rest are
+// polled, so that a queue of many jobs holds one connection, not one each.
+import { $, api, apiUrl } from "./form.js";
+import { addJobResults, clearPreview, setProgressText, showJob, showPreview, showProgress } from "./gallery.js";
+
+const FINISHED = ["done", "failed", "cancelled"];
+const POLL_MS = 1000;
+const FINISHED_SHOWN = 10;  // finished jobs listed under the running and queued ones
+const jobs = new Map();     // id -> the job as /ui/jobs gives it, in the server's order (oldest first)
+const shown = new Set();    // finished jobs whose images are in the gallery
+let followed = null;        // {id, events}: the job in the progress bar
+let pollTimer = null;
+let onError = () => {};
+
+const isFinished = (job) => FINISHED.includes(job.state);
+
+// Load every job the server remembers: finished images into the gallery, running/queued ones followed again.
+export async function loadJobs(showError) {
+  onError = showError;
+  const list = await api("/ui/jobs?full=true");
+  for (const job of list) {
+    jobs.set(job.id, job);
+    if (isFinished(job)) { addJobResults(job); shown.add(job.id); }  // the newest ends up selected
+  }
+  render();
+  track();
+}
+
+// A job the page just submitted.
+export function submitted(job) {
+  jobs.set(job.id, { ...job, prompt: job.request ? job.request.prompt : "" });
+  render();
+  track();
+}
+
+// The job in the progress bar (the one the Cancel button stops), if any.
+export function currentJob() { return followed ? followed.id : null; }
+
+export async function cancelJob(id) {
+  try {
+    await api(`/api/v1/jobs/${id}`, { method: "DELETE" });
+  } catch (e) {
+    if (e.status !== 409) onError(e.message);  // 409: it finished meanwhile; its done event follows
+  }
+  poll();
+}
+
+// Follow the running job, else the oldest queued one; poll while anything is unfinished.
+function track() {
+  const open = [...jobs.values()].filter((j) => !isFinished(j));
+  if (!followed && open.length) follow((open.find((j) => j.state === "running") || open[0]).id);
+  document.body.dataset.busy = String(open.length > 0);
+  $("cancel").disabled = !followed;
+  if (open.length && !pollTimer) pollTimer = setTimeout(poll, POLL_MS);
+}
+
+function follow(id) {
+  const events = new EventSource(apiUrl(`/api/v1/jobs/${id}/events`));
+  followed = { id, events };
+  document.body.dataset.job = id;
+  events.addEventListener("progress", (e) => {
+    const p = JSON.parse(e.data);
+    update(p);
+    showProgress(p);
+  });
+  events.addEventListener("preview", (e) => showPreview(JSON.parse(e.data).image));
+  events.addEventListener("done", (e) => { events.close(); finished(JSON.parse(e.data)); });
+  events.onerror = () => {  // the stream broke (server restarted, network): the poll takes over
+    if (!followed || followed.id !== id) return;
+    events.close();
+    followed = null;
+    track();
+  };
+}
+
+function update(fields) {
+  const job = jobs.get(fields.id);
+  if (job) Object.assign(job, fields);
+  render();
+}
+
+async function poll() {
+  pollTimer = null;
+  let list;
+  try {
+    list = await api("/ui/jobs");
+  } catch (e) {
+    onError(e.message);
+    pollTimer = setTimeout(poll, POLL_MS * 3);
+    return;
+  }
+  const known = new Set(list.map((j) => j.id));
+  for (const job of list) {
+    const mine = jobs.get(job.id);
+    jobs.set(job.id, mine ? Object.assign(mine, job) : job);
+    if (isFinished(job) && !shown.has(job.id) && (!followed || followed.id !== job.id)) finished(job);
+  }
+  for (const id of [...jobs.keys()]) if (!known.has(id)) jobs.delete(id);  // forgotten by the server
+  if (followed && !known.has(followed.id)) { followed.events.close(); followed = null; }
+  render();
+  track();
+}
+
+// A job finished (its done event, or the poll saw it): its images into the gallery, the next job followed.
+async function finished(summary) {
+  if (shown.has(summary.id)) return;
+  shown.add(summary.id);
+  const isFollowed = followed && followed.id === summary.id;
+  let job = summary;
+  try { job = await api(`/ui/jobs/${summary.id}`); } catch (e) { /* forgotten meanwhile: the summary will do */ }
+  jobs.set(job.id, Object.assign(jobs.get(job.id) || {}, job));
+  if (isFollowed) {
+    followed = null;
+    clearPreview();
+    describeEnd(job);
+  }
+  addJobResults(job, isFollowed || !followed);
+  render();
+  track();
+  document.body.dataset.finished = job.id;  // tests (and scripts) wait on this
+}
+
+function describeEnd(job) {
+  const n = job.n_images ?? (job.images || []).length;
+  if (job.state === "failed") {
+    onError(job.error || "the job failed");
+    setProgressText("Failed", "failed");
+  } else if (job.state === "cancelled") {
+    setProgressText(n ? `Cancelled (kept ${n} finished image(s))` : "Cancelled", "cancelled");
+  } else {
+    const seconds = job.finished && job.started ? ` in ${(job.finished - job.started).toFixed(1)} s` : "";
+    setProgressText(`Done: ${n} image(s)${seconds}`, "done");
+    $("progress-fill").style.width = "100%";
+  }
+}
+
+// -- the list -------------------------------------------------------------------------------------------------
+function describe(job) {
+  if (job.state === "running") return job.total ? `step ${job.step}/${job.total}` : "starting";
+  if (job.state === "queued") return job.position ? `${job.position} ahead` : "next";
+  if (job.state === "failed") return `failed: ${job.error || ""}`;
+  if (job.state === "cancelled") return job.n_images ? `cancelled, ${job.n_images} image(s)` : "cancelled";
+  return `${job.n_images} image(s)`;
+}
+
+function row(job) {
+  const li = document.createElement("li");
+  li.dataset.id = job.id;
+  const state = Object.assign(document.createElement("span"), { className: "badge" });
+  const text = Object.assign(document.createElement("button"), { type: "button", className: "job-text" });
+  const detail = Object.assign(document.createElement("span"), { className: "muted detail" });
+  const cancel = Object.assign(document.createElement("button"), { type: "button", className: "icon job-cancel",
+                                                                   textContent: "\u00d7" });
+  text.addEventListener("click", () => showJob(job.id));
+  cancel.addEventListener("click", () => cancelJob(job.id));
+  li.append(state, text, detail, cancel);
+  return li;
+}
+
+function fill(li, job) {
+  const [state, text, detail, cancel] = li.children;
+  li.dataset.state = job.state;
+  state.textContent = job.state;
+  text.textContent = job.prompt || "(no prompt)";
+  text.title = job.n_images ? "Show its images" : job.prompt || "";
+  text.disabled = !job.n_images || !shown.has(job.id);
+  detail.textContent = describe(job);
+  cancel.hidden = isFinished(job);
+  cancel.setAttribute("aria-label", `Cancel job: ${job.prompt || job.id}`);
+  cancel.title = job.state === "running" ? "Stop this job (finished images are kept)" : "Remove from the queue";
+}
+
+// Running first, then queued in their order, then the latest finished, newest first. Rows are kept and
+// refilled (not rebuilt), so a click on a cancel button is never lost to a progress event.
+function render() {
+  const all = [...jobs.values()];
+  const open = all.filter((j) => j.state === "running").concat(all.filter((j) => j.state === "queued"));
+  const done = all.filter(isFinished).reverse().slice(0, FINISHED_SHOWN);
+  const list = $("queue-list");
+  const rows = new Map([...list.children].map((li) => [li.dataset.id, li]));
+  const wanted = open.concat(done).map((job) => {
+    const li = rows.get(job.id) || row(job);
+    fill(li, job);
+    return li;
+  });
+  wanted.forEach((li, i) => { if (list.children[i] !== li) list.insertBefore(li, list.children[i] || null); });
+  while (list.children.length > wanted.length) list.lastElementChild.remove();
+  $("queue-view").hidden = !wanted.length;
+  const queued = open.length - all.filter((j) => j.state === "running").length;
+  $("queue-counts").textContent = open.length ? `${open.length - queued} running \u00b7 ${queued} queued` : "";
+}
