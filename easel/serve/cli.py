@@ -6,7 +6,7 @@ import ipaddress
 import logging
 import sys
 
-from easel.serve.settings import Settings
+from easel.serve.settings import MEMORY_FRACTION, Settings
 
 log = logging.getLogger("easel.serve")
 
@@ -27,6 +27,12 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=d.max_steps, help=f"steps at most (default {d.max_steps})")
     p.add_argument("--max-batch", type=int, default=d.max_batch,
                    help=f"batch_size x n_iter at most (default {d.max_batch})")
+    p.add_argument("--max-input-pixels", type=int, default=None,
+                   help="pixels of each input image at most, read from its header before decoding "
+                        "(default: 4 x --max-pixels)")
+    p.add_argument("--max-memory", type=float, default=None,
+                   help="estimated peak memory of one request at most, in GiB; over it is a 413 naming the limit "
+                        f"(default: {MEMORY_FRACTION:.0%} of the memory available at start)")
     p.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / 2**20,
                    help=f"request body size at most, in MiB (default {d.max_body_bytes / 2**20:g})")
     p.add_argument("--cors-origin", action="append", default=[], dest="cors_origins",
@@ -38,12 +44,15 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Settings from parsed `easel serve` flags (checked: errors name the flag)."""
-    for flag in ("port", "max_queue", "max_pixels", "max_steps", "max_batch", "max_body_mb"):
-        if getattr(args, flag) <= 0:
+    for flag in ("port", "max_queue", "max_pixels", "max_steps", "max_batch", "max_body_mb", "max_input_pixels",
+                 "max_memory"):
+        if getattr(args, flag, None) is not None and getattr(args, flag) <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive (got {getattr(args, flag)})")
     s = Settings(host=args.host, port=args.port, model=args.model, dtype=args.dtype, device=args.device,
                  max_queue=args.max_queue, max_pixels=args.max_pixels, max_steps=args.max_steps,
                  max_batch=args.max_batch, max_body_bytes=int(args.max_body_mb * 2**20), api_auth=args.api_auth,
+                 max_input_pixels=getattr(args, "max_input_pixels", None),
+                 max_memory_bytes=int(args.max_memory * 2**30) if getattr(args, "max_memory", None) else None,
                  token=args.token, cors_origins=list(args.cors_origins), output_dir=args.output_dir)
     s.credentials()  # raises on a malformed --api-auth before the server starts
     return s

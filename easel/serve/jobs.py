@@ -469,9 +469,12 @@ class JobQueue:
             job.step += 1
             job.total = max(job.total, job.step)
             job.phase = SAMPLING
+            every = job.request.preview_every
             if d.get("preview") is not None:
                 job._preview = (job.step, "image", d["preview"])
-            elif d.get("denoised") is not None:
+            elif d.get("denoised") is not None and (every <= 0 or job.step % every == 0):
+                # preview_every N: the preview changes every N steps, as the client asked (0: every step, decoded
+                # only when someone asks for it)
                 job._preview = (job.step, "latent", d["denoised"][:1].detach())
             job.version += 1
             if self.metrics:
