@@ -5,11 +5,13 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from PIL import Image
 
+from easel.files import KNOWN_ERRORS, error_line
 from easel.pipelines.request import GenerationRequest
 
 # Request field -> (flags, help). The request schema drives the flags; defaults come from the schema.
@@ -20,13 +22,15 @@ REQUEST_FLAGS = {
     "n_iter": (("--n-iter", "--batch-count"), "number of batches"),
     "steps": (("--steps",), "sampling steps"),
     "cfg_scale": (("--cfg-scale", "--cfg"), "classifier-free guidance scale"),
-    "sampler": (("--sampler",), "sampler name (easel or A1111 label); see `easel samplers`"),
-    "scheduler": (("--scheduler",), "sigma schedule; see `easel samplers`"),
+    "sampler": (("--sampler",), "sampler: easel name, A1111 label ('DPM++ 2M Karras') or ComfyUI name; see "
+                                "`easel samplers`"),
+    "scheduler": (("--scheduler",), "sigma schedule: easel name, A1111 label ('Karras') or ComfyUI name (default: the "
+                                    "one a sampler label names, else karras; a label naming another is an error)"),
     "seed": (("--seed",), "seed of the first image (-1: random); later images count up"),
     "width": (("--width", "-W"), "width in pixels, multiple of 8 (default: the model's size; edits: the image's)"),
     "height": (("--height", "-H"), "height in pixels, multiple of 8 (default: the model's size; edits: the image's)"),
     "clip_skip": (("--clip-skip",), "use an earlier CLIP layer (A1111's clip skip)"),
-    "eta": (("--eta",), "noise multiplier of ancestral/SDE samplers"),
+    "eta": (("--eta",), "noise multiplier of ancestral/SDE samplers (default: the sampler's own)"),
     "subseed": (("--subseed",), "variation seed (-1: random), mixed in by --subseed-strength"),
     "subseed_strength": (("--subseed-strength",), "how much of the variation seed's noise to mix in, 0..1"),
     "preview_every": (("--preview-every",), "a live preview every N steps (0: none)"),
@@ -37,7 +41,8 @@ HIRES_FLAGS = {
     "hr_scale": (("--hr-scale",), "hires upscale factor"),
     "hr_resize_x": (("--hr-resize-x",), "hires width in pixels instead of --hr-scale (0: use the scale)"),
     "hr_resize_y": (("--hr-resize-y",), "hires height in pixels instead of --hr-scale (0: use the scale)"),
-    "hr_upscaler": (("--hr-upscaler",), "latent|latent-nearest|latent-bicubic|latent-antialiased|lanczos"),
+    "hr_upscaler": (("--hr-upscaler",), "latent|latent-nearest|latent-bicubic|latent-antialiased|lanczos, or an A1111 "
+                                        "label ('Latent (bicubic)')"),
     "hr_denoising_strength": (("--hr-denoising-strength",), "how much the second pass repaints, 0..1"),
     "hr_second_pass_steps": (("--hr-steps",), "steps the second pass runs (0: steps x strength)"),
     "hr_sampler": (("--hr-sampler",), "second-pass sampler (default: --sampler)"),
@@ -81,12 +86,19 @@ def add_request_flags(p: argparse.ArgumentParser, table: dict | None = None) -> 
             p.add_argument(*flags, dest=name, action="store_true", default=None, help=help_text)
             continue
         kind = {"int": int, "float": float}.get(kind_name, str)
-        p.add_argument(*flags, dest=name, type=kind, default=None, help=f"{help_text} (default: {default})")
+        p.add_argument(*flags, dest=name, type=kind, default=None, help=help_with_default(help_text, default))
     if table is None:  # flags that are not one field each
         p.add_argument("--seed-resize-from", metavar="WxH", help="make the variation noise as if the image were WxH "
                        "(keeps a composition when changing the size)")
         p.add_argument("--lora", dest="loras", action="append", metavar="NAME_OR_PATH:WEIGHT",
                        help="apply a LoRA (repeatable; same as <lora:name:weight> in the prompt)")
+
+
+def help_with_default(help_text: str, default) -> str:
+    """The help text with the schema's default, unless the text already says it (or there is none to say)."""
+    if "default" in help_text or default in (None, "", dataclasses.MISSING):
+        return help_text
+    return f"{help_text} (default: {default})"
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -148,12 +160,67 @@ def params_from_image(path: str) -> dict:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """easel generate PROMPT ..."""
-    base = params_from_image(args.from_image) if args.from_image else {}
+    base = from_image_fields(args) if args.from_image else {}
     if args.prompt is None and not base:
         raise ValueError("give a PROMPT (or --from IMAGE.png to reproduce an image)")
     req = request_from_args(args, base)
-    model = args.model or (base.get("model") if args.from_image and base.get("model") != "shapeworld" else None)
+    model = args.model or (model_of_image(base) if args.from_image else None)
     return run_and_save(args, req, model)
+
+
+def from_image_fields(args: argparse.Namespace) -> dict:
+    """The request fields `--from IMAGE` reproduces: the image's own, as ONE image (its seed is already its own
+    seed within its batch), with a sampler given on the command line bringing its own schedule."""
+    base = params_from_image(args.from_image)
+    base.update(batch_size=1, n_iter=1)  # flags given (-n, --n-iter) still win: request_from_args applies them last
+    for sampler, scheduler in (("sampler", "scheduler"), ("hr_sampler", "hr_scheduler")):
+        if getattr(args, sampler, None) is not None and getattr(args, scheduler, None) is None:
+            base.pop(scheduler, None)  # "--sampler 'Euler a'" alone: not the image's schedule
+    warn_unhonoured_ensd(base, args.sampler or base.get("sampler"), args.eta if args.eta is not None else base.get("eta"))
+    return base
+
+
+# Samplers that draw no noise after the start: A1111's ENSD (which offsets the seed of that noise) changes nothing.
+_NOISELESS_SAMPLERS = {"euler", "heun", "dpm_2", "lms", "dpmpp_2m", "ddim", "plms", "uni_pc", "uni_pc_bh2"}
+
+
+def warn_unhonoured_ensd(base: dict, sampler: str | None, eta: float | None) -> None:
+    """Say so when the image used A1111's 'Eta noise seed delta' with a sampler whose noise it changes: easel
+    keeps the value in the request but its samplers do not apply it, so that image cannot be matched exactly."""
+    ensd = (base.get("extra") or {}).get("eta_noise_seed_delta")
+    if not ensd:
+        return
+    from easel.pipelines import names
+    try:
+        name = names.resolve_sampler(sampler or "dpmpp_2m")[0]
+    except ValueError:
+        name = sampler
+    if name in _NOISELESS_SAMPLERS and not eta:
+        return
+    log.warning("the image was made with ENSD %s (A1111's eta noise seed delta); easel keeps it in the request but "
+                "its samplers do not apply it, so %s's per-step noise and the image will differ from the original",
+                ensd, name)
+
+
+def model_of_image(params: dict) -> str | None:
+    """The known model an image names (`Model`, `Model hash`), or None (the built-in model) with a warning
+    naming the one that was not found."""
+    name, model_hash = params.get("model"), params.get("model_hash")
+    if not name and not model_hash:
+        return None
+    from easel.weights.registry import find_model
+    entry = find_model(name, model_hash)
+    if entry is None:
+        log.warning("the image was made with model %s, which easel does not find among its models (`easel "
+                    "models`); using the built-in model: pass --model to choose one", _model_label(name, model_hash))
+        return None
+    if entry.kind != "built-in":
+        print(f"model from the image: {entry.name} ({entry.path})", file=sys.stderr)
+    return None if entry.kind == "built-in" else str(entry.path)
+
+
+def _model_label(name: str | None, model_hash: str | None) -> str:
+    return " ".join(filter(None, [repr(name) if name else None, f"[{model_hash}]" if model_hash else None]))
 
 
 def cmd_img2img(args: argparse.Namespace) -> int:
@@ -185,9 +252,9 @@ def cmd_outpaint(args: argparse.Namespace) -> int:
 
 
 def run_and_save(args: argparse.Namespace, req: GenerationRequest, model: str | None) -> int:
-    """Check the request, load the model, run the request's mode and write numbered PNGs with parameters."""
+    """Check the request, load the model, run the request's mode and write numbered PNGs with parameters,
+    each batch as soon as it is finished (a kill or an error later keeps the batches done so far)."""
     import easel
-    from easel.pipelines.metadata import save_png
     from easel.pipelines.networks import requested_networks
     req.check()  # fail before the (slow) model load
     requested_networks(req)  # an unknown LoRA too (the error lists the LoRAs there are)
@@ -195,11 +262,16 @@ def run_and_save(args: argparse.Namespace, req: GenerationRequest, model: str | 
                       prediction=args.prediction)
     out = Path(args.out)
     sink = preview_sink(out, req)
-    with progress_bar(req, pipe) as cb:
-        results = pipe.generate(req, callback=cb, preview_sink=sink)
-    for r in results:
-        print(save_png(r.image, next_image_path(out, r.params["seed"]), r.params))
+    with progress_bar(req) as cb:
+        pipe.generate(req, callback=cb, preview_sink=sink, on_batch=lambda batch: save_batch(out, batch))
     return 0
+
+
+def save_batch(out: Path, batch: list) -> None:
+    """Write one finished batch as numbered PNGs (atomically: never a partial PNG) and print their paths."""
+    from easel.pipelines.metadata import save_png
+    for r in batch:
+        print(save_png(r.image, next_image_path(out, r.params["seed"]), r.params), flush=True)
 
 
 def preview_sink(out: Path, req: GenerationRequest):
@@ -217,8 +289,9 @@ def preview_sink(out: Path, req: GenerationRequest):
 class progress_bar:
     """A tqdm bar over all steps of all batches (and passes), fed by the step callback."""
 
-    def __init__(self, req: GenerationRequest, pipe):
-        self.total = planned_steps(req) * req.n_iter
+    def __init__(self, req: GenerationRequest):
+        from easel.pipelines.plan import count_steps
+        self.total = count_steps(req)
 
     def __enter__(self):
         from tqdm import tqdm
@@ -227,15 +300,6 @@ class progress_bar:
 
     def __exit__(self, *exc):
         self.bar.close()
-
-
-def planned_steps(req: GenerationRequest) -> int:
-    """Sampler steps one batch of the request runs (img2img runs int(steps * strength); hires adds its pass)."""
-    if req.mode != "txt2img":
-        return int(req.steps * req.denoising_strength)
-    if not req.enable_hr:
-        return req.steps
-    return req.steps + (req.hr_second_pass_steps or int(req.steps * req.hr_denoising_strength))
 
 
 def next_image_path(out: Path, seed: int) -> Path:
@@ -363,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command."""
     parser = argparse.ArgumentParser(prog="easel", description="Stable Diffusion you can run, train and see inside.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (also: EASEL_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="text to image")
@@ -430,7 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run a sub-command; known errors print one clear line instead of a stack trace."""
+    """Entry point: run a sub-command; known errors print one clear line (exit code 2) instead of a stack trace,
+    unless --debug (or EASEL_DEBUG=1) asks for it."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
@@ -438,11 +504,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        if args.verbose:
+    except KNOWN_ERRORS as e:
+        if args.debug or os.environ.get("EASEL_DEBUG", "") not in ("", "0"):
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"easel: error: {msg}", file=sys.stderr)
+        print(f"easel: error: {error_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -197,7 +197,8 @@ def sample_batch(loaded: LoadedModel, prompts: list[str], seed: int = 1000, step
                  cfg_scale: float = 5.0) -> list:
     """All prompts as one batch (DPM++ 2M Karras, CFG): PIL images, far faster than one request each."""
     from easel.pipelines import common
-    latents = common.sample_plain_batch(loaded, prompts, "dpmpp_2m", "karras", steps, cfg_scale, seed)
+    from easel.pipelines.plan import sample_plain_batch
+    latents = sample_plain_batch(loaded, prompts, "dpmpp_2m", "karras", steps, cfg_scale, seed)
     return common.decode(loaded.model, latents)
 
 

@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from easel.files import KNOWN_ERRORS, error_line
 from easel.training.settings import LoopConfig, apply_loop_flags, check_loop
 
 DEFAULT_OUT = "runs/shapeworld"
@@ -120,7 +121,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.stage == "tokenizer":
             print(stages.stage_tokenizer(layout, args.captions, info))
         elif args.stage == "lcm-lora":
-            from easel.training.lcm_cli import run_from_args
+            from easel.training.lcm import run_from_args
             metrics = run_from_args(args, info)
             if info.main:
                 print(metrics)
@@ -152,8 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is kept; run the same command again to continue", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError) as e:
-        print(f"easel train: error: {e}", file=sys.stderr)
+    except KNOWN_ERRORS as e:
+        if os.environ.get("EASEL_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"easel train: error: {error_line(e)}", file=sys.stderr)
         return 2
 
 

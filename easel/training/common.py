@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from easel.files import atomic_path, write_text
 from easel.training.settings import LoopConfig, TrainingError  # noqa: F401 (re-exported: loops import them here)
 
 
@@ -118,7 +119,10 @@ def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
 
 def rng_state() -> dict:
     """Global RNG states (python, numpy, torch) for the checkpoint."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    # numpy's key array as a tensor: the checkpoint then holds only what weights_only loading accepts.
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -127,7 +131,9 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     """Restore what `rng_state` saved."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys  # checkpoints before safe loading: an ndarray
+    np.random.set_state((name, keys.astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -190,19 +196,31 @@ class EMA:
 # --- files ------------------------------------------------------------------------------------
 
 def save_atomic(obj: object, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a kill never leaves a half-written checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save to a temporary file, then rename: a kill or a full disk never leaves a half-written checkpoint."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    """A training checkpoint or cache, loaded safely (weights_only): a crafted pickle is refused, its code unrun."""
+    from easel.weights.load import safe_torch_load
+    # Checkpoints written before the numpy RNG state became a tensor hold one uint32 ndarray: numpy's array
+    # reconstruction builds arrays only, never calls code, so it is allowed for them.
+    allow = [np.ndarray, np.dtype, np.dtypes.UInt32DType, np.dtypes.Int64DType, _numpy_reconstruct()]
+    return safe_torch_load(path, map_location, allow=tuple(allow), what="training checkpoint")
+
+
+def _numpy_reconstruct():
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy 2
+    except ImportError:
+        from numpy.core.multiarray import _reconstruct  # numpy 1
+    return _reconstruct
 
 
 def write_json(path: Path, data: dict) -> None:
     """Write JSON atomically (stage markers, metrics)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 def resume_if_same_inputs(loop: LoopConfig, path: Path, inputs: dict, info: DistInfo, warning: str) -> LoopConfig:
@@ -282,7 +300,7 @@ class Trainer:
     def _maybe_resume(self) -> bool:
         if not (self.cfg.resume and self.ckpt_path.exists()):
             return False
-        state = torch.load(self.ckpt_path, map_location=self.info.device, weights_only=False)
+        state = load_checkpoint(self.ckpt_path, map_location=self.info.device)
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         if self.ema and state["ema"]:

@@ -12,6 +12,7 @@ The LoRA is a kohya file written by `easel.weights.lora.save_lora` (any LoRA loa
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import re
@@ -25,9 +26,9 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from easel.samplers.denoisers import make_alphas_cumprod
-from easel.training.common import (DistInfo, LoopConfig, Trainer, TrainingError, resume_if_same_inputs, save_atomic,
-                                   step_generator, write_json)
-from easel.training.lcm_cli import DEFAULT_LOOP, TARGETS
+from easel.training.common import (DistInfo, LoopConfig, Trainer, TrainingError, load_checkpoint,
+                                   resume_if_same_inputs, save_atomic, step_generator, write_json)
+from easel.training.lcm_cli import DEFAULT_LOOP, TARGETS, loop_from_args, parse_guidance
 from easel.training.unet import LatentBatches, encode_dataset
 from easel.weights.model_io import LoadedModel
 
@@ -294,7 +295,7 @@ def save_lcm_lora(path: Path, layers: dict, run: LcmRun) -> Path:
 def sample_images(base: LoadedModel, prompts: list[str], sampler: str, scheduler: str, steps: int,
                   cfg_scale: float, seed: int = 1000) -> Tensor:
     """Images (B, 3, H, W) in [0, 1] for `prompts`, one seed per image (seed + i)."""
-    from easel.pipelines.common import sample_plain_batch
+    from easel.pipelines.plan import sample_plain_batch
     latents = sample_plain_batch(base, prompts, sampler, scheduler, steps, cfg_scale, seed)
     return (base.model.vae.decode_latents(latents.to(base.model.dtype)).float().clamp(-1, 1) + 1) / 2
 
@@ -335,7 +336,7 @@ def load_latents(cache: Path, base: LoadedModel, out: Path, n_latents: int = 200
     """The run's UNet latent cache when it fits the base model, else one encoded with the base model's own VAE."""
     for path in dict.fromkeys([cache, out / "latents.pt"]):
         if path.exists():
-            data = torch.load(path, weights_only=False)
+            data = load_checkpoint(path)
             problem = cache_problem(data, base)
             if not problem:
                 return data
@@ -349,3 +350,30 @@ def load_latents(cache: Path, base: LoadedModel, out: Path, n_latents: int = 200
             "val": encode_dataset(vae, tok, eval_seeds(64), size, captions_per_image=1, progress=progress)}
     save_atomic(data, out / "latents.pt")
     return data
+
+
+def run_from_args(args: argparse.Namespace, info) -> dict:
+    """`easel train lcm-lora`: load the base model and the latents, then distil (`info`: a DistInfo)."""
+    from easel.training.common import barrier
+    from easel.weights.model_io import load_model
+    from easel.weights.registry import resolve_model
+    root = Path(args.out)
+    out = root / "lcm_lora"
+    base_path = Path(args.base) if args.base else root / "shapeworld.safetensors"
+    if not base_path.exists():
+        if args.base:
+            raise TrainingError(f"--base {base_path} does not exist: pass a model file")
+        base_path = resolve_model(None)
+        if info.main:
+            print(f"[lcm-lora] {root / 'shapeworld.safetensors'} not found: distilling the built-in model "
+                  f"{base_path}", file=sys.stderr)
+    base = load_model(base_path)
+    cache = Path(args.cache) if args.cache else root / "unet" / "latents.pt"
+    if info.main:  # rank 0 first: it encodes a new cache when none fits, the others then read that one
+        data = load_latents(cache, base, out, args.latents, args.progress)
+    barrier(info)
+    if not info.main:
+        data = load_latents(cache, base, out, args.latents, progress=False)
+    run = LcmRun(out, base, data, loop_from_args(args), args.rank, None, args.targets, parse_guidance(args.cfg),
+                 eval_prompts=args.eval_prompts)
+    return train_lcm_lora(run, info)

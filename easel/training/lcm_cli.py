@@ -1,13 +1,12 @@
-"""`easel train lcm-lora`: its flags, the defaults they show, and the run they start (easel.training.lcm).
+"""`easel train lcm-lora`: its flags and the defaults they show (the run they start: easel.training.lcm.run_from_args).
 
-Free of torch at import, like easel.training.cli: building the command-line parser loads no training code.
+Free of torch at import, like easel.training.cli: building the command-line parser loads no training code. Imports
+point one way: easel.training.lcm reads this module, never the reverse.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
-from pathlib import Path
 
 from easel.training.settings import LoopConfig, TrainingError, apply_loop_flags
 
@@ -67,31 +66,3 @@ def loop_from_args(args: argparse.Namespace) -> LoopConfig:
     if args.rank < 1:
         raise TrainingError(f"--rank must be >= 1 (got {args.rank})")
     return loop
-
-
-def run_from_args(args: argparse.Namespace, info) -> dict:
-    """`easel train lcm-lora`: load the base model and the latents, then distil (`info`: a DistInfo)."""
-    from easel.training.common import barrier
-    from easel.training.lcm import LcmRun, load_latents, train_lcm_lora
-    from easel.weights.model_io import load_model
-    from easel.weights.registry import resolve_model
-    root = Path(args.out)
-    out = root / "lcm_lora"
-    base_path = Path(args.base) if args.base else root / "shapeworld.safetensors"
-    if not base_path.exists():
-        if args.base:
-            raise TrainingError(f"--base {base_path} does not exist: pass a model file")
-        base_path = resolve_model(None)
-        if info.main:
-            print(f"[lcm-lora] {root / 'shapeworld.safetensors'} not found: distilling the built-in model "
-                  f"{base_path}", file=sys.stderr)
-    base = load_model(base_path)
-    cache = Path(args.cache) if args.cache else root / "unet" / "latents.pt"
-    if info.main:  # rank 0 first: it encodes a new cache when none fits, the others then read that one
-        data = load_latents(cache, base, out, args.latents, args.progress)
-    barrier(info)
-    if not info.main:
-        data = load_latents(cache, base, out, args.latents, progress=False)
-    run = LcmRun(out, base, data, loop_from_args(args), args.rank, None, args.targets, parse_guidance(args.cfg),
-                 eval_prompts=args.eval_prompts)
-    return train_lcm_lora(run, info)

@@ -24,7 +24,8 @@ from easel.models.configs import ModelConfig
 from easel.models.unet import UNetModel
 from easel.samplers.denoisers import DiscreteSchedule, EpsDenoiser, VDenoiser, make_alphas_cumprod
 from easel.text.tokenizer import CLIPTokenizer
-from easel.training.common import DistInfo, LoopConfig, Trainer, TrainingError, save_atomic, step_generator, write_json
+from easel.training.common import (DistInfo, LoopConfig, Trainer, TrainingError, load_checkpoint, save_atomic,
+                                   step_generator, write_json)
 from easel.world.dataset import TRAIN_SEEDS, eval_seeds, render_batch
 
 CACHE_VERSION = 1
@@ -67,7 +68,7 @@ def load_or_build_cache(path: Path, vae_path: Path, tok_dir: Path, n_train: int,
            "tokenizer": file_digest(tok_dir / "vocab.json", tok_dir / "merges.txt"),
            "n_train": n_train, "n_val": n_val, "size": size}
     if path.exists():
-        cache = torch.load(path, weights_only=False)
+        cache = load_checkpoint(path)
         if cache.get("key") == key:
             return cache
         print(f"[unet] latent cache {path} is stale (VAE, tokenizer or size changed): re-encoding", file=sys.stderr)

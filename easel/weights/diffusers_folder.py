@@ -4,12 +4,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from easel.files import atomic_folder
 from easel.models.configs import PRESETS, ModelConfig
 from easel.weights import keys_clip, keys_unet, keys_vae
 from easel.weights.detect import is_refiner
@@ -122,14 +121,8 @@ def write_folder(folder: str | os.PathLike, cfg: ModelConfig, parts: dict[str, d
     folder = Path(folder)
     if folder.exists():
         raise CheckpointError(f"{folder} already exists; choose a new destination folder")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
+    with atomic_folder(folder) as tmp:
         _write_components(tmp, cfg, parts, tokenizers)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def _write_components(root: Path, cfg: ModelConfig, parts: dict[str, dict], tokenizers: list) -> None:

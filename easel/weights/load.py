@@ -52,20 +52,29 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     """Read a pickle checkpoint without ever executing code from it."""
+    return _unwrap(safe_torch_load(path, mmap=_is_zip(path)), path)
+
+
+def safe_torch_load(path: str | os.PathLike, map_location="cpu", *, allow: tuple = (), mmap: bool = False,
+                    what: str = "checkpoint"):
+    """torch.load with weights_only=True (tensors, containers, numbers and strings; `allow`: further globals that
+    cannot run code): a pickle that asks for anything else is refused with an UnsafeCheckpointError, code unrun."""
+    path = Path(path)
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=_is_zip(path))
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(str(path), map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         reason = _unpickler_reason(e)
         if "GLOBAL" not in reason:
-            raise CheckpointError(f"{path.name} is not a readable checkpoint ({reason})") from None
+            raise CheckpointError(f"{path.name} is not a readable {what} ({reason})") from None
         raise UnsafeCheckpointError(
-            f"{path.name} asks the unpickler to build objects that are not plain tensors ({reason}). "
+            f"{path} asks the unpickler to build objects that are not plain tensors ({reason}). "
             "easel refused to load it and ran none of its code. If you trust the file, convert it to "
-            ".safetensors with a tool you trust, or ask its author for a .safetensors version."
+            ".safetensors with a tool you trust, or ask its author for a .safetensors version; a training "
+            "run's checkpoint or cache that you did not write: delete it and start the run again."
         ) from None
     except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path.name} is not a readable checkpoint ({_first_line(e)})") from None
-    return _unwrap(obj, path)
+        raise CheckpointError(f"{path.name} is not a readable {what} ({_first_line(e)})") from None
 
 
 def _is_zip(path: Path) -> bool:

@@ -1,6 +1,7 @@
 """Load a whole model from what users have (single file or diffusers folder), save it either way."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from easel.files import atomic_folder, atomic_path
 from easel.models.configs import ModelConfig
 from easel.models.sd import StableDiffusion
 from easel.text.tokenizer import CLIPTokenizer, find_tokenizer
@@ -109,6 +111,18 @@ def read_vae(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return out[0] if isinstance(out, tuple) else out
 
 
+def _write_single_file(dst: Path, sd: dict, metadata: dict, tokenizers: list) -> None:
+    """The checkpoint and its tokenizer folders, each built under a temp name; the checkpoint is renamed into
+    place last, so a kill or a full disk never leaves a checkpoint beside a truncated tokenizer folder."""
+    tok_dir = dst.with_suffix(".tokenizer")
+    folders = [tok_dir if i == 0 else tok_dir.with_name(tok_dir.name + f"_{i + 1}") for i in range(len(tokenizers))]
+    with contextlib.ExitStack() as stack:  # leaves in reverse order: tokenizer folders first, the checkpoint last
+        tmp_file = stack.enter_context(atomic_path(dst))
+        for folder, tok in zip(folders, tokenizers):
+            tok.save(stack.enter_context(atomic_folder(folder, replace=True)))
+        write_safetensors(sd, tmp_file, metadata)
+
+
 def save_model(loaded: LoadedModel, dst: str | os.PathLike, to: str = "single-file",
                extra_metadata: dict[str, str] | None = None) -> Path:
     """Write the model as one `.safetensors` (CompVis layout, config in metadata) or a diffusers folder.
@@ -126,10 +140,7 @@ def save_model(loaded: LoadedModel, dst: str | os.PathLike, to: str = "single-fi
         bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
         if bad:
             raise ValueError(f"safetensors metadata must map text to text; not so for {bad[:3]}")
-        write_safetensors(single_file.join(parts, model.config), dst, metadata)
-        tok_dir = dst.with_suffix(".tokenizer")
-        for i, tok in enumerate(loaded.tokenizers):
-            tok.save(tok_dir if i == 0 else tok_dir.with_name(tok_dir.name + f"_{i + 1}"))
+        _write_single_file(dst, single_file.join(parts, model.config), metadata, loaded.tokenizers)
     else:
         raise ValueError(f"unknown target format {to!r}; choose 'single-file' or 'diffusers'")
     return dst

@@ -5,11 +5,14 @@ Model folders searched, in order: every folder in $EASEL_MODELS (separated by ':
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from easel.weights.load import cache_dir
+from easel.weights.load import cache_dir, file_sha256
+
+log = logging.getLogger("easel")
 
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "assets" / "shapeworld"
@@ -75,6 +78,36 @@ def _not_component(p: Path) -> bool:
     """Skip weights that belong to a diffusers folder (unet/, vae/ ...) and VAE/LoRA folders."""
     return not (p.parent / "config.json").is_file() and not any(
         part.lower() in ("lora", "loras", "vae", "embeddings") for part in p.parts)
+
+
+def find_model(name: str | None, model_hash: str | None = None) -> ModelEntry | None:
+    """The known model an image names (A1111's `Model` and `Model hash`): by name, checked against the hash, else
+    by hash among all models (hashes are cached on disk); None when neither finds one. Never a path or a hub id."""
+    entries = list_models()
+    named = [e for e in entries if name and name in (e.name, e.path.name, e.path.stem)]
+    if not model_hash or len(model_hash) < 10:  # no hash, or A1111's legacy 8-digit one that we do not compute
+        return named[0] if named else None
+    model_hash = model_hash.lower()
+    for entry in named + [e for e in entries if e not in named]:
+        if (_entry_sha256(entry) or "").startswith(model_hash):
+            return entry
+    if named:
+        log.warning("model %r found, but its hash differs from the image's %s: using it anyway", name, model_hash)
+        return named[0]
+    return None
+
+
+def _entry_sha256(entry: ModelEntry) -> str | None:
+    """The full sha256 that A1111's model hash is the start of: the file's, or for a diffusers folder its UNet's
+    weights (as easel records for folders)."""
+    path = entry.path
+    if path.is_dir():
+        files = sorted((path / "unet").glob("*.safetensors")) or sorted((path / "unet").glob("*.bin"))
+        path = files[0] if files else None
+    try:
+        return file_sha256(path) if path else None
+    except OSError:
+        return None
 
 
 def resolve_model(spec: str | os.PathLike | None) -> Path:
