@@ -9,18 +9,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import html
-import io
 import json
 from pathlib import Path
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from easel import __version__
+from easel.serve.settings import TOKEN_COOKIE
 from easel.pipelines.request import HR_UPSCALERS, INPAINTING_FILLS, PREVIEW_MODES, RESIZE_MODES, GenerationRequest
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -37,9 +36,13 @@ def router(app: FastAPI) -> APIRouter:
 
     @r.get("/", response_class=HTMLResponse, summary="The web UI")
     def index(token: str | None = None) -> HTMLResponse:
-        # Reaching here past --token means the token is right: hand it on to the page's own files.
-        return HTMLResponse(page_html(token if app.state.settings.token else None),
-                            headers={"Cache-Control": "no-store"})
+        response = HTMLResponse(page_html(), headers={"Cache-Control": "no-store"})
+        if token and app.state.settings.token:
+            # Reaching here past --token means the token is right: from now on the browser sends it as an
+            # HttpOnly cookie (with every asset, fetch, image and event stream), never in a URL that access logs
+            # and the history keep; the page then drops ?token= from its own address.
+            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict", path="/")
+        return response
 
     @r.get("/ui/config.json", summary="What the web UI's form needs: defaults, choices, model size, limits")
     def config() -> dict:
@@ -64,7 +67,8 @@ def router(app: FastAPI) -> APIRouter:
     @r.post("/ui/png-info", summary="The generation parameters stored in an image (the request body is the file)")
     async def png_info(request: Request) -> JSONResponse:
         # Decoding a large image takes a while: off the event loop, so progress streams keep flowing.
-        return JSONResponse(await run_in_threadpool(read_image_info, await request.body()))
+        limit = app.state.settings.input_pixels()
+        return JSONResponse(await run_in_threadpool(read_image_info, await request.body(), limit))
 
     @r.get("/ui/{name}", include_in_schema=False)
     def asset(name: str) -> FileResponse:
@@ -97,10 +101,10 @@ def ui_job(job, queue, full: bool = False) -> dict:
     return out
 
 
-def page_html(token: str | None = None) -> str:
-    """index.html with the version (a new release is never served from a stale cache) and the token, if any,
-    in the URL of every file the page loads (module imports included, through an import map)."""
-    query = urlencode({"v": __version__, **({"token": token} if token else {})})
+def page_html() -> str:
+    """index.html with the version in the URL of every file the page loads (module imports included, through an
+    import map), so that a new release is never served from a stale cache."""
+    query = urlencode({"v": __version__})
     imports = {f"/ui/{name}": f"/ui/{name}?{query}" for name in ASSETS if name.endswith(".js")}
     # urlencode leaves no quote or '<' in the query, so the JSON is safe inside <script> and attributes.
     return (_template().replace("{{importmap}}", json.dumps({"imports": imports}))
@@ -158,78 +162,24 @@ def _easel_config(path: Path) -> dict | None:
         return None
 
 
-def read_image_info(data: bytes) -> dict:
-    """What an image file says about how it was made: the A1111 text, easel's JSON and the request fields."""
-    from easel.pipelines.metadata import infotext
+def read_image_info(data: bytes, max_pixels: int | None) -> dict:
+    """What an image file says about how it was made (the one reader, easel.pipelines.metadata, which decodes no
+    pixels): its A1111 text (written from easel's JSON when the file has only that), the JSON, and the form's
+    fields."""
+    from easel.pipelines.metadata import infotext, params_from_metadata, read_image_metadata
     if not data:
         raise ValueError("no image received: send the image file as the request body")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            text = dict(getattr(im, "text", None) or im.info)
-            size, fmt = im.size, im.format
-            exif_text = None if "parameters" in text else _exif_parameters(im)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
-        raise ValueError(f"this file is not an image easel can read (PNG, JPEG, WebP, ...): {e}") from None
-    parameters = text.get("parameters") if isinstance(text.get("parameters"), str) else exif_text
-    stored = _json_chunk(text.get("easel"))
-    if parameters is None and stored:
-        parameters = infotext(stored)
-    other = {k: v for k, v in text.items() if k not in ("parameters", "easel") and isinstance(v, str)}
-    return {"width": size[0], "height": size[1], "format": fmt, "parameters": parameters, "easel": stored,
-            "request": request_fields(stored, parameters), "other": other}
+    meta = read_image_metadata(data, max_pixels)
+    parameters = meta["parameters"]
+    if parameters is None and meta["easel"]:
+        try:
+            parameters = infotext(meta["easel"])
+        except (KeyError, TypeError, ValueError):
+            parameters = None  # a JSON chunk that is not easel's own (no size...): shown as stored, below
+    return {**meta, "parameters": parameters, "request": form_fields(params_from_metadata(meta))}
 
 
-def _json_chunk(value) -> dict | None:
-    try:
-        d = json.loads(value) if isinstance(value, str) else None
-    except json.JSONDecodeError:
-        return None
-    return d if isinstance(d, dict) else None
-
-
-def request_fields(stored: dict | None, parameters: str | None) -> dict:
-    """GenerationRequest fields (for the form) from easel's JSON, else from A1111's parameters text."""
+def form_fields(params: dict) -> dict:
+    """The GenerationRequest fields the form sets, out of an image's parameters (model, hashes, ... dropped)."""
     names = {f.name for f in dataclasses.fields(GenerationRequest)} - set(_NOT_FORM_FIELDS)
-    if stored:
-        return {k: v for k, v in stored.items() if k in names}
-    if not parameters:
-        return {}
-    from easel.cli import params_from_image
-    # The CLI's `--from` parser reads a PNG: hand it a one-pixel PNG carrying the text, so that one parser of
-    # A1111 text serves both (whichever file the text came from: PNG chunk or JPEG/WebP EXIF comment).
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
-    buf = io.BytesIO()
-    Image.new("L", (1, 1)).save(buf, format="PNG", pnginfo=info)
-    buf.seek(0)
-    try:
-        fields = params_from_image(buf)
-    except ValueError:
-        return {}
-    for key in ("sampler", "hr_sampler"):  # A1111 writes labels ("Euler a"); the form lists names
-        if isinstance(fields.get(key), str):
-            fields[key] = _sampler_name(fields[key])
-    return {k: v for k, v in fields.items() if k in names}
-
-
-def _sampler_name(label: str) -> str:
-    from easel.samplers import resolve_sampler
-    try:
-        return resolve_sampler(label)[0]
-    except ValueError:
-        return label  # a sampler easel does not have: shown as read, the form keeps its own choice
-
-
-def _exif_parameters(im: Image.Image) -> str | None:
-    """A1111's parameters in a JPEG/WebP: the EXIF UserComment ('UNICODE' + UTF-16 or 'ASCII' prefix)."""
-    raw = im.getexif().get_ifd(0x8769).get(0x9286)  # Exif IFD -> UserComment
-    if not isinstance(raw, bytes) or len(raw) < 8:
-        return raw if isinstance(raw, str) and raw else None
-    prefix, body = raw[:8], raw[8:]
-    if prefix.startswith(b"UNICODE"):
-        # piexif (which A1111 uses) writes big-endian UTF-16, some tools little-endian: ASCII-heavy text
-        # decoded with the wrong byte order turns into CJK characters, so keep the reading with more Latin ones.
-        readings = [body.decode(enc, errors="replace") for enc in ("utf-16-be", "utf-16-le")]
-        return max(readings, key=lambda t: sum(ord(c) < 0x250 for c in t)) or None
-    return body.decode("utf-8", errors="replace").strip("\x00 ") or None
+    return {k: v for k, v in params.items() if k in names}

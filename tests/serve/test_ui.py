@@ -6,7 +6,9 @@ import dataclasses
 import io
 import json
 import re
+import struct
 import time
+import zlib
 
 import pytest
 from fastapi.testclient import TestClient
@@ -71,15 +73,27 @@ def test_page_and_files(client):
         assert client.get(f"/ui/{bad}").status_code == 404, bad  # a fixed list: nothing else leaves the folder
 
 
-def test_token_reaches_every_file_the_page_loads():
+def test_token_stays_out_of_urls():
+    """/?token=... answers with the token in an HttpOnly cookie, and no URL in the page carries it: the browser
+    authenticates every asset, fetch, image and event stream with the cookie (URLs land in access logs)."""
     with TestClient(create_app(Settings(token="s3cret"), JobQueue(loader=lambda n, d: FakePipeline()))) as c:
         assert c.get("/").status_code == 401
-        page = c.get("/?token=s3cret").text
-        query = f"v={__version__}&token=s3cret"
-        assert f'href="/ui/ui.css?{query.replace("&", "&amp;")}"' in page
-        imports = json.loads(re.search(r'<script type="importmap">(.*?)</script>', page).group(1))["imports"]
-        assert set(imports.values()) == {f"/ui/{n}?{query}" for n in SCRIPTS}
-        assert c.get(imports["/ui/form.js"]).status_code == 200
+        r = c.get("/?token=s3cret")
+        assert r.status_code == 200 and "s3cret" not in r.text
+        cookie = r.headers["set-cookie"]
+        assert cookie.startswith("easel_token=s3cret;") and "HttpOnly" in cookie and "samesite=strict" in cookie.lower()
+        imports = json.loads(re.search(r'<script type="importmap">(.*?)</script>', r.text).group(1))["imports"]
+        assert set(imports.values()) == {f"/ui/{n}?v={__version__}" for n in SCRIPTS}
+        for url in [*imports.values(), "/ui/config.json", "/api/v1/jobs", "/"]:
+            assert c.get(url).status_code == 200, url  # the cookie alone
+        c.cookies.clear()
+        assert c.get(imports["/ui/form.js"]).status_code == 401
+        c.cookies.set("easel_token", "wrong")
+        assert c.get("/ui/config.json").status_code == 401
+
+
+def test_no_cookie_without_a_token(client):
+    assert "set-cookie" not in client.get("/?token=anything").headers
 
 
 def test_config_comes_from_the_schema_and_the_model_file(client):
@@ -130,6 +144,22 @@ def test_png_info_of_an_a1111_jpeg(client, order):
     assert info["format"] == "JPEG" and info["parameters"] == A1111_TEXT and info["request"]["seed"] == 5
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that announces width x height (1 bit) but holds no pixels: what a reader must refuse before decoding."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_png_info_of_odd_files(client):
+    """A JSON chunk that is not easel's own, and an image too large to ever decode: answers, never a 500."""
+    info = client.post("/ui/png-info", content=png_bytes({"easel": json.dumps({"prompt": "only this"})})).json()
+    assert info["easel"] == {"prompt": "only this"} and info["request"] == {"prompt": "only this"}
+    r = client.post("/ui/png-info", content=png_header(30000, 30000))  # 900 MP announced: refused unread
+    assert r.status_code == 400 and "30000" in r.json()["error"]
+
+
 def test_png_info_errors_say_what_is_wrong(client):
     assert client.post("/ui/png-info", content=png_bytes()).json()["parameters"] is None  # no text: not an error
     r = client.post("/ui/png-info", content=b"hello")
@@ -147,6 +177,31 @@ def test_infotexts_of_a_job(client):
     r = client.get(f"/ui/jobs/{job['id']}/infotext").json()
     assert r["infotexts"] == [infotext(dict(PARAMS, prompt="a blue square"))]
     assert client.get("/ui/jobs/nope/infotext").status_code == 404
+
+
+def wait_finished(client, job_id: str) -> dict:
+    deadline = time.monotonic() + 10
+    while (job := client.get(f"/api/v1/jobs/{job_id}").json())["state"] not in ("done", "failed", "cancelled"):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return job
+
+
+def test_ui_jobs_list_what_a_reload_shows(client):
+    """/ui/jobs: every job as the queue lists it; full=true (and /ui/jobs/{id}) adds the gallery's data."""
+    ids = [client.post("/api/v1/jobs", json={"prompt": p, "steps": 2}).json()["id"] for p in ("one", "x" * 300)]
+    for i in ids:
+        wait_finished(client, i)
+    rows = client.get("/ui/jobs").json()
+    assert [r["id"] for r in rows] == ids and [r["state"] for r in rows] == ["done", "done"]
+    assert rows[0]["prompt"] == "one" and len(rows[1]["prompt"]) == ui.PROMPT_CHARS  # a row, not the whole text
+    assert rows[0]["mode"] == "txt2img" and rows[0]["n_images"] == 1 and "params" not in rows[0]
+    full = client.get("/ui/jobs?full=true").json()[0]
+    assert full["images"] == [f"/api/v1/jobs/{ids[0]}/images/0.png"]
+    assert full["infotexts"] == [infotext(dict(PARAMS, prompt="one"))] and full["params"][0]["seed"] == 42
+    assert client.get(f"/ui/jobs/{ids[0]}").json() == full
+    r = client.get("/ui/jobs/nope")
+    assert r.status_code == 404 and "no job 'nope'" in r.json()["error"]
 
 
 # -- static checks: the HTML, the scripts and the request schema agree ---------------------------------------
@@ -184,3 +239,55 @@ def test_form_fields_are_request_fields():
               "outpaint_right", "outpaint_up", "outpaint_down", "subseed", "subseed_strength", "preview_every"}
     assert wanted <= set(fields.values())
     assert len(re.findall(r"data-field=", HTML)) == len(fields)  # every data-field sits on an element with that id
+
+
+# -- WCAG AA contrast, computed from the colours in ui.css ---------------------------------------------------
+def css_colours(scheme: str) -> dict[str, str]:
+    """The --name: #rgb / #rrggbb variables of ui.css for a colour scheme (light overrides the dark defaults),
+    as #rrggbb."""
+    css = (ui.STATIC_DIR / "ui.css").read_text()
+
+    def block(text: str) -> dict[str, str]:
+        found = re.findall(r"--([\w-]+):\s*#([0-9a-fA-F]{6}|[0-9a-fA-F]{3})\b", text)
+        return {name: "#" + (h if len(h) == 6 else "".join(c * 2 for c in h)) for name, h in found}
+
+    light_at = css.index("@media (prefers-color-scheme: light)")
+    colours = block(css[css.index(":root"):light_at])
+    if scheme == "light":
+        colours.update(block(css[light_at:css.index("}", light_at)]))
+    return colours
+
+
+def luminance(hex_colour: str) -> float:
+    """WCAG 2 relative luminance of #rrggbb."""
+    def channel(c: float) -> float:
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+    r, g, b = (channel(int(hex_colour[i:i + 2], 16) / 255) for i in (1, 3, 5))
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def contrast(a: str, b: str) -> float:
+    hi, lo = sorted((luminance(a), luminance(b)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+def test_contrast_formula():
+    assert contrast("#000000", "#ffffff") == pytest.approx(21)
+    assert contrast("#ffffff", "#e8743b") == pytest.approx(3.0, abs=0.05)  # the old Generate button: fails AA
+    assert contrast("#ff6b6b", "#ffffff") == pytest.approx(2.78, abs=0.05)  # the old light-mode error: fails too
+
+
+# (text colour, background it is drawn on) for every text the page draws
+TEXT_ON = [("text", "bg"), ("text", "panel"), ("text", "field"), ("muted", "bg"), ("muted", "panel"),
+           ("muted", "field"), ("error", "panel"), ("error", "bg"), ("error", "field"), ("accent-text", "accent")]
+
+
+@pytest.mark.parametrize("scheme", ["dark", "light"])
+def test_text_colours_meet_wcag_aa(scheme):
+    colours = css_colours(scheme)
+    low = {f"{fg} on {bg}": round(contrast(colours[fg], colours[bg]), 2) for fg, bg in TEXT_ON
+           if contrast(colours[fg], colours[bg]) < 4.5}
+    assert not low, f"{scheme}: under 4.5:1 (WCAG AA, normal text): {low}"
+    css = (ui.STATIC_DIR / "ui.css").read_text()
+    assert re.search(r"button\.primary \{[^}]*[^-]color: var\(--accent-text\)", css)  # the pairs are the ones used
+    assert re.search(r"\.error \{[^}]*color: var\(--error\)", css)

@@ -40,9 +40,9 @@ def browser():
         b.close()
 
 
-def open_ui(browser, server, viewport=(1280, 1000)):
-    """(context, page, errors): the UI open and ready; `errors` collects script errors and failed requests."""
-    context = browser.new_context(viewport={"width": viewport[0], "height": viewport[1]})
+def open_ui(browser, server, viewport=(1280, 1000), color_scheme="dark"):
+    """(context, page, errors): the UI open and ready; `errors` collects script errors."""
+    context = browser.new_context(viewport={"width": viewport[0], "height": viewport[1]}, color_scheme=color_scheme)
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(f"uncaught: {e}"))
@@ -306,21 +306,29 @@ def test_png_info_of_a_dropped_generated_image(ui):
 
 
 def test_page_works_behind_a_token(browser, start_server):
-    """With --token, /?token=... loads every script, image and event stream with it."""
+    """With --token, /?token=... once: the page, its scripts, images and event streams then authenticate with the
+    HttpOnly cookie the server set, no later URL carries the token, and the address bar drops it."""
     from easel.serve.app import Settings
     server = start_server(Settings(token="s3cret"))
     context = browser.new_context()
     page = context.new_page()
-    failed = []
+    failed, urls = [], []
     page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    page.on("request", lambda r: urls.append(r.url))
     page.goto(server.url + "/?token=s3cret")
     page.wait_for_selector("body[data-ready=true]")
+    assert page.url == server.url + "/"
     assert page.is_hidden("#error") and page.locator("#sampler option").count() > 5
     page.fill("#prompt", PROMPT)
     page.fill("#steps", "2")
     page.fill("#batch_size", "1")
     generate(page)
     page.wait_for_function("document.getElementById('selected-image').naturalWidth === 64")
+    reload(page)  # the cookie alone
+    page.wait_for_function("document.getElementById('selected-image').naturalWidth === 64")
+    assert any("/events" in u for u in urls) and any(u.endswith("/images/0.png") for u in urls)
+    assert [u for u in urls if "s3cret" in u] == [server.url + "/?token=s3cret"]
+    assert "s3cret" not in page.content() and not page.evaluate("document.cookie")  # HttpOnly: not for scripts
     context.close()
     assert not failed, failed
 
@@ -400,10 +408,17 @@ def test_tabs_follow_the_arrow_keys(ui):
     assert page.get_attribute("#tab-outpaint", "aria-selected") == "true"
 
 
+def rgb(css: str) -> str:
+    """'rgb(r, g, b)' (a computed style) -> '#rrggbb'."""
+    return "#" + "".join(f"{int(v):02x}" for v in css[css.index("(") + 1:css.index(")")].split(",")[:3])
+
+
 def test_phone_layout(browser, start_server):
-    """At 390x844: nothing wider than the screen, every tab on it, the result right under the Generate button."""
+    """At 390x844 (light scheme): nothing wider than the screen, every tab on it, the result right under the
+    Generate button; the Generate button's and an error's colours as drawn meet WCAG AA."""
+    from tests.serve.test_ui import contrast
     server = start_server()
-    context, page, errors = open_ui(browser, server, viewport=(390, 844))
+    context, page, errors = open_ui(browser, server, viewport=(390, 844), color_scheme="light")
     width = 390
 
     def assert_fits():
@@ -420,8 +435,15 @@ def test_phone_layout(browser, start_server):
     assert_fits()
     button, image = page.locator("#generate").bounding_box(), page.locator("#selected-image").bounding_box()
     assert image["y"] > button["y"] and image["y"] + image["height"] <= 844, (button, image)  # seen without scrolling
+    style = "([id, p]) => getComputedStyle(document.getElementById(id))[p]"
+    colour = lambda i, prop: rgb(page.evaluate(style, [i, prop]))  # noqa: E731
+    assert contrast(colour("generate", "color"), colour("generate", "backgroundColor")) >= 4.5
     for tab in ("inpaint", "outpaint", "pnginfo"):
         page.click(f"#tab-{tab}")
         assert_fits()
+    page.click("#tab-inpaint")
+    page.click("#generate")  # no image: an error shows
+    assert colour("output", "backgroundColor") == "#ffffff"  # light scheme
+    assert contrast(colour("error", "color"), colour("output", "backgroundColor")) >= 4.5
     context.close()
     assert not errors, errors

@@ -2,19 +2,18 @@
 
 export const $ = (id) => document.getElementById(id);
 
-// A server started with --token: open the page as /?token=... and every call carries it
-// (EventSource and <img> cannot send headers, so URLs carry it too; the server accepts both).
-const TOKEN = new URLSearchParams(location.search).get("token");
-
-export function apiUrl(path) {
-  if (!TOKEN) return path;
-  return path + (path.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(TOKEN);
+// A server started with --token: the page is opened once as /?token=...; the server answers with the token in an
+// HttpOnly cookie that the browser sends with every request (fetch, EventSource, <img>), so no URL carries it
+// (URLs end up in access logs and the history). Here the page drops it from its own address too.
+const address = new URL(location.href);
+if (address.searchParams.has("token")) {
+  address.searchParams.delete("token");
+  history.replaceState(history.state, "", address);
 }
 
 // fetch() that returns parsed JSON and throws an Error carrying the server's own message.
 export async function api(path, options = {}) {
   const headers = { ...(options.headers || {}) };
-  if (TOKEN) headers.Authorization = "Bearer " + TOKEN;
   if (options.json !== undefined) {
     headers["Content-Type"] = "application/json";
     options = { ...options, body: JSON.stringify(options.json) };

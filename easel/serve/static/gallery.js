@@ -1,5 +1,5 @@
 // Progress bar with live previews, the gallery of results with each image's parameters, and the full-size view.
-import { $, apiUrl } from "./form.js";
+import { $ } from "./form.js";
 
 const MAX_KEPT = 200;  // images kept in the page's gallery (the server keeps its own finished jobs)
 const results = [];    // newest first: {jobId, index, url, params, infotext}
@@ -78,7 +78,7 @@ function renderGallery() {
     button.title = `seed ${r.params.seed}`;
     button.dataset.job = r.jobId;
     button.dataset.index = r.index;
-    const img = Object.assign(document.createElement("img"), { src: apiUrl(r.url), alt: `result ${r.index + 1}` });
+    const img = Object.assign(document.createElement("img"), { src: r.url, alt: `result ${r.index + 1}` });
     button.append(img);
     button.addEventListener("click", () => select(r));
     return button;
@@ -92,7 +92,7 @@ const isSmall = (r) => Math.max(r.params.width || 0, r.params.height || 0) < 256
 function select(r) {
   selected = r;
   const img = $("selected-image");
-  img.src = apiUrl(r.url);
+  img.src = r.url;
   img.alt = `result ${r.index + 1}, seed ${r.params.seed}: open full size`;
   img.classList.toggle("pixelated", isSmall(r));
   $("open-full").hidden = !$("preview").hidden;
@@ -100,7 +100,7 @@ function select(r) {
   $("infotext").textContent = r.infotext;
   $("image-info").hidden = false;
   const download = $("download");
-  download.href = apiUrl(r.url);
+  download.href = r.url;
   download.download = `easel-${r.params.seed ?? r.jobId}-${r.index}.png`;
   markSelected();
   if ($("lightbox").open) showFull(r);
@@ -117,7 +117,7 @@ function markSelected() {
 // -- full-size view: a modal <dialog> (focus stays inside; Esc closes it natively) --------------------------
 function showFull(r) {
   const img = $("lightbox-image");
-  img.src = apiUrl(r.url);
+  img.src = r.url;
   img.alt = `result ${r.index + 1} of job ${r.jobId}`;
   img.classList.toggle("pixelated", isSmall(r));
   const size = r.params.width ? ` \u00b7 ${r.params.width}\u00d7${r.params.height}` : "";

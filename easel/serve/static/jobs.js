@@ -1,7 +1,7 @@
 // The queue: every job the server remembers (so a reload loses nothing), shown as a list with a cancel button
 // each. One job at a time is followed over server-sent events (progress bar, live previews); the rest are
 // polled, so that a queue of many jobs holds one connection, not one each.
-import { $, api, apiUrl } from "./form.js";
+import { $, api } from "./form.js";
 import { addJobResults, clearPreview, setProgressText, showJob, showPreview, showProgress } from "./gallery.js";
 
 const FINISHED = ["done", "failed", "cancelled"];
@@ -56,7 +56,7 @@ function track() {
 }
 
 function follow(id) {
-  const events = new EventSource(apiUrl(`/api/v1/jobs/${id}/events`));
+  const events = new EventSource(`/api/v1/jobs/${id}/events`);
   followed = { id, events };
   document.body.dataset.job = id;
   events.addEventListener("progress", (e) => {

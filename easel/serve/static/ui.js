@@ -1,5 +1,5 @@
 // easel's web UI: tabs, generate / cancel over the native API (/api/v1) and its server-sent events, PNG info.
-import { $, api, apiUrl, forgetForm, initForm, initLoras, inMode, readForm, restoreForm, saveForm,
+import { $, api, forgetForm, initForm, initLoras, inMode, readForm, restoreForm, saveForm,
          writeForm } from "./form.js";
 import { clearSource, hasSource, initMaskBrush, maskDataUrl, maskEmpty, render, setSource,
          sourceDataUrl } from "./canvas.js";
@@ -109,7 +109,7 @@ function cancel() {
 // -- moving images between tabs ---------------------------------------------------------------------------
 async function sendTo(target, result) {
   try {
-    const response = await fetch(apiUrl(result.url));
+    const response = await fetch(result.url);
     if (!response.ok) throw new Error(`the image is gone from the server (HTTP ${response.status})`);
     await setSource(await response.blob());
   } catch (e) { showError(e.message); return; }
