@@ -191,3 +191,144 @@ def test_huge_png_is_one_clear_line(tmp_path, tiny_sd1_file, capsys, command):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("easel: error:") and "30000x30000" in err and "Traceback" not in err
+
+
+# -- issue 9: --from, names, help, errors ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def batch2_models(tmp_path_factory):
+    """A models folder holding a tiny model whose default batch is 2 (as the built-in model's is 4)."""
+    import dataclasses
+    from tests.conftest import make_tiny
+    from easel.weights.model_io import save_model
+    d = tmp_path_factory.mktemp("models")
+    loaded = make_tiny(tmp_path_factory.mktemp("src"))
+    loaded.model.config = dataclasses.replace(loaded.model.config, default_batch=2)
+    save_model(loaded, d / "tiny-b2.safetensors")
+    return d
+
+
+def test_from_finds_the_model_and_reproduces_one_image(tmp_path, batch2_models, monkeypatch, capsys):
+    monkeypatch.setenv("EASEL_MODELS", str(batch2_models))
+    out, again = tmp_path / "out", tmp_path / "again"
+    assert main(["generate", "a red cat", "--model", "tiny-b2", "--seed", "5", "--out", str(out), *FAST]) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["00000-5.png", "00001-6.png"]  # the model's batch of 2
+    # No --model: the PNG's Model / Model hash name the model; one image, the one that PNG holds.
+    assert main(["generate", "--from", str(out / "00001-6.png"), "--out", str(again)]) == 0
+    assert "model from the image: tiny-b2" in capsys.readouterr().err
+    assert [p.name for p in again.glob("*.png")] == ["00000-6.png"]
+    diff = np.abs(np.asarray(Image.open(again / "00000-6.png")).astype(int) -
+                  np.asarray(Image.open(out / "00001-6.png")).astype(int))
+    assert diff.max() <= 2  # alone rather than second of a batch: float summation order only
+
+
+def test_from_finds_an_a1111_model_by_hash(tmp_path, batch2_models, monkeypatch):
+    from easel.cli import model_of_image
+    from easel.weights.load import file_hash
+    monkeypatch.setenv("EASEL_MODELS", str(batch2_models))
+    model = batch2_models / "tiny-b2.safetensors"
+    # A1111 names the file as it was called on its machine: the hash still finds it.
+    assert model_of_image({"model": "renamed", "model_hash": file_hash(model)}) == str(model)
+
+
+def test_from_warns_naming_a_model_it_cannot_find(tmp_path, monkeypatch, caplog):
+    from easel.cli import model_of_image
+    monkeypatch.setenv("EASEL_MODELS", str(tmp_path))
+    with caplog.at_level("WARNING", logger="easel"):
+        assert model_of_image({"model": "sd_xl_base_1.0", "model_hash": "31e35c80fc"}) is None
+    assert "'sd_xl_base_1.0' [31e35c80fc]" in caplog.text and "--model" in caplog.text
+
+
+def _a1111_png(path, text):
+    from PIL import PngImagePlugin
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    return path
+
+
+def test_from_keeps_ensd_and_warns_when_it_matters(tmp_path, caplog):
+    from easel.cli import build_parser, from_image_fields, request_from_args
+    png = _a1111_png(tmp_path / "a.png", "x\nSteps: 3, Sampler: Euler a, Seed: 1, Size: 32x32, ENSD: 31337")
+    args = build_parser().parse_args(["generate", "--from", str(png)])
+    with caplog.at_level("WARNING", logger="easel"):
+        req = request_from_args(args, from_image_fields(args))
+    assert req.extra == {"eta_noise_seed_delta": 31337} and (req.batch_size, req.n_iter) == (1, 1)
+    assert "ENSD 31337" in caplog.text
+    caplog.clear()
+    args = build_parser().parse_args(["generate", "--from", str(png), "--sampler", "euler", "-n", "3"])
+    with caplog.at_level("WARNING", logger="easel"):
+        req = request_from_args(args, from_image_fields(args))
+    assert caplog.text == "" and req.batch_size == 3  # a noiseless sampler: ENSD changes nothing; flags win
+
+
+def test_a_sampler_flag_brings_its_own_schedule_over_the_image(tmp_path):
+    from easel.cli import build_parser, from_image_fields, request_from_args
+    png = _a1111_png(tmp_path / "a.png", "x\nSteps: 3, Sampler: DPM++ 2M, Schedule type: Karras, Seed: 1")
+    args = build_parser().parse_args(["generate", "--from", str(png), "--sampler", "DPM++ 2M Exponential"])
+    req = request_from_args(args, from_image_fields(args)).resolved(32, 1)
+    assert (req.sampler, req.scheduler) == ("dpmpp_2m", "exponential")
+
+
+@pytest.mark.parametrize("flags,expect", [
+    (["--sampler", "Euler a", "--scheduler", "Karras"], "Sampler: Euler a, Schedule type: Karras"),
+    (["--sampler", "DPM++ 2M", "--scheduler", "exponential"], "Schedule type: Exponential"),
+    (["--sampler", "dpmpp_2m", "--hires", "--hr-upscaler", "Latent (bicubic)", "--hr-scale", "1.5", "--hr-steps", "1"],
+     "Hires upscaler: Latent (bicubic)"),
+])
+def test_name_flags_take_every_name_the_resolver_takes(tmp_path, tiny_sd1_file, capsys, flags, expect):
+    out = tmp_path / "out"
+    assert main(["generate", "x", "--model", str(tiny_sd1_file), "--steps", "2", "--width", "16", "--height", "16",
+                 "-n", "1", "--out", str(out), *flags]) == 0
+    capsys.readouterr()
+    assert main(["info", str(next(out.glob("*.png")))]) == 0
+    assert expect in capsys.readouterr().out
+
+
+def test_explicit_scheduler_is_never_silently_overridden(tmp_path, tiny_sd1_file, capsys):
+    assert main(["generate", "x", "--model", str(tiny_sd1_file), "--sampler", "DPM++ 2M Karras", "--scheduler",
+                 "exponential", "--out", str(tmp_path), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "easel: error:" in err and "karras" in err and "exponential" in err
+
+
+def _all_actions(parser, path=()):
+    import argparse
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _all_actions(sub, path + (name,))
+        else:
+            yield path, action
+
+
+def test_help_says_each_default_once():
+    from easel.cli import build_parser
+    twice = [(" ".join(path), a.dest) for path, a in _all_actions(build_parser())
+             if a.help and a.help.lower().count("(default") > 1]
+    assert twice == []
+
+
+def test_debug_shows_the_traceback(tmp_path, tiny_sd1_file, monkeypatch):
+    args = ["generate", "x", "--width", "30", "--model", str(tiny_sd1_file), "--out", str(tmp_path)]
+    assert main(args) == 2
+    with pytest.raises(ValueError, match="multiple of 8"):
+        main(["--debug", *args])
+    monkeypatch.setenv("EASEL_DEBUG", "1")
+    with pytest.raises(ValueError, match="multiple of 8"):
+        main(args)
+
+
+@pytest.mark.parametrize("error,match", [(MemoryError(), "out of memory"),
+                                         (PermissionError(13, "Permission denied", "/x/out"),
+                                          "Permission denied: /x/out"),
+                                         (OSError(28, "No space left on device"), "no space left on the disk")])
+def test_known_errors_are_one_line(monkeypatch, capsys, error, match):
+    import easel.cli as cli
+
+    def fail(args):
+        raise error
+    monkeypatch.setattr(cli, "cmd_samplers", fail)
+    assert main(["samplers"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("easel: error:") and match in err and "Traceback" not in err and err.count("\n") == 1
