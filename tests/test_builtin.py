@@ -1,6 +1,5 @@
-"""The built-in ShapeWorld model: works with no flags, and a fixed prompt and seed give the same pixels."""
-import hashlib
-
+"""The built-in ShapeWorld model: works with no flags, and a fixed prompt and seed give the same pixels (bit-exact on
+a platform with a recorded hash, within a small tolerance elsewhere: see tests/golden)."""
 import pytest
 import torch
 
@@ -10,16 +9,32 @@ from easel.weights.registry import builtin_model
 
 pytestmark = pytest.mark.skipif(builtin_model() is None, reason="this install has no built-in model")
 
-# sha256 of the raw RGB bytes of the 4 images of `three red stars`, seed 1, default settings, 1 thread.
-# A change that alters them must say so in its commit and update this value.
-GOLDEN = "0491bd3403862946f4144460b6a311b7f6e8f9de1736d31f2f18e13464b99370"
-
-
-def test_golden_images(one_thread):
-    images = easel.load().txt2img("three red stars", seed=1)
+def test_golden_images():
+    """Update with `python scripts/golden.py --update` when a change alters them on purpose (and say so)."""
+    from tests import golden
+    images = golden.render()
     assert len(images) == 4 and images[0].size == (64, 64)
-    digest = hashlib.sha256(b"".join(im.tobytes() for im in images)).hexdigest()
-    assert digest == GOLDEN, f"built-in model output changed: {digest}"
+    recorded = golden.manifest()["platforms"].get(golden.platform_key())
+    if recorded is not None:  # this platform's bits were recorded: they must repeat exactly
+        assert golden.pixel_hash(images) == recorded, f"built-in model output changed: {golden.pixel_hash(images)}"
+        return
+    diff = golden.difference(images, golden.reference_images())
+    assert golden.within_tolerance(diff), f"built-in model output changed beyond float noise: {diff}"
+
+
+def test_golden_tolerance_tells_a_changed_picture_from_float_noise():
+    from tests import golden
+    references = golden.reference_images()
+    assert golden.within_tolerance(golden.difference(references, references))
+    other_seed = golden.render_seed(golden.SEED + 1)
+    assert not golden.within_tolerance(golden.difference(other_seed, references))
+
+
+def test_platform_key_names_torch_and_the_cpu_kernels():
+    import torch
+    from tests import golden
+    key = golden.platform_key()
+    assert torch.__version__ in key and torch.backends.cpu.get_cpu_capability() in key
 
 
 def test_generate_needs_no_flags(tmp_path, capsys):
