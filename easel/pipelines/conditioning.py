@@ -13,22 +13,28 @@
    Visual Generation with Composable Diffusion Models"): x0 = u + scale * sum_i w_i (c_i - u).
 
 A prompt without any syntax and of at most 75 tokens encodes exactly as `common.encode_prompts`.
+The request-level denoiser stack that uses these is built in `easel.pipelines.plan`.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from easel.models.layers import timestep_embedding
 from easel.models.sd import StableDiffusion
-from easel.pipelines.common import unet_conditioning
 from easel.samplers.denoisers import _batch_sigma
 from easel.text.prompt import extract_extra_networks, parse_attention, prompt_schedule, split_and
 from easel.text.tokenizer import CLIPTokenizer
+from easel.weights.detect import SDXL_EMBED_DIM, is_refiner
 from easel.weights.embeddings import Embedding, EmbeddingError
 
+# diffusers' `aesthetic_score` / `negative_aesthetic_score` defaults, A1111's sdxl_refiner_high/low_aesthetic_score.
+AESTHETIC_SCORE = 6.0
+NEGATIVE_AESTHETIC_SCORE = 2.5
 COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default
 SIGMA_RTOL = 1e-4  # samplers that go sigma -> t -> sigma come back an ulp or two off the schedule's value
 
@@ -212,6 +218,42 @@ def _encode(model: StableDiffusion, tokenizers: list[CLIPTokenizer], text: str, 
     return {"context": context.to(model.dtype), "pooled": None if pooled is None else pooled[:1]}
 
 
+# --- the UNet's extra vector (SDXL base and refiner) -------------------------------------------------
+def refiner_vector(pooled: Tensor, original_size: tuple[int, int] = (1024, 1024),
+                   crops: tuple[int, int] = (0, 0), aesthetic_score: float = AESTHETIC_SCORE) -> Tensor:
+    """The SDXL refiner's `y` (B, P + 5 * 256): pooled text, then (orig h, w, crop top, left, aesthetic score)
+    embedded (SGM's ConcatTimestepEmbedderND; Podell et al. 2023, sec. 2.5)."""
+    ids = torch.tensor([*original_size, *crops, aesthetic_score], dtype=torch.float32)  # (5,)
+    emb = timestep_embedding(ids, SDXL_EMBED_DIM).reshape(1, -1)  # (1, 5 * 256)
+    return torch.cat([pooled, emb.expand(pooled.shape[0], -1).to(pooled)], dim=-1)  # (B, P + 1280)
+
+
+def unet_conditioning(model: StableDiffusion, text: dict[str, Tensor], width: int, height: int,
+                      aesthetic_score: float | None = None) -> dict:
+    """Add the `y` vector of models that take one to the text conditioning: SDXL's pooled text + size/crop
+    embeddings, or the SDXL refiner's pooled text + size/crop/aesthetic-score embeddings (score default 6.0)."""
+    cond = {"context": text["context"]}
+    if not model.config.unet.adm_in_channels:
+        return cond
+    if is_refiner(model.config):
+        score = AESTHETIC_SCORE if aesthetic_score is None else aesthetic_score
+        cond["y"] = refiner_vector(text["pooled"], original_size=(height, width), aesthetic_score=score).to(model.dtype)
+    else:
+        from easel.models.unet import sdxl_vector
+        cond["y"] = sdxl_vector(text["pooled"], original_size=(height, width), crops=(0, 0),
+                                target_size=(height, width)).to(model.dtype)
+    return cond
+
+
+def rescored(pc: "PromptConditioning", score: float, width: int, height: int) -> "PromptConditioning":
+    """A refiner's prompt conditioning with the aesthetic score in every text's `y` set to `score`."""
+    def rescore(y: Tensor) -> Tensor:
+        pooled = y[:, :y.shape[1] - 5 * SDXL_EMBED_DIM]  # y = pooled text, then 5 embeddings (see refiner_vector)
+        return refiner_vector(pooled, original_size=(height, width), aesthetic_score=score)
+    # new dicts: the prompt and the negative prompt may share an encoded text (and its dict)
+    return dataclasses.replace(pc, encoded=[{**e, "y": rescore(e["y"])} for e in pc.encoded])
+
+
 # --- per-step conditioning ------------------------------------------------------------------------
 @dataclass
 class PromptConditioning:
@@ -366,9 +408,3 @@ class GuidedDenoiser(nn.Module):
         if "y" in conds[0]:
             out["y"] = torch.cat([c["y"].expand(batch, -1) for c in conds])  # (k B, adm)
         return out
-
-
-def guided_denoiser(denoiser, cond: PromptConditioning, uncond: PromptConditioning, scale: float,
-                    sigmas: Tensor) -> GuidedDenoiser:
-    """The CFG denoiser for prompt schedules and AND (A1111's CFGDenoiser), stepping by sigma."""
-    return GuidedDenoiser(denoiser, cond, uncond, scale, sigmas)

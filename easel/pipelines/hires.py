@@ -7,58 +7,52 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from easel.pipelines import common
+from easel.pipelines import common, plan
+from easel.pipelines.names import UPSCALER_LABELS
+from easel.pipelines.refiner import refiner_for, refiner_runs
 from easel.pipelines.request import GenerationRequest
-from easel.pipelines.txt2img import GeneratedImage, image_params, normalise, refiner_for
+from easel.pipelines.sizes import hires_size
+from easel.pipelines.txt2img import GeneratedImage, image_params
 from easel.weights.model_io import LoadedModel
 
 # Our upscaler name -> (torch interpolation mode, antialias); "lanczos" works on decoded pixels instead.
 LATENT_UPSCALERS = {"latent": ("bilinear", False), "latent-nearest": ("nearest", False),
                     "latent-bicubic": ("bicubic", False), "latent-antialiased": ("bilinear", True)}
-UPSCALER_LABELS = {"latent": "Latent", "latent-nearest": "Latent (nearest)", "latent-bicubic": "Latent (bicubic)",
-                   "latent-antialiased": "Latent (antialiased)", "lanczos": "Lanczos"}
 
 
-def hires(loaded: LoadedModel, req: GenerationRequest, callback: common.StepCallback | None = None, *,
+def hires(loaded: LoadedModel, req: GenerationRequest, callback: plan.StepCallback | None = None, *,
           refiner: LoadedModel | None = None) -> list[GeneratedImage]:
     """txt2img at `width` x `height`, upscale to the hires size, img2img there at `hr_denoising_strength`.
 
     With a refiner (`req.refiner_checkpoint`) the first pass switches to it, and once it has taken over it
     also runs the second pass (as in A1111, where the refiner stays loaded for the rest of the batch).
     """
+    return plan.run_batches(*prepare(loaded, req, callback, refiner=refiner))
+
+
+def prepare(loaded: LoadedModel, req: GenerationRequest, callback: plan.StepCallback | None = None, *,
+            refiner: LoadedModel | None = None):
+    """(resolved request, batch function) of a hires-fix request: two plans per batch."""
     cfg = loaded.model.config
-    req = normalise(req).resolved(cfg.default_size, cfg.default_batch)
+    req = req.resolved(cfg.default_size, cfg.default_batch)
     second = second_pass_request(req)
     refiner = refiner_for(req, refiner)
-    late = refiner if common.refiner_runs(req, req.steps, refiner) else loaded  # upscales, runs pass 2, decodes
+    late = refiner if refiner_runs(req, req.steps, refiner) else loaded  # upscales, runs pass 2, decodes
+    first_sigmas = plan.request_sigmas(loaded.model, req)
+    second_sigmas = plan.img2img_sigmas(plan.request_sigmas(late.model, second), req.hr_denoising_strength,
+                                        plan.hires_run_steps(req))
     # A1111 schedules the hires prompt's [a:b:when] over the first pass's steps, then the second pass's.
-    hr_steps = req.hr_second_pass_steps or req.steps
+    prompt_steps = dict(prompt_steps=req.steps, hires_steps=req.hr_second_pass_steps or req.steps)
 
     def batch(it: int, seeds: list[int]) -> list[GeneratedImage]:
-        base = common.sample(loaded, req, seeds, callback=common.batch_callback(callback, it, req.n_iter, phase="base"),
-                             refiner=refiner)
-        up = upscale_latents(late, base, second.width, second.height, req.hr_upscaler)
-        cb = common.batch_callback(callback, it, req.n_iter, phase="hires")
-        latents = common.sample(late, second, seeds, up, req.hr_denoising_strength, cb, run_steps=_run_steps(req),
-                                prompt_steps=req.steps, hires_steps=hr_steps)
+        first = plan.build_plan(loaded, req, seeds, first_sigmas, refiner=refiner)
+        base = plan.run(first, plan.batch_callback(callback, it, req.n_iter, phase="base"))
+        up = upscale_latents(late, base, second.width, second.height, req.hr_upscaler, req.tiled_vae)
+        p2 = plan.build_plan(late, second, seeds, second_sigmas, up, **prompt_steps)
+        latents = plan.run(p2, plan.batch_callback(callback, it, req.n_iter, phase="hires"))
         return [GeneratedImage(img, hires_params(loaded, req, seed))
-                for img, seed in zip(common.decode(late.model, latents), seeds)]
-    return common.run_batches(req, batch)
-
-
-def hires_size(req: GenerationRequest) -> tuple[int, int]:
-    """(width, height) of the second pass: hr_resize_x/y when given (one of them keeps the aspect), else
-    hr_scale times the base size; floored to a multiple of 8."""
-    w, h = req.width, req.height
-    if req.hr_resize_x and req.hr_resize_y:
-        w2, h2 = req.hr_resize_x, req.hr_resize_y
-    elif req.hr_resize_x:
-        w2, h2 = req.hr_resize_x, req.hr_resize_x * h / w
-    elif req.hr_resize_y:
-        w2, h2 = req.hr_resize_y * w / h, req.hr_resize_y
-    else:
-        w2, h2 = w * req.hr_scale, h * req.hr_scale
-    return max(8, int(w2) // 8 * 8), max(8, int(h2) // 8 * 8)
+                for img, seed in zip(common.decode(late.model, latents, req.tiled_vae), seeds)]
+    return req, batch
 
 
 def second_pass_request(req: GenerationRequest) -> GenerationRequest:
@@ -66,27 +60,15 @@ def second_pass_request(req: GenerationRequest) -> GenerationRequest:
     width, height = hires_size(req)
     pick = lambda v, d: d if v is None else v  # noqa: E731
     return dataclasses.replace(
-        req, width=width, height=height, steps=_schedule_steps(req), sampler=pick(req.hr_sampler, req.sampler),
-        scheduler=pick(req.hr_scheduler, req.scheduler), prompt=pick(req.hr_prompt, req.prompt),
-        negative_prompt=pick(req.hr_negative_prompt, req.negative_prompt), cfg_scale=pick(req.hr_cfg_scale, req.cfg_scale))
-
-
-def _schedule_steps(req: GenerationRequest) -> int:
-    """Length of the second pass's schedule. With hr_second_pass_steps = N, A1111 runs exactly N steps, taken from
-    the end of an int(N / strength) schedule; with 0, it runs int(steps * strength) of a `steps` schedule."""
-    if not req.hr_second_pass_steps or req.hr_denoising_strength == 0:
-        return req.steps
-    return int(req.hr_second_pass_steps / min(req.hr_denoising_strength, 0.999))
-
-
-def _run_steps(req: GenerationRequest) -> int | None:
-    if not req.hr_second_pass_steps or req.hr_denoising_strength == 0:
-        return None  # int(steps * strength); strength 0 runs nothing
-    return req.hr_second_pass_steps
+        req, width=width, height=height, steps=plan.hires_schedule_steps(req),
+        sampler=pick(req.hr_sampler, req.sampler), scheduler=pick(req.hr_scheduler, req.scheduler),
+        prompt=pick(req.hr_prompt, req.prompt), negative_prompt=pick(req.hr_negative_prompt, req.negative_prompt),
+        cfg_scale=pick(req.hr_cfg_scale, req.cfg_scale))
 
 
 @torch.no_grad()
-def upscale_latents(loaded: LoadedModel, latents: torch.Tensor, width: int, height: int, upscaler: str) -> torch.Tensor:
+def upscale_latents(loaded: LoadedModel, latents: torch.Tensor, width: int, height: int, upscaler: str,
+                    tiled: bool | None = None) -> torch.Tensor:
     """Latents (B, C, h, w) -> (B, C, height/f, width/f): interpolated in latent space, or ('lanczos') decoded,
     resized with PIL's Lanczos filter and encoded again."""
     f = loaded.model.config.vae.downsample
@@ -95,8 +77,8 @@ def upscale_latents(loaded: LoadedModel, latents: torch.Tensor, width: int, heig
         corners = {} if mode == "nearest" else {"align_corners": False}
         return F.interpolate(latents, size=(height // f, width // f), mode=mode, antialias=antialias, **corners)
     if upscaler == "lanczos":
-        images = [im.resize((width, height), Image.LANCZOS) for im in common.decode(loaded.model, latents)]
-        return common.encode(loaded.model, images)
+        images = [im.resize((width, height), Image.LANCZOS) for im in common.decode(loaded.model, latents, tiled)]
+        return common.encode(loaded.model, images, tiled)
     raise ValueError(f"unknown hr_upscaler {upscaler!r}; choose one of {', '.join(UPSCALER_LABELS)}")
 
 

@@ -5,54 +5,48 @@ import dataclasses
 
 import torch
 
-from easel.pipelines import common
+from easel.pipelines import common, plan
 from easel.pipelines.images import resize_image  # A1111's resize modes, shared with inpaint/outpaint
+from easel.pipelines.refiner import refiner_for, refiner_runs
 from easel.pipelines.request import GenerationRequest
-from easel.pipelines.txt2img import GeneratedImage, image_params, normalise, refiner_for
+from easel.pipelines.sizes import image_default_size
+from easel.pipelines.txt2img import GeneratedImage, image_params
 from easel.weights.model_io import LoadedModel
 
 
-def img2img(loaded: LoadedModel, req: GenerationRequest, callback: common.StepCallback | None = None, *,
+def img2img(loaded: LoadedModel, req: GenerationRequest, callback: plan.StepCallback | None = None, *,
             refiner: LoadedModel | None = None) -> list[GeneratedImage]:
     """Repaint `req.init_images` guided by the prompt; `denoising_strength` 0 keeps the image, 1 replaces it.
 
     With `req.refiner_checkpoint`, `refiner` takes over at `refiner_switch_at` of the steps that run.
     """
+    return plan.run_batches(*prepare(loaded, req, callback, refiner=refiner))
+
+
+def prepare(loaded: LoadedModel, req: GenerationRequest, callback: plan.StepCallback | None = None, *,
+            refiner: LoadedModel | None = None):
+    """(resolved request, batch function) of an img2img request: the tail of the schedule from the noised image."""
     req = resolve_edit_request(loaded, req)
     init = init_latents(loaded, req)  # (1 or B, C, h, w)
     refiner = refiner_for(req, refiner)
-    run = min(int(req.steps * req.denoising_strength), req.steps)  # the steps that run (see common.img2img_sigmas)
-    decoder = refiner if common.refiner_runs(req, run, refiner) else loaded
+    sigmas = plan.img2img_sigmas(plan.request_sigmas(loaded.model, req), req.denoising_strength)
+    decoder = refiner if refiner_runs(req, len(sigmas) - 1, refiner) else loaded
 
     def batch(it: int, seeds: list[int]) -> list[GeneratedImage]:
-        cb = common.batch_callback(callback, it, req.n_iter)
-        latents = common.sample(loaded, req, seeds, init, req.denoising_strength, cb, refiner=refiner)
+        p = plan.build_plan(loaded, req, seeds, sigmas, init, refiner=refiner)
+        latents = plan.run(p, plan.batch_callback(callback, it, req.n_iter))
         return [GeneratedImage(img, image_params(loaded, req, seed))
-                for img, seed in zip(common.decode(decoder.model, latents), seeds)]
-    return common.run_batches(req, batch)
+                for img, seed in zip(common.decode(decoder.model, latents, req.tiled_vae), seeds)]
+    return req, batch
 
 
 def resolve_edit_request(loaded: LoadedModel, req: GenerationRequest) -> GenerationRequest:
-    """Normalise names, take a missing width/height from the first init image, fill defaults and check."""
+    """Take a missing width/height from the first init image, fill defaults, resolve names and check."""
     if not req.init_images:
         raise ValueError(f"{req.mode} needs an init image: set init_images (CLI: `easel img2img IMAGE PROMPT`)")
-    width, height = default_size(req.init_images[0].size, req.width, req.height)
+    width, height = image_default_size(req.init_images[0].size, req.width, req.height)
     cfg = loaded.model.config
-    req = dataclasses.replace(normalise(req), width=width, height=height)
-    return req.resolved(cfg.default_size, cfg.default_batch)
-
-
-def default_size(image_size: tuple[int, int], width: int | None, height: int | None) -> tuple[int, int]:
-    """(width, height): the given ones, else the image's size (keeping its aspect if one side is given), to 8 px."""
-    w0, h0 = image_size
-    to8 = lambda v: max(8, int(v / 8 + 0.5) * 8)  # noqa: E731  (half rounds up, not to even)
-    if width is None and height is None:
-        return to8(w0), to8(h0)
-    if height is None:
-        return width, to8(width * h0 / w0)
-    if width is None:
-        return to8(height * w0 / h0), height
-    return width, height
+    return dataclasses.replace(req, width=width, height=height).resolved(cfg.default_size, cfg.default_batch)
 
 
 def init_latents(loaded: LoadedModel, req: GenerationRequest) -> torch.Tensor:
@@ -63,4 +57,4 @@ def init_latents(loaded: LoadedModel, req: GenerationRequest) -> torch.Tensor:
         raise ValueError(f"got {len(images)} init images for a batch of {req.batch_size}: "
                          "give one image (used for every image of the batch) or one per image")
     resized = [resize_image(im.convert("RGB"), req.width, req.height, req.resize_mode) for im in images]
-    return common.encode(loaded.model, resized)
+    return common.encode(loaded.model, resized, req.tiled_vae)

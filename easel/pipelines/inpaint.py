@@ -5,9 +5,9 @@ The steps, each a small function:
    whole image, or with `inpaint_full_res` a crop around the mask at full resolution); the masked
    content pre-filled; VAE latents; the latent blend mask; for 9-channel inpainting UNets the
    mask + masked-image latents they take as extra input channels.
-2. `sample_inpaint`: the shared sampling core (`common.sample`, SDEdit from the noised latent at
-   `denoising_strength`) with an inpainting wrapper: `InpaintBlend` pins the unmasked latent at every step
-   for ordinary models, `ConcatInpaint` feeds the mask to inpainting models.
+2. `inpaint_plan`: the img2img sampling plan (SDEdit from the noised latent at `denoising_strength`) with an
+   inpainting wrapper: `InpaintBlend` pins the unmasked latent at every step for ordinary models,
+   `ConcatInpaint` feeds the mask to inpainting models.
 3. `finish`: decode and paste back through the feathered mask, so that every pixel outside the blurred
    mask equals the input image exactly.
 """
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from easel.pipelines import common, images
+from easel.pipelines import common, images, plan
 from easel.pipelines.img2img import resolve_edit_request
 from easel.pipelines.request import GenerationRequest
 from easel.pipelines.txt2img import GeneratedImage, image_params
@@ -41,29 +41,36 @@ class InpaintInputs:
     c_concat: torch.Tensor | None  # (1 or B, 5, h, w) for 9-channel inpainting UNets, else None
 
 
-def inpaint(loaded: LoadedModel, req: GenerationRequest, callback: common.StepCallback | None = None
+def inpaint(loaded: LoadedModel, req: GenerationRequest, callback: plan.StepCallback | None = None
             ) -> list[GeneratedImage]:
     """Repaint the masked part of `req.init_images` (white = repaint) guided by the prompt; `n_iter` batches of
     `batch_size` images, seeds counting up from `req.seed`."""
+    return plan.run_batches(*prepare(loaded, req, callback))
+
+
+def prepare(loaded: LoadedModel, req: GenerationRequest, callback: plan.StepCallback | None = None):
+    """(resolved request, batch function) of an inpainting request."""
     if req.mask is None:
         raise ValueError("inpaint needs a mask (white = repaint): set mask (CLI: --mask MASK.png)")
     req = resolve_edit_request(loaded, req)
-    return run_inpaint(loaded, req, prepare_inputs(loaded, req), callback)
+    return req, batch_function(loaded, req, prepare_inputs(loaded, req), callback)
 
 
-def run_inpaint(loaded: LoadedModel, req: GenerationRequest, inputs: InpaintInputs,
-                callback: common.StepCallback | None = None) -> list[GeneratedImage]:
-    """Sample, decode and paste back every batch of a resolved request (shared with outpainting)."""
+def batch_function(loaded: LoadedModel, req: GenerationRequest, inputs: InpaintInputs,
+                   callback: plan.StepCallback | None = None):
+    """The batch function that samples, decodes and pastes back (shared with outpainting)."""
+    sigmas = plan.img2img_sigmas(plan.request_sigmas(loaded.model, req), req.denoising_strength)
+
     def batch(it: int, seeds: list[int]) -> list[GeneratedImage]:
-        cb = common.batch_callback(callback, it, req.n_iter)
-        latents, init = sample_inpaint(loaded, req, inputs, seeds, cb)
+        p = inpaint_plan(loaded, req, inputs, seeds, sigmas)
+        latents = plan.run(p, plan.batch_callback(callback, it, req.n_iter))
         # Known latents back in exactly (A1111 does the same), so the decode around the seam sees the original.
         m = inputs.latent_mask.to(latents.device)
-        latents = latents * m + init.to(latents.device) * (1 - m)
-        decoded = common.decode(loaded.model, latents)
+        latents = latents * m + p.latent * (1 - m)
+        decoded = common.decode(loaded.model, latents, req.tiled_vae)
         return [GeneratedImage(finish(inputs, img, i), image_params(loaded, req, seed))
                 for i, (img, seed) in enumerate(zip(decoded, seeds))]
-    return common.run_batches(req, batch)
+    return batch
 
 
 def prepare_inputs(loaded: LoadedModel, req: GenerationRequest) -> InpaintInputs:
@@ -86,7 +93,7 @@ def prepare_inputs(loaded: LoadedModel, req: GenerationRequest) -> InpaintInputs
     if req.inpainting_fill != "original":  # A1111 pre-fills the hole for every mode but "original"
         work = [images.fill_masked(im, work_mask) for im in work]
     model = loaded.model
-    init = common.encode(model, work)
+    init = common.encode(model, work, req.tiled_vae)
     lmask = images.latent_mask(work_mask, init.shape[2], init.shape[3]).to(init.device)
     if req.inpainting_fill == "latent_nothing":
         init = init * (1 - lmask)
@@ -123,21 +130,18 @@ def concat_conditioning(loaded: LoadedModel, work: list[Image.Image], work_mask:
     return torch.cat([small.expand(masked_latent.shape[0], -1, -1, -1), masked_latent], dim=1)
 
 
-def sample_inpaint(loaded: LoadedModel, req: GenerationRequest, inputs: InpaintInputs, seeds: list[int],
-                   callback: common.StepCallback | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sampled latents, the init latents they started from), both (B, C, h, w), for one batch of seeds."""
-    init = inputs.init_latent.expand(len(seeds), -1, -1, -1) if len(inputs.init_latent) == 1 else inputs.init_latent
-    unit, _ = common.seed_noise(req, seeds, tuple(init.shape[1:]), loaded.model.config.vae.downsample)
-    lmask = inputs.latent_mask
+def inpaint_plan(loaded: LoadedModel, req: GenerationRequest, inputs: InpaintInputs, seeds: list[int],
+                 sigmas: torch.Tensor) -> plan.SamplingPlan:
+    """The plan of one batch: img2img from the (filled) init latents, with the mask fed to an inpainting UNet as
+    input channels, or for an ordinary UNet the known latents pinned around the guided denoiser at every step."""
+    init = inputs.init_latent.to(loaded.model.device)
+    lmask = inputs.latent_mask.to(init.device)
     if req.inpainting_fill == "latent_noise":
         init = init * (1 - lmask) + fill_noise(seeds, tuple(init.shape[1:])).to(init.device) * lmask
     if inputs.c_concat is not None:  # inpainting UNet: the mask goes in as input channels, around the network
-        wrap_unet, wrap = (lambda unet: ConcatInpaint(unet, inputs.c_concat)), None
-    else:  # ordinary UNet: pin the known latents around the guided denoiser
-        wrap_unet, wrap = None, (lambda guided: InpaintBlend(guided, init, lmask, unit.to(init.device)))
-    latents = common.sample(loaded, req, seeds, init, req.denoising_strength, callback, noise=unit,
-                            wrap_denoiser=wrap, wrap_unet=wrap_unet)
-    return latents, init
+        return plan.build_plan(loaded, req, seeds, sigmas, init, wrap_unet=lambda unet: ConcatInpaint(unet, inputs.c_concat))
+    p = plan.build_plan(loaded, req, seeds, sigmas, init)
+    return p.wrap(lambda guided: InpaintBlend(guided, p.latent, lmask, p.noise)) if p.steps else p
 
 
 def fill_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:

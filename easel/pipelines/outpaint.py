@@ -12,10 +12,11 @@ import dataclasses
 import numpy as np
 from PIL import Image, ImageDraw
 
-from easel.pipelines import common, images
+from easel.pipelines import images, plan
 from easel.pipelines.img2img import resolve_edit_request
-from easel.pipelines.inpaint import prepare_inputs, run_inpaint
+from easel.pipelines.inpaint import batch_function, prepare_inputs
 from easel.pipelines.request import GenerationRequest
+from easel.pipelines.sizes import margins
 from easel.pipelines.txt2img import GeneratedImage
 from easel.weights.model_io import LoadedModel
 
@@ -23,9 +24,14 @@ PREFILL_NOISE = 24.0  # grey levels of noise over the stretched edge: enough to 
 MIN_OVERLAP = 8  # pixels of the original repainted along a seam (one latent cell of SD's VAE) at least
 
 
-def outpaint(loaded: LoadedModel, req: GenerationRequest, callback: common.StepCallback | None = None
+def outpaint(loaded: LoadedModel, req: GenerationRequest, callback: plan.StepCallback | None = None
              ) -> list[GeneratedImage]:
-    """Extend `req.init_images` by the outpaint_* margins (each rounded up to a multiple of 8 px) and paint them;
+    """Extend `req.init_images` by the outpaint_* margins and paint them (see `prepare`)."""
+    return plan.run_batches(*prepare(loaded, req, callback))
+
+
+def prepare(loaded: LoadedModel, req: GenerationRequest, callback: plan.StepCallback | None = None):
+    """(resolved request, batch function) of an outpainting request. Extend `req.init_images` by the outpaint_* margins (each rounded up to a multiple of 8 px) and paint them;
     width/height are the size the image is brought to before extending (default: its own, to 8 px)."""
     sides = margins(req)
     if not any(sides):
@@ -40,16 +46,15 @@ def outpaint(loaded: LoadedModel, req: GenerationRequest, callback: common.StepC
     canvas_req = dataclasses.replace(req, init_images=canvases, mask=mask, width=canvases[0].width,
                                      height=canvases[0].height, resize_mode="just_resize", inpaint_full_res=False,
                                      inpainting_mask_invert=False)
-    results = run_inpaint(loaded, canvas_req, prepare_inputs(loaded, canvas_req), callback)
-    for r in results:  # record the source size, so that the parameters reproduce the same canvas
-        r.params.update(width=req.width, height=req.height)
-    return results
+    inner = batch_function(loaded, canvas_req, prepare_inputs(loaded, canvas_req), callback)
 
-
-def margins(req: GenerationRequest) -> tuple[int, int, int, int]:
-    """(left, right, up, down) pixels to add, each rounded up to a multiple of 8 so the canvas stays one."""
-    up8 = lambda v: -(-int(v) // 8) * 8 if v > 0 else 0  # noqa: E731
-    return up8(req.outpaint_left), up8(req.outpaint_right), up8(req.outpaint_up), up8(req.outpaint_down)
+    def batch(it: int, seeds: list[int]) -> list[GeneratedImage]:
+        results = inner(it, seeds)
+        for r in results:  # the source size reproduces the same canvas; the final size is what came out
+            r.params.update(width=req.width, height=req.height, final_width=r.image.width,
+                            final_height=r.image.height)
+        return results
+    return req, batch
 
 
 def extend_canvas(img: Image.Image, left: int, right: int, up: int, down: int, seed: int = 0,

@@ -5,9 +5,12 @@ import os
 
 from PIL import Image
 
+from easel.pipelines import common
 from easel.pipelines.networks import ActiveNetworks
+from easel.pipelines.plan import run_batches
+from easel.pipelines.refiner import load_refiner
 from easel.pipelines.request import GenerationRequest
-from easel.pipelines.txt2img import GeneratedImage, load_refiner, txt2img
+from easel.pipelines.txt2img import GeneratedImage
 from easel.weights.model_io import LoadedModel, load_model, save_model
 
 
@@ -48,17 +51,20 @@ class Pipeline:
                                 outpaint_right=right, outpaint_up=up, outpaint_down=down, **options)
         return [g.image for g in self.generate(req, callback)]
 
-    def generate(self, request: GenerationRequest, callback=None, preview_sink=None) -> list[GeneratedImage]:
+    def generate(self, request: GenerationRequest, callback=None, preview_sink=None, *, on_batch=None,
+                 should_stop=None) -> list[GeneratedImage]:
         """Run a request by its mode (txt2img, hires fix, img2img, inpaint, outpaint); each result carries the
         parameters that reproduce it.
 
         `callback(d)` sees every step ({i, x, sigma, denoised, steps, batch, ...}); with `request.preview_every`
         = N > 0 every N-th step's dict also has d['preview'], a list of PIL images (`preview_mode` 'approx':
         the latent -> RGB map, 'full': the VAE), which `preview_sink(step, images)` receives as well.
+        `on_batch(images)` gets each batch as soon as it is finished (to save it before the next one runs);
+        `should_stop()` is polled between VAE tiles, so that a cancel also stops a long decode.
         The request's LoRAs (prompt tags and `loras`) are merged into every model used for the run only.
         """
         request.dtype, request.device = self.dtype, self.device
-        run = run_mode(request.mode, request.enable_hr)
+        prepare = mode_preparer(request.mode, request.enable_hr)
         networks = ActiveNetworks(request)  # an unknown LoRA fails here, before a refiner is loaded
         options = {}
         if request.refiner_checkpoint:
@@ -67,12 +73,15 @@ class Pipeline:
                                  f"{request.mode}: leave it empty")
             options["refiner"] = self.refiner(request.refiner_checkpoint)
         step = with_previews(self.loaded, request, callback, preview_sink)
-        with networks.applied([self.loaded, *options.values()]):
-            results = run(self.loaded, request, step, **options)
-        extra = networks.params()
-        for r in results:
-            r.params.update(extra)
-        return results
+
+        def finished(batch: list[GeneratedImage]) -> None:
+            extra = networks.params()  # known once the networks are applied
+            for r in batch:
+                r.params.update(extra)
+            if on_batch is not None:
+                on_batch(batch)
+        with networks.applied([self.loaded, *options.values()]), common.stop_check(should_stop):
+            return run_batches(*prepare(self.loaded, request, step, **options), on_batch=finished)
 
     def refiner(self, spec: str) -> LoadedModel:
         """The refiner model `spec` (path or name), loaded once and kept for the next requests."""
@@ -111,24 +120,22 @@ def with_previews(loaded: LoadedModel, req: GenerationRequest, callback=None, si
     return step
 
 
-def run_mode(mode: str, enable_hr: bool = False):
-    """The function `(loaded, req, callback) -> list[GeneratedImage]` that runs a mode (imported when needed);
+def mode_preparer(mode: str, enable_hr: bool = False):
+    """The `prepare(loaded, req, callback) -> (resolved request, batch function)` of a mode (imported when needed);
     txt2img, hires and img2img also take `refiner=LoadedModel`."""
     if mode == "txt2img" and enable_hr:
-        from easel.pipelines.hires import hires
-        return hires
-    if mode == "txt2img":
-        return txt2img
-    if mode == "img2img":
-        from easel.pipelines.img2img import img2img
-        return img2img
-    if mode == "inpaint":
-        from easel.pipelines.inpaint import inpaint
-        return inpaint
-    if mode == "outpaint":
-        from easel.pipelines.outpaint import outpaint
-        return outpaint
-    raise ValueError(f"unknown mode {mode!r}; choose one of txt2img, img2img, inpaint, outpaint")
+        from easel.pipelines.hires import prepare
+    elif mode == "txt2img":
+        from easel.pipelines.txt2img import prepare
+    elif mode == "img2img":
+        from easel.pipelines.img2img import prepare
+    elif mode == "inpaint":
+        from easel.pipelines.inpaint import prepare
+    elif mode == "outpaint":
+        from easel.pipelines.outpaint import prepare
+    else:
+        raise ValueError(f"unknown mode {mode!r}; choose one of txt2img, img2img, inpaint, outpaint")
+    return prepare
 
 
 def load(path_or_id: str | os.PathLike | None = None, dtype: str = "fp32", device: str = "cpu",

@@ -29,8 +29,8 @@ class GenerationRequest:
     height: int | None = None
     steps: int = 20
     cfg_scale: float = 7.0
-    sampler: str = "dpmpp_2m"
-    scheduler: str = "karras"
+    sampler: str = "dpmpp_2m"  # easel name, A1111 label ("DPM++ 2M Karras") or ComfyUI name
+    scheduler: str | None = None  # None: the schedule the sampler label names, else karras
     seed: int = -1  # -1: a random seed, reported back in the image's parameters
     batch_size: int | None = None  # None: the model's default batch
     n_iter: int = 1  # number of batches
@@ -77,6 +77,7 @@ class GenerationRequest:
     refiner_switch_at: float = 0.8
     preview_every: int = 0  # 0: no previews
     preview_mode: str = "approx"
+    tiled_vae: bool | None = None  # None: tile the VAE when the image is large enough to need it
 
     def __post_init__(self):
         # A1111's API sends choice fields as indices, the CLI with hyphens: store the canonical names.
@@ -97,6 +98,7 @@ class GenerationRequest:
         pick = lambda v, d: d if v is None else v  # noqa: E731  (0 is a value to reject, not "unset")
         r = dataclasses.replace(self, width=pick(self.width, default_size), height=pick(self.height, default_size),
                                 batch_size=pick(self.batch_size, default_batch))
+        r.resolve_names()
         if r.seed is None or r.seed < 0:
             r.seed = random.randrange(2**32)
         if r.subseed is None or r.subseed < 0:
@@ -104,6 +106,17 @@ class GenerationRequest:
             r.subseed = random.randrange(2**32)
         r.check()
         return r
+
+    def resolve_names(self) -> None:
+        """Replace sampler, scheduler and upscaler names (A1111 labels, ComfyUI names) by easel's, in place."""
+        from easel.pipelines import names
+        sampler, schedule = names.sampler_and_schedule(self.sampler, self.scheduler)
+        self.sampler, self.scheduler = sampler, schedule or names.DEFAULT_SCHEDULER
+        if self.hr_sampler is not None or self.hr_scheduler is not None:
+            hr_sampler, hr_schedule = names.sampler_and_schedule(self.hr_sampler or self.sampler, self.hr_scheduler,
+                                                                 "hr_sampler", "hr_scheduler")
+            self.hr_sampler, self.hr_scheduler = hr_sampler, hr_schedule
+        self.hr_upscaler = names.resolve_upscaler(self.hr_upscaler)
 
     def check(self) -> None:
         """Validate ranges; errors say which field and what is allowed."""
@@ -127,7 +140,8 @@ class GenerationRequest:
             raise ValueError(f"clip skip must be 1 or more (got {self.clip_skip})")
         if self.seed is not None and self.seed >= 2**63:
             raise ValueError("seed must be below 2**63")
-        _check_sampler("sampler", self.sampler, "scheduler", self.scheduler)
+        from easel.pipelines.names import sampler_and_schedule
+        sampler_and_schedule(self.sampler, self.scheduler)  # raises, naming the field and the choices
 
     def _check_edit(self) -> None:
         _in_range("denoising_strength", self.denoising_strength, 0.0, 1.0)
@@ -148,14 +162,14 @@ class GenerationRequest:
     def _check_hires(self) -> None:
         if self.hr_scale <= 0:
             raise ValueError(f"hr_scale must be positive (got {self.hr_scale})")
-        _one_of("hr_upscaler", self.hr_upscaler, HR_UPSCALERS)
+        from easel.pipelines.names import resolve_upscaler, sampler_and_schedule
+        resolve_upscaler(self.hr_upscaler)
         _at_least("hr_second_pass_steps", self.hr_second_pass_steps, 0)
         _in_range("hr_denoising_strength", self.hr_denoising_strength, 0.0, 1.0)
         _at_least("hr_resize_x", self.hr_resize_x, 0)
         _at_least("hr_resize_y", self.hr_resize_y, 0)
         if self.hr_sampler is not None or self.hr_scheduler is not None:
-            _check_sampler("hr_sampler", self.hr_sampler or self.sampler, "hr_scheduler",
-                           self.hr_scheduler or self.scheduler)
+            sampler_and_schedule(self.hr_sampler or self.sampler, self.hr_scheduler, "hr_sampler", "hr_scheduler")
 
     def _check_extras(self) -> None:
         _in_range("subseed_strength", self.subseed_strength, 0.0, 1.0)
@@ -256,15 +270,3 @@ def _in_range(name: str, value: float, lo: float, hi: float) -> None:
 def _at_least(name: str, value: int, lo: int) -> None:
     if value < lo:
         raise ValueError(f"{name} must be at least {lo} (got {value})")
-
-
-def _check_sampler(sampler_field: str, sampler: str, scheduler_field: str, scheduler: str) -> None:
-    from easel.samplers import SCHEDULES, resolve_sampler
-    try:
-        _, schedule = resolve_sampler(sampler)  # raises, listing the valid names
-    except ValueError as e:
-        if sampler_field == "sampler":
-            raise
-        raise ValueError(f"{sampler_field}: {e}") from None
-    if (schedule or scheduler) not in SCHEDULES:
-        raise ValueError(f"unknown {scheduler_field} {scheduler!r}; choose one of {', '.join(SCHEDULES)}")

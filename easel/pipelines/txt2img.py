@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 from PIL import Image
 
-from easel.pipelines import common
+from easel.pipelines import common, plan
+from easel.pipelines.refiner import refiner_for, refiner_runs
 from easel.pipelines.request import GenerationRequest
-from easel.samplers import resolve_sampler, SAMPLER_LABELS, SCHEDULE_LABELS
+from easel.samplers import SAMPLER_LABELS, SCHEDULE_LABELS
 from easel.weights.model_io import LoadedModel
 
 
@@ -20,53 +20,36 @@ class GeneratedImage:
     params: dict
 
 
-def txt2img(loaded: LoadedModel, req: GenerationRequest, callback: common.StepCallback | None = None, *,
+def txt2img(loaded: LoadedModel, req: GenerationRequest, callback: plan.StepCallback | None = None, *,
             refiner: LoadedModel | None = None) -> list[GeneratedImage]:
     """Generate `n_iter` batches of `batch_size` images; seeds count up from `req.seed` (as A1111).
 
     With `req.refiner_checkpoint`, `refiner` (loaded from it when not given) takes over at `refiner_switch_at`.
     """
+    return plan.run_batches(*prepare(loaded, req, callback, refiner=refiner))
+
+
+def prepare(loaded: LoadedModel, req: GenerationRequest, callback: plan.StepCallback | None = None, *,
+            refiner: LoadedModel | None = None):
+    """(resolved request, batch function `(index, seeds) -> images`) of a txt2img request."""
     cfg = loaded.model.config
-    req = normalise(req).resolved(cfg.default_size, cfg.default_batch)
+    req = req.resolved(cfg.default_size, cfg.default_batch)
     refiner = refiner_for(req, refiner)
     # A1111 decodes with the refiner's VAE once the refiner has run
-    decoder = refiner if common.refiner_runs(req, req.steps, refiner) else loaded
+    decoder = refiner if refiner_runs(req, req.steps, refiner) else loaded
 
     def batch(it: int, seeds: list[int]) -> list[GeneratedImage]:
-        latents = sample_latents(loaded, req, seeds, common.batch_callback(callback, it, req.n_iter), refiner=refiner)
+        latents = sample_latents(loaded, req, seeds, plan.batch_callback(callback, it, req.n_iter), refiner)
         return [GeneratedImage(img, image_params(loaded, req, seed))
-                for img, seed in zip(common.decode(decoder.model, latents), seeds)]
-    return common.run_batches(req, batch)
-
-
-def load_refiner(spec: str, dtype: str = "fp32", device: str = "cpu") -> LoadedModel:
-    """Load a refiner checkpoint by path or model name (see `easel models`)."""
-    from easel.weights.model_io import load_model
-    from easel.weights.registry import resolve_model
-    return load_model(resolve_model(spec), dtype, device)
-
-
-def refiner_for(req: GenerationRequest, refiner: LoadedModel | None) -> LoadedModel | None:
-    """The refiner a request uses: None without `refiner_checkpoint`, else the given one or a fresh load."""
-    if not req.refiner_checkpoint:
-        return None
-    return refiner if refiner is not None else load_refiner(req.refiner_checkpoint, req.dtype, req.device)
-
-
-def normalise(req: GenerationRequest) -> GenerationRequest:
-    """Accept A1111 sampler labels ('DPM++ 2M Karras') as well as easel names (also for the hires pass)."""
-    sampler, schedule = resolve_sampler(req.sampler)
-    req = dataclasses.replace(req, sampler=sampler, scheduler=schedule or req.scheduler)
-    if req.hr_sampler is not None:
-        hr_sampler, hr_schedule = resolve_sampler(req.hr_sampler)
-        req = dataclasses.replace(req, hr_sampler=hr_sampler, hr_scheduler=hr_schedule or req.hr_scheduler)
-    return req
+                for img, seed in zip(common.decode(decoder.model, latents, req.tiled_vae), seeds)]
+    return req, batch
 
 
 def sample_latents(loaded: LoadedModel, req: GenerationRequest, seeds: list[int],
-                   callback: common.StepCallback | None = None, refiner: LoadedModel | None = None) -> torch.Tensor:
-    """The denoised latents (B, C, H/f, W/f) of one txt2img batch (see `common.sample`)."""
-    return common.sample(loaded, req, seeds, callback=callback, refiner=refiner)
+                   callback: plan.StepCallback | None = None, refiner: LoadedModel | None = None):
+    """The denoised latents (B, C, H/f, W/f) of one txt2img batch of a resolved request."""
+    p = plan.build_plan(loaded, req, seeds, plan.request_sigmas(loaded.model, req), refiner=refiner)
+    return plan.run(p, callback)
 
 
 def image_params(loaded: LoadedModel, req: GenerationRequest, seed: int) -> dict:

@@ -475,9 +475,10 @@ def _unipc_correct(x_last, m_new, outputs: list, lam, sig, i: int, order: int, v
 def sample_uni_pc(
     denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, extra_args: dict | None = None,
     callback: Callback | None = None, noise: NoiseSource | None = None,
-    order: int = 2, variant: str = "bh2", lower_order_final: bool = True,
+    order: int = 3, variant: str = "bh1", lower_order_final: bool = True,
 ) -> torch.Tensor:
-    """UniPC (Zhao et al. 2023): multistep predictor UniP + corrector UniC on x0, as diffusers' default (bh2)."""
+    """UniPC (Zhao et al. 2023): multistep predictor UniP + corrector UniC on x0; defaults as A1111's "UniPC" and
+    ComfyUI's `uni_pc` (bh1, order 3; order falls to what the steps allow)."""
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"UniPC variant must be 'bh1' or 'bh2', got {variant!r}")
     if order not in (1, 2, 3):
@@ -503,6 +504,11 @@ def sample_uni_pc(
     return x
 
 
+def sample_uni_pc_bh2(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, **kw) -> torch.Tensor:
+    """UniPC with the bh2 variant (ComfyUI's `uni_pc_bh2`; diffusers' default variant)."""
+    return sample_uni_pc(denoiser, x, sigmas, **{"variant": "bh2", **kw})
+
+
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "euler": sample_euler,
     "euler_a": sample_euler_a,
@@ -518,6 +524,7 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "ddpm": sample_ddpm,
     "plms": sample_plms,
     "uni_pc": sample_uni_pc,
+    "uni_pc_bh2": sample_uni_pc_bh2,
     "lcm": sample_lcm,
 }
 
@@ -525,5 +532,6 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
 SAMPLER_LABELS: dict[str, str] = {
     "euler": "Euler", "euler_a": "Euler a", "heun": "Heun", "dpm_2": "DPM2", "dpm_2_a": "DPM2 a",
     "lms": "LMS", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_sde": "DPM++ SDE",
-    "dpmpp_2s_a": "DPM++ 2S a", "ddim": "DDIM", "ddpm": "DDPM", "plms": "PLMS", "uni_pc": "UniPC", "lcm": "LCM",
+    "dpmpp_2s_a": "DPM++ 2S a", "ddim": "DDIM", "ddpm": "DDPM", "plms": "PLMS", "uni_pc": "UniPC",
+    "uni_pc_bh2": "UniPC BH2", "lcm": "LCM",
 }

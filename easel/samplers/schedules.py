@@ -171,8 +171,5 @@ def get_sigmas(schedule: DiscreteSchedule, steps: int, name: str = "normal") -> 
     """Sigmas for `steps` sampling steps under the named schedule (a SCHEDULES key or its A1111 label)."""
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
-    by_label = {label.lower(): key for key, label in SCHEDULE_LABELS.items()}
-    key = by_label.get(name.lower(), name.lower().replace(" ", "_"))
-    if key not in SCHEDULES:
-        raise ValueError(f"unknown schedule {name!r}: use one of {', '.join(SCHEDULES)}")
-    return SCHEDULES[key](schedule, steps)
+    from .names import resolve_scheduler  # names reads this module's tables
+    return SCHEDULES[resolve_scheduler(name)](schedule, steps)

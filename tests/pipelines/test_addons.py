@@ -12,7 +12,8 @@ from tests.conftest import make_tiny
 from tests.pipelines.test_conditioning import realistic_layer_norms
 from tests.weights.test_lora import SD1_LAYERS, random_lora
 from easel.cli import main
-from easel.pipelines import common
+from easel.pipelines import common, plan
+from easel.pipelines.txt2img import sample_latents
 from easel.pipelines.metadata import infotext
 from easel.pipelines.pipeline import Pipeline
 from easel.pipelines.request import GenerationRequest
@@ -108,14 +109,14 @@ def test_prompt_syntax_on_the_builtin_model():
 # --- textual inversion -------------------------------------------------------------------------------
 def test_embedding_file_used_by_name(tiny, tmp_path):
     from safetensors.torch import save_file
-    schedule = common.make_schedule(tiny.model)
     req = GenerationRequest("a mystyle cat", **FAST).resolved(32, 1)
-    without = common.guided_denoiser(tiny, req, 1, schedule).cond.encoded[0]["context"]
+    sigmas = plan.request_sigmas(tiny.model, req)
+    without = plan.guided_denoiser(tiny, req, 1, sigmas).cond.encoded[0]["context"]
     assert common.embedding_library(tiny) is common.embedding_library(tiny)  # one library per model: scanned once
     (tmp_path / "embeddings").mkdir()
     save_file({"emb_params": torch.randn(2, 32, generator=torch.Generator().manual_seed(3))},
               str(tmp_path / "embeddings" / "mystyle.safetensors"))
-    with_it = common.guided_denoiser(tiny, req, 1, schedule).cond.encoded[0]["context"]  # the folder changed: rescan
+    with_it = plan.guided_denoiser(tiny, req, 1, sigmas).cond.encoded[0]["context"]  # the folder changed: rescan
     assert not torch.allclose(with_it, without)
     assert np.abs(pixels(run(tiny, "a mystyle cat")) - pixels(run(tiny, "a cat"))).max() > 2
 
@@ -242,7 +243,6 @@ def xl(tmp_path_factory):
 
 
 def test_refiner_through_the_pipeline(xl):
-    from easel.pipelines.refiner import refine_switch
     base, refiner_file = xl
     pipe = Pipeline(base)
     req = GenerationRequest("a red cat", "blue dog", refiner_checkpoint=str(refiner_file), refiner_switch_at=0.5,
@@ -254,28 +254,23 @@ def test_refiner_through_the_pipeline(xl):
     refiner = pipe.refiner(str(refiner_file))
     assert pipe.refiner(str(refiner_file)) is refiner  # loaded once
     resolved = req.resolved(32, 1)
-    ours = common.sample(base, resolved, [5, 6], refiner=refiner)
-    # refine_switch encodes the prompts as one batch: the same up to float summation order
-    torch.testing.assert_close(ours, refine_switch(base, refiner, resolved, [5, 6]), rtol=1e-4, atol=1e-5)
+    ours = sample_latents(base, resolved, [5, 6], refiner=refiner)
     decoded = common.decode(refiner.model, ours)  # the refiner's VAE decodes
     assert np.array_equal(np.asarray(decoded[1]), np.asarray(res[1].image))
     assert "Refiner: " in infotext(res[0].params)
 
 
 def test_refiner_alone_gets_its_aesthetic_scores(xl):
-    from easel.pipelines import refiner as refiner_module
+    from easel.pipelines.conditioning import refiner_vector
     pipe = Pipeline(xl[0])
     refiner = pipe.refiner(str(xl[1]))
     req = GenerationRequest("a red cat", "blue dog", **FAST).resolved(32, 1)
-    schedule = common.make_schedule(refiner.model)
-    ours = common.guided_denoiser(refiner, req, 1, schedule)
-    text = common.encode_prompts(refiner.model, refiner.tokenizers, ["blue dog"])
-    want = refiner_module.refiner_vector(text["pooled"], (32, 32), aesthetic_score=2.5)
-    torch.testing.assert_close(ours.uncond.encoded[0]["y"], want, rtol=1e-5, atol=1e-6)
+    ours = plan.guided_denoiser(refiner, req, 1, plan.request_sigmas(refiner.model, req))
+    for pc, text, score in ((ours.cond, "a red cat", 6.0), (ours.uncond, "blue dog", 2.5)):
+        pooled = common.encode_prompts(refiner.model, refiner.tokenizers, [text])["pooled"]
+        torch.testing.assert_close(pc.encoded[0]["y"], refiner_vector(pooled, (32, 32), aesthetic_score=score),
+                                   rtol=1e-5, atol=1e-6)
     assert ours.uncond.encoded[0]["y"].shape[1] == refiner.model.config.unet.adm_in_channels
-    plain = refiner_module.guided_denoiser(refiner, req, 1, schedule)  # the refiner module's own CFG
-    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)) * 3
-    torch.testing.assert_close(ours(x, ours.sigmas[1]), plain(x, ours.sigmas[1:2]), rtol=1e-4, atol=1e-5)
     # and a whole txt2img run where the refiner does every step
     res = pipe.generate(GenerationRequest("a red cat", refiner_checkpoint=str(xl[1]), refiner_switch_at=0.1, **FAST))
     assert res[0].image.size == (32, 32)

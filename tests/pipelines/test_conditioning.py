@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from easel.pipelines.common import encode_prompts, make_denoiser, make_schedule, sigmas_for, unet_conditioning
+from easel.pipelines.common import encode_prompts, make_denoiser, make_schedule, sigmas_for
 from easel.pipelines.conditioning import (EmbeddingMatcher, apply_emphasis, build_conditioning, encode_weighted,
-                                          guided_denoiser, tokenize_chunks)
+                                          GuidedDenoiser, tokenize_chunks, unet_conditioning)
 from easel.samplers import SAMPLERS, CFGDenoiser
 from easel.weights.embeddings import Embedding, EmbeddingError, EmbeddingLibrary
 from tests.conftest import make_tiny
@@ -236,7 +236,7 @@ def test_editing_switches_at_the_right_step(sd1):
     assert [cond.texts_at(i)[0][0] for i in range(10)] == ["a cat photo"] * 6 + ["a dog photo"] * 4  # A1111: step <= 5
     sigmas = sigmas_for(make_schedule(sd1.model), "karras", 10)
     rec = Recorder()
-    g = guided_denoiser(rec, cond, uncond, 7.0, sigmas)
+    g = GuidedDenoiser(rec, cond, uncond, 7.0, sigmas)
     cat, dog = enc(sd1, "a cat photo")["context"], enc(sd1, "a dog photo")["context"]
     x = torch.zeros(1, 4, 4, 4)
     for i in range(10):
@@ -250,7 +250,7 @@ def test_step_from_sigma_survives_round_trips(sd1):
     schedule = make_schedule(sd1.model)
     sigmas = sigmas_for(schedule, "karras", 12)
     cond, uncond = build_conditioning(sd1, "cat", "", 12, 1, 32, 32)
-    g = guided_denoiser(Recorder(), cond, uncond, 7.0, sigmas)
+    g = GuidedDenoiser(Recorder(), cond, uncond, 7.0, sigmas)
     for i in range(12):
         t = -sigmas[i].log()  # sigma -> t -> sigma, as DPM-Solver samplers do
         back = (-t).exp()
@@ -261,7 +261,7 @@ def test_schedule_in_a_real_sampler(sd1):
     cond, uncond = build_conditioning(sd1, "[cat:dog:2]", "", 5, 1, 32, 32)
     sigmas = sigmas_for(make_schedule(sd1.model), "karras", 5)
     rec = Recorder()
-    SAMPLERS["euler"](guided_denoiser(rec, cond, uncond, 5.0, sigmas), torch.zeros(1, 4, 4, 4), sigmas,
+    SAMPLERS["euler"](GuidedDenoiser(rec, cond, uncond, 5.0, sigmas), torch.zeros(1, 4, 4, 4), sigmas,
                       callback=None, noise=None)
     cat, dog = enc(sd1, "cat")["context"], enc(sd1, "dog")["context"]
     assert [torch.equal(c["context"][1:], cat) for c in rec.calls] == [True, True, True, False, False]
@@ -287,7 +287,7 @@ def test_and_weights_combine_as_a1111(sd1):
 
     sigmas = sigmas_for(make_schedule(sd1.model), "karras", 4)
     x = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0)) * 5
-    got = guided_denoiser(counting, cond, uncond, 7.0, sigmas)(x, sigmas[1])
+    got = GuidedDenoiser(counting, cond, uncond, 7.0, sigmas)(x, sigmas[1])
     assert calls == [6]  # one batched call: uncond + two parts, two images each
     one = {"context": uncond.encoded[0]["context"].expand(2, -1, -1)}
     u = inner(x, sigmas[1], **one)
@@ -310,7 +310,7 @@ def test_plain_prompt_equals_cfg_denoiser(models, family, scale):
             for t in ("a red cat", "blue dog"))
     ref = CFGDenoiser(make_denoiser(model, schedule), c, u, scale)
     cond, uncond = build_conditioning(loaded, "a red cat", "blue dog", 6, batch, 32, 48)
-    ours = guided_denoiser(make_denoiser(model, schedule), cond, uncond, scale, sigmas)
+    ours = GuidedDenoiser(make_denoiser(model, schedule), cond, uncond, scale, sigmas)
     x = torch.randn(batch, 4, 6, 4, generator=torch.Generator().manual_seed(1)) * 3
     for i in (0, 3):
         assert torch.equal(ours(x, sigmas[i]), ref(x, sigmas[i]))
@@ -322,7 +322,7 @@ def test_cond_and_uncond_padded_with_empty_chunks(sd1):
     for prompt, negative in ((long, "dog"), ("dog", long)):
         cond, uncond = build_conditioning(sd1, prompt, negative, 4, 2, 32, 32)
         rec = Recorder()
-        guided_denoiser(rec, cond, uncond, 7.0, sigmas_for(make_schedule(sd1.model), "karras", 4))(
+        GuidedDenoiser(rec, cond, uncond, 7.0, sigmas_for(make_schedule(sd1.model), "karras", 4))(
             torch.zeros(2, 4, 4, 4), torch.tensor(5.0))
         ctx = rec.calls[0]["context"]
         assert ctx.shape == (4, 154, 32)
@@ -334,7 +334,7 @@ def test_cond_and_uncond_padded_with_empty_chunks(sd1):
 def test_and_parts_of_different_lengths_repeat_the_last_vector(sd1):
     cond, uncond = build_conditioning(sd1, " ".join(["cat"] * 80) + " AND dog", "", 4, 1, 32, 32)
     rec = Recorder()
-    guided_denoiser(rec, cond, uncond, 7.0, sigmas_for(make_schedule(sd1.model), "karras", 4))(
+    GuidedDenoiser(rec, cond, uncond, 7.0, sigmas_for(make_schedule(sd1.model), "karras", 4))(
         torch.zeros(1, 4, 4, 4), torch.tensor(5.0))
     ctx = rec.calls[0]["context"]  # uncond, part 1, part 2
     dog = enc(sd1, "dog")["context"][0]
@@ -346,7 +346,7 @@ def test_sdxl_y_per_text(models):
     xl = models["sdxl"]
     cond, uncond = build_conditioning(xl, "[cat:dog:1]", "green", 4, 2, 32, 48)
     rec = Recorder()
-    g = guided_denoiser(rec, cond, uncond, 7.0, sigmas_for(make_schedule(xl.model), "karras", 4))
+    g = GuidedDenoiser(rec, cond, uncond, 7.0, sigmas_for(make_schedule(xl.model), "karras", 4))
     g(torch.zeros(2, 4, 6, 4), g.sigmas[3])
     y = rec.calls[0]["y"]
     assert y.shape == (4, xl.model.config.unet.adm_in_channels)

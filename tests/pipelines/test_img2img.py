@@ -4,9 +4,10 @@ import pytest
 import torch
 from PIL import Image
 
-from easel.pipelines import common
+from easel.pipelines import common, plan
 from easel.pipelines.images import resize_image
-from easel.pipelines.img2img import default_size, img2img
+from easel.pipelines.img2img import img2img
+from easel.pipelines.sizes import image_default_size as default_size
 from easel.pipelines.pipeline import Pipeline
 from easel.pipelines.request import GenerationRequest
 from easel.weights.model_io import load_model, save_model
@@ -49,7 +50,8 @@ def test_matches_diffusers_img2img_pipeline(tmp_path, tiny_sd1_file, sampler, sc
     req = GenerationRequest("a red cat", "blue dog", width=32, height=32, steps=10, cfg_scale=6.0, sampler=sampler,
                             scheduler=scheduler, seed=5, batch_size=2).resolved(32, 2)
     seeds = [5, 6]
-    ours = common.sample(loaded, req, seeds, ours_init, strength=0.6)
+    sigmas = plan.img2img_sigmas(plan.request_sigmas(loaded.model, req), 0.6)
+    ours = plan.run(plan.build_plan(loaded, req, seeds, sigmas, ours_init))
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     theirs = pipe(["a red cat"] * 2, image=ours_init.repeat(2, 1, 1, 1), strength=0.6, num_inference_steps=10,
                   guidance_scale=6.0, negative_prompt=["blue dog"] * 2, generator=gens, output_type="latent").images

@@ -9,7 +9,8 @@ from PIL import Image, ImageDraw
 from tests.conftest import make_tiny
 from easel.pipelines import images
 from easel.pipelines.img2img import resolve_edit_request
-from easel.pipelines.inpaint import changed_outside, inpaint, prepare_inputs, sample_inpaint
+from easel.pipelines import plan
+from easel.pipelines.inpaint import changed_outside, inpaint, inpaint_plan, prepare_inputs
 from easel.pipelines.request import GenerationRequest
 from easel.samplers.inpaint import ConcatInpaint, InpaintBlend
 from easel.weights.model_io import save_model
@@ -203,7 +204,8 @@ def test_matches_diffusers_inpaint_pipeline(tmp_path, tiny_sd1, kind):
     inputs = prepare_inputs(loaded, req)
     nearest = torch.nn.functional.interpolate(images.mask_tensor(mask), size=(16, 16))
     assert torch.equal(inputs.latent_mask, nearest)
-    ours, _ = sample_inpaint(loaded, req, inputs, [5])
+    sigmas = plan.img2img_sigmas(plan.request_sigmas(loaded.model, req), req.denoising_strength)
+    ours = plan.run(inpaint_plan(loaded, req, inputs, [5], sigmas))
     theirs = _diffusers_inpaint(diffusers, loaded, tmp_path, req, inputs, 5)
     assert (ours - inputs.init_latent).abs().max() > 0.1  # something was denoised
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)

@@ -8,8 +8,9 @@ import torch
 
 from tests.conftest import make_tiny
 from easel.models.configs import SD15, SDXL, VAEConfig
-from easel.pipelines import common
-from easel.pipelines.refiner import check_pair, denoise_from, refine_switch, refiner_vector, switch_step
+from easel.pipelines import common, plan
+from easel.pipelines.conditioning import refiner_vector
+from easel.pipelines.refiner import check_pair, switch_step
 from easel.pipelines.request import GenerationRequest
 from easel.pipelines.txt2img import sample_latents
 from easel.samplers import NoiseSource
@@ -35,6 +36,17 @@ def _request(**kw) -> GenerationRequest:
     opts = dict(prompt="a red cat", negative_prompt="blue dog", width=32, height=32, steps=6, cfg_scale=5.0,
                 sampler="euler", scheduler="karras", seed=1, batch_size=2)
     return GenerationRequest(**{**opts, **kw}).resolved(32, 1)
+
+
+def denoise_from(loaded, req, x, sigmas, source):
+    """`req`'s sampler with `loaded`'s guided denoiser from x (already at noise level sigmas[0]) down `sigmas`."""
+    denoiser = plan.request_denoiser(loaded, req, x.shape[0], sigmas)
+    return plan.run(plan.SamplingPlan(req.sampler, sigmas, torch.zeros_like(x), source, denoiser, latent=x))
+
+
+def refine_switch(base, refiner, req, seeds, callback=None):
+    """One txt2img batch with the refiner taking over at req.refiner_switch_at (the pipelines' own path)."""
+    return sample_latents(base, req, seeds, callback, refiner=refiner)
 
 
 def test_refiner_vector_matches_diffusers_add_time_ids():

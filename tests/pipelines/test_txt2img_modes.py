@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 from easel.pipelines import common
-from easel.pipelines.pipeline import Pipeline, run_mode
+from easel.pipelines.pipeline import Pipeline, mode_preparer
 from easel.pipelines.request import GenerationRequest
-from easel.pipelines.txt2img import txt2img
+from easel.pipelines.txt2img import sample_latents, txt2img
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")  # see tests/conftest.py
 
@@ -66,7 +66,7 @@ def test_to_dict_is_json_and_images_round_trip_as_base64():
     ("inpainting_fill", "blur", "inpainting_fill.*latent_noise"), ("mask_blur", -1, "mask_blur"),
     ("outpaint_left", -8, "outpaint_left"), ("hr_scale", 0, "hr_scale"), ("hr_upscaler", "esrgan", "hr_upscaler"),
     ("hr_second_pass_steps", -1, "hr_second_pass_steps"), ("hr_denoising_strength", 2, "hr_denoising_strength"),
-    ("hr_sampler", "nope", "hr_sampler: unknown sampler"), ("hr_scheduler", "nope", "unknown hr_scheduler"),
+    ("hr_sampler", "nope", "unknown hr_sampler"), ("hr_scheduler", "nope", "unknown hr_scheduler"),
     ("subseed_strength", 1.5, "subseed_strength"), ("seed_resize_from_w", -1, "seed_resize_from_w"),
     ("loras", [""], "loras\\[0\\]"), ("refiner_switch_at", 0, "refiner_switch_at"),
     ("preview_every", -1, "preview_every"), ("preview_mode", "fast", "preview_mode.*approx, full"),
@@ -91,14 +91,14 @@ def test_skip_drops_a_batch_and_interrupt_keeps_the_finished(tiny_sd1):
 
 
 def test_variation_seeds_reach_every_mode_through_the_core(tiny_sd1):
-    """common.sample draws A1111 variation noise when subseed_strength or seed_resize_from is set."""
+    """The plan draws A1111 variation noise when subseed_strength or seed_resize_from is set."""
     from easel.pipelines.noise import variation_noise
     base = GenerationRequest("x", width=16, height=16, steps=1, seed=4, subseed=40, batch_size=2, sampler="euler",
                              cfg_scale=1.0).resolved(16, 2)
     starts = []  # the unit noise each run started from: x at step 0 = noise * sqrt(1 + sigma0^2)
     cb = lambda d: starts.append(d["x"] / (1 + d["sigma"] ** 2) ** 0.5)  # noqa: E731
-    common.sample(tiny_sd1, base, [4, 5], callback=cb)
-    common.sample(tiny_sd1, dataclasses.replace(base, subseed_strength=0.5), [4, 5], callback=cb)
+    sample_latents(tiny_sd1, base, [4, 5], callback=cb)
+    sample_latents(tiny_sd1, dataclasses.replace(base, subseed_strength=0.5), [4, 5], callback=cb)
     plain, _ = common.initial_noise([4, 5], (4, 8, 8))
     varied, _ = variation_noise([4, 5], (4, 8, 8), [40, 41], 0.5, None, 2)  # subseeds count up from 40
     torch.testing.assert_close(starts[0], plain)
@@ -109,13 +109,12 @@ def test_variation_seeds_reach_every_mode_through_the_core(tiny_sd1):
     assert (params["subseed"], params["subseed_strength"], params["seed_resize_from_w"]) == (41, 0.5, 8)
 
 
-def test_run_mode_dispatch():
-    from easel.pipelines.hires import hires
-    from easel.pipelines.img2img import img2img
-    assert run_mode("txt2img") is txt2img and run_mode("txt2img", True) is hires
-    assert run_mode("img2img") is img2img and run_mode("img2img", True) is img2img  # hires is txt2img-only
+def test_mode_dispatch():
+    from easel.pipelines import hires, img2img, txt2img as txt2img_module
+    assert mode_preparer("txt2img") is txt2img_module.prepare and mode_preparer("txt2img", True) is hires.prepare
+    assert mode_preparer("img2img") is img2img.prepare and mode_preparer("img2img", True) is img2img.prepare
     with pytest.raises(ValueError, match="unknown mode"):
-        run_mode("video")
+        mode_preparer("video")
 
 
 def _all_modes(pipe: Pipeline, size: int, **opts) -> dict:

@@ -134,11 +134,13 @@ VP_CASES = [
     ("dpmpp_2m", "DPMSolverMultistepScheduler", {}, False, 12, {}),
     ("dpmpp_2m", "DPMSolverMultistepScheduler", dict(lower_order_final=False), False, 20, {}),
     ("dpmpp_2m_sde", "DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++"), True, 12, {}),
-    ("uni_pc", "UniPCMultistepScheduler", {}, False, 12, {}),
-    ("uni_pc", "UniPCMultistepScheduler", dict(solver_order=3), False, 12, dict(order=3)),
-    # diffusers' bh1 step to sigma = 0 computes inf * 0 = nan, so this case stops at sigma_min
+    ("uni_pc_bh2", "UniPCMultistepScheduler", {}, False, 12, dict(order=2)),
+    ("uni_pc_bh2", "UniPCMultistepScheduler", dict(solver_order=3), False, 12, {}),
+    # diffusers' bh1 step to sigma = 0 computes inf * 0 = nan, so these cases stop at sigma_min
     ("uni_pc", "UniPCMultistepScheduler", dict(solver_type="bh1", final_sigmas_type="sigma_min"), False, 10,
-     dict(variant="bh1")),
+     dict(order=2)),
+    ("uni_pc", "UniPCMultistepScheduler", dict(solver_type="bh1", solver_order=3, final_sigmas_type="sigma_min"),
+     False, 10, {}),
     ("ddim", "DDIMScheduler", DDIM, False, 10, {}),
     ("ddim", "DDIMScheduler", DDIM, True, 10, dict(eta=0.5)),
     ("ddpm", "DDPMScheduler", dict(timestep_spacing="trailing", clip_sample=False), True, 10, {}),

@@ -1,0 +1,46 @@
+"""One resolver for every name a request carries: samplers, schedules and hires upscalers.
+
+easel names, A1111 labels ("DPM++ 2M Karras", "Latent (bicubic)") and ComfyUI names (`uni_pc_bh2`) are accepted,
+case-insensitively, everywhere: `GenerationRequest.resolved()` applies these, so the CLI, the three HTTP APIs,
+the web UI and infotext read back from a PNG all get the same answer.
+"""
+from __future__ import annotations
+
+from easel.pipelines.request import HR_UPSCALERS
+from easel.samplers.names import resolve_sampler, resolve_scheduler
+
+__all__ = ["resolve_sampler", "resolve_scheduler", "resolve_upscaler", "sampler_and_schedule",
+           "UPSCALER_LABELS", "DEFAULT_SCHEDULER"]
+
+DEFAULT_SCHEDULER = "karras"  # when neither the scheduler field nor the sampler's label names one
+
+# Our hires upscaler name -> A1111's label (the "Hires upscaler" of infotext).
+UPSCALER_LABELS = dict(zip(HR_UPSCALERS, ("Latent", "Latent (nearest)", "Latent (bicubic)", "Latent (antialiased)",
+                                          "Lanczos")))
+
+
+def _norm(name: str) -> str:
+    return " ".join(str(name).lower().replace("_", " ").replace("-", " ").replace("(", " ").replace(")", " ").split())
+
+
+def resolve_upscaler(name: str) -> str:
+    """The hires upscaler for our names and A1111 labels ("Latent (bicubic)" -> latent-bicubic)."""
+    table = {_norm(k): k for k in UPSCALER_LABELS} | {_norm(v): k for k, v in UPSCALER_LABELS.items()}
+    key = _norm(name)
+    if key in table:
+        return table[key]
+    raise ValueError(f"unknown hr_upscaler {name!r}; choose one of {', '.join(UPSCALER_LABELS)} "
+                     f"(or an A1111 label: {', '.join(UPSCALER_LABELS.values())})")
+
+
+def sampler_and_schedule(sampler: str, scheduler: str | None, field: str = "sampler",
+                         scheduler_field: str = "scheduler") -> tuple[str, str | None]:
+    """(sampler, schedule) of a sampler name or label and an optional scheduler: a schedule named by the label
+    ("DPM++ 2M Karras") is used when no scheduler is given; both given and different is an error, never a
+    silent override. The schedule is None when neither names one."""
+    name, from_label = resolve_sampler(sampler, field)
+    chosen = None if scheduler is None else resolve_scheduler(scheduler, scheduler_field)
+    if from_label and chosen and from_label != chosen:
+        raise ValueError(f"{field} {sampler!r} names the {from_label} schedule but {scheduler_field} is {scheduler!r}: "
+                         f"give the plain sampler name ({name!r}) with {scheduler_field}, or leave {scheduler_field} unset")
+    return name, chosen or from_label
