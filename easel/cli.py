@@ -176,7 +176,8 @@ def from_image_fields(args: argparse.Namespace) -> dict:
     for sampler, scheduler in (("sampler", "scheduler"), ("hr_sampler", "hr_scheduler")):
         if getattr(args, sampler, None) is not None and getattr(args, scheduler, None) is None:
             base.pop(scheduler, None)  # "--sampler 'Euler a'" alone: not the image's schedule
-    warn_unhonoured_ensd(base, args.sampler or base.get("sampler"), args.eta if args.eta is not None else base.get("eta"))
+    eta = args.eta if args.eta is not None else base.get("eta")
+    warn_unhonoured_ensd(base, args.sampler or base.get("sampler"), eta)
     return base
 
 
@@ -357,8 +358,12 @@ def cmd_tokenizer_install(args: argparse.Namespace) -> int:
         if args.path.endswith(".gz"):
             print(install_bpe_gz(args.path, kind))
         else:
+            from easel.files import atomic_folder
             from easel.text.tokenizer import cache_dir
-            print(load_path(args.path, kind).save(cache_dir(kind)))
+            tok = load_path(args.path, kind)
+            with atomic_folder(cache_dir(kind), replace=True) as tmp:  # never half a vocabulary in the cache
+                tok.save(tmp)
+            print(cache_dir(kind))
     return 0
 
 
@@ -427,7 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command."""
     parser = argparse.ArgumentParser(prog="easel", description="Stable Diffusion you can run, train and see inside.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (also: EASEL_DEBUG=1)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also: EASEL_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="text to image")

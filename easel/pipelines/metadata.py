@@ -74,7 +74,8 @@ def _a1111_extras(p: dict) -> dict:
     for key in ("lora_hashes", "ti_hashes"):  # {name: hash} -> A1111's "name: hash, name: hash"
         hashes = p.get(key)
         if hashes:
-            out[key + "_text"] = ", ".join(f"{k}: {v}" for k, v in hashes.items()) if isinstance(hashes, dict) else hashes
+            text = ", ".join(f"{k}: {v}" for k, v in hashes.items()) if isinstance(hashes, dict) else hashes
+            out[key + "_text"] = text
     return out
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from easel.files import atomic_path, write_text
+from easel.files import atomic_path, save_image, write_text
 from easel.training.settings import LoopConfig, TrainingError  # noqa: F401 (re-exported: loops import them here)
 
 
@@ -423,6 +423,5 @@ def plot_loss_curve(records: list[dict], path: Path, title: str = "", key: str =
               for i in range(len(logs))]
     d.line([(x(s), y(v)) for s, v in zip(steps, smooth)], fill=(30, 80, 220), width=2)
     d.text((L, 8), f"{title} {key} (log scale) vs step; last {pts[-1][1]:.4g}", fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    save_image(img, path)
     return path

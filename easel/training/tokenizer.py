@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import unicodedata
 from collections import Counter
-from pathlib import Path
 
+from easel.files import atomic_folder
 from easel.text.tokenizer import _WS_RUN, BOS, CLIP_PATTERN, EOS, GPT2_PATTERN, CLIPTokenizer, bytes_to_unicode, merge_pair
 
 Word = tuple[str, ...]
@@ -76,7 +76,8 @@ def train_tokenizer(out_dir: str | os.PathLike, n_captions: int = 20000, seed: i
     """Train on the ShapeWorld corpus and save vocab.json + merges.txt (+ tokenizer_config.json) in `out_dir`."""
     vocab, merges = train_bpe(shapeworld_corpus(n_captions, seed))
     tok = CLIPTokenizer(vocab, merges)
-    tok.save(Path(out_dir))
+    with atomic_folder(out_dir, replace=True) as tmp:  # a kill never leaves vocab.json without its merges.txt
+        tok.save(tmp)
     return tok
 
 
