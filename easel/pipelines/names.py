@@ -6,7 +6,6 @@ the web UI and infotext read back from a PNG all get the same answer.
 """
 from __future__ import annotations
 
-from easel.pipelines.request import HR_UPSCALERS
 from easel.samplers.names import resolve_sampler, resolve_scheduler
 
 __all__ = ["resolve_sampler", "resolve_scheduler", "resolve_upscaler", "sampler_and_schedule",
@@ -15,8 +14,8 @@ __all__ = ["resolve_sampler", "resolve_scheduler", "resolve_upscaler", "sampler_
 DEFAULT_SCHEDULER = "karras"  # when neither the scheduler field nor the sampler's label names one
 
 # Our hires upscaler name -> A1111's label (the "Hires upscaler" of infotext).
-UPSCALER_LABELS = dict(zip(HR_UPSCALERS, ("Latent", "Latent (nearest)", "Latent (bicubic)", "Latent (antialiased)",
-                                          "Lanczos")))
+UPSCALER_LABELS = {"latent": "Latent", "latent-nearest": "Latent (nearest)", "latent-bicubic": "Latent (bicubic)",
+                   "latent-antialiased": "Latent (antialiased)", "lanczos": "Lanczos"}
 
 
 def _norm(name: str) -> str:

@@ -25,7 +25,6 @@ from .schedules import (
     SCHEDULE_LABELS,
     SCHEDULES,
     beta_ppf,
-    get_sigmas,
     get_sigmas_exponential,
     get_sigmas_karras,
 )
@@ -36,6 +35,13 @@ __all__ = [
     "SCHEDULES", "SCHEDULE_LABELS", "beta_ppf", "get_sigmas", "get_sigmas_exponential", "get_sigmas_karras",
     "sample",
 ]
+
+
+def get_sigmas(schedule: DiscreteSchedule, steps: int, name: str = "normal") -> torch.Tensor:
+    """Sigmas for `steps` sampling steps under a schedule named as users name it ("karras", "Karras", ...)."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    return SCHEDULES[resolve_scheduler(name)](schedule, steps)
 
 
 def sample(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, sampler: str = "euler", **kw) -> torch.Tensor:

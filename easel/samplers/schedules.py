@@ -16,7 +16,6 @@ from .denoisers import DiscreteSchedule
 __all__ = [
     "SCHEDULES",
     "SCHEDULE_LABELS",
-    "get_sigmas",
     "get_sigmas_karras",
     "get_sigmas_exponential",
     "beta_ppf",
@@ -165,11 +164,3 @@ SCHEDULE_LABELS: dict[str, str] = {
     "ddim_uniform": "DDIM",
     "beta": "Beta",
 }
-
-
-def get_sigmas(schedule: DiscreteSchedule, steps: int, name: str = "normal") -> torch.Tensor:
-    """Sigmas for `steps` sampling steps under the named schedule (a SCHEDULES key or its A1111 label)."""
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
-    from .names import resolve_scheduler  # names reads this module's tables
-    return SCHEDULES[resolve_scheduler(name)](schedule, steps)
