@@ -193,6 +193,7 @@ def infotext_fields(text: str) -> dict:
         out.update(_infotext_sizes(a))
     except ValueError as e:
         raise ValueError(f"the image's parameters text has a malformed value ({e})") from None
+    out.update(_infotext_edit_fields(a))
     if "Refiner" in a:  # A1111 writes "name [hash]"
         out["refiner_checkpoint"] = re.sub(r"\s*\[[0-9a-fA-F]+\]$", "", a["Refiner"])
     if "Hires upscaler" in a or "Hires upscale" in a or "Hires resize" in a:
@@ -244,6 +245,22 @@ def _upscaler_name(label: str) -> str:
     if label.lower() not in by_label:
         log.warning("hires upscaler %r is not available in easel; using lanczos", label)
     return by_label.get(label.lower(), "lanczos")
+
+
+def _infotext_edit_fields(a: dict) -> dict:
+    """Inpaint and outpaint options from their A1111 display values (the inverse of `_a1111_extras`)."""
+    out = {}
+    if "Masked content" in a:
+        out["inpainting_fill"] = a["Masked content"].strip().replace(" ", "_")
+    if a.get("Inpaint area") == "Only masked":
+        out["inpaint_full_res"] = True
+    if a.get("Mask mode") == "Inpaint not masked":
+        out["inpainting_mask_invert"] = True
+    words = a.get("Outpaint", "").split()
+    for side, amount in zip(words[::2], words[1::2]):  # "left 16 up 8"
+        if side in ("left", "right", "up", "down"):
+            out[f"outpaint_{side}"] = int(amount)
+    return out
 
 
 def _infotext_sizes(a: dict) -> dict:

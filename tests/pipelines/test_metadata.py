@@ -154,3 +154,14 @@ def test_ti_hashes_written_like_a1111():
                          lora_hashes={"lcm": "ffee"}))
     assert 'Lora hashes: "lcm: ffee", TI hashes: "bad-hands: a1b2c3d4e5f6, style: 0011223344ff"' in text
     assert parse_infotext(text)["TI hashes"] == "bad-hands: a1b2c3d4e5f6, style: 0011223344ff"
+
+
+def test_edit_options_read_back_from_infotext():
+    params = dict(PARAMS, mode="outpaint", mask_blur=3, inpainting_fill="latent_noise", inpaint_full_res=True,
+                  inpaint_full_res_padding=16, inpainting_mask_invert=True, outpaint_left=16, outpaint_up=8,
+                  denoising_strength=0.6)
+    p = infotext_fields(infotext(params))
+    assert (p["mask_blur"], p["inpainting_fill"], p["inpaint_full_res"], p["inpaint_full_res_padding"]) == \
+        (3, "latent_noise", True, 16)
+    assert (p["inpainting_mask_invert"], p["outpaint_left"], p["outpaint_up"], p["denoising_strength"]) == \
+        (True, 16, 8, 0.6)
