@@ -16,6 +16,9 @@ from torch import nn
 
 from easel.models.configs import VAEConfig
 
+# Largest attention score matrix (bytes) the VAE lets SDPA's math kernel build; above it the flash kernel runs.
+MATH_ATTENTION_BYTES = 16 << 20
+
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
     """GroupNorm as in CompVis `Normalize` (eps 1e-6, affine)."""
@@ -61,6 +64,11 @@ class AttnBlock(nn.Module):
         h = self.norm(x)
         # (B, C, H, W) -> (B, 1, H*W, C): one head whose width is all channels.
         q, k, v = (conv(h).flatten(2).transpose(1, 2).unsqueeze(1) for conv in (self.q, self.k, self.v))
+        if B * (H * W) ** 2 * q.element_size() > MATH_ATTENTION_BYTES:
+            # A transposed view (channel stride H*W) sends CPU SDPA to its math kernel, which builds the whole
+            # (HW)^2 score matrix (16 GiB for a 256x256 latent); with unit stride it runs the flash kernel in
+            # blocks. Small maps keep the math kernel: its scores are cheap there, and images stay bit-identical.
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         out = F.scaled_dot_product_attention(q, k, v)  # (B, 1, H*W, C), scale 1/sqrt(C)
         out = out.squeeze(1).transpose(1, 2).reshape(B, C, H, W)
         return x + self.proj_out(out)
@@ -184,41 +192,78 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image (B, 3, H, W) in [-1, 1] -> posterior (mean, logvar), each (B, embed_dim, H/f, W/f)."""
+    def encode(self, x: torch.Tensor, tiled: bool | None = False, on_tile: Callable[[], None] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image (B, 3, H, W) in [-1, 1] -> posterior (mean, logvar), each (B, embed_dim, H/f, W/f).
+
+        `tiled`: False encodes in one pass, True in overlapping blended tiles, None tiles when the one pass would
+        exceed TILE_BUDGET_BYTES. `on_tile()` runs after each tile (raise in it to stop).
+        """
         _check_size(x, self.config.downsample)
-        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        f = self.config.downsample
+        tile = self._tile(tiled, x.shape[0], x.shape[-2] // f, x.shape[-1] // f, x.element_size(), encode=True)
+        if tile is None:
+            moments = self._encode_full(x)
+        else:
+            moments = run_tiled(self._encode_full, x, tile, None, f, encode=True, on_tile=on_tile)
+        mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)  # CompVis DiagonalGaussianDistribution's clamp
 
-    def decode(self, z: torch.Tensor, tile: int | None = None, overlap: int | None = None) -> torch.Tensor:
+    def _encode_full(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant_conv(self.encoder(x))
+
+    def decode(self, z: torch.Tensor, tile: int | None = None, overlap: int | None = None, *,
+               tiled: bool | None = False, on_tile: Callable[[], None] | None = None) -> torch.Tensor:
         """Unscaled latent (B, embed_dim, h, w) -> image (B, 3, h*f, w*f) in about [-1, 1].
 
-        With `tile` (latent cells), decode overlapping tiles and cross-fade them (see `decode_tiled`).
+        With `tile` (latent cells), decode overlapping tiles of that size and cross-fade them (see `run_tiled`);
+        else `tiled` as in `encode`. `on_tile()` runs after each tile (raise in it to stop).
         """
-        if tile is not None:
-            return decode_tiled(self._decode_full, z, tile, overlap, self.config.downsample)
-        return self._decode_full(z)
+        if tile is None:
+            tile = self._tile(tiled, z.shape[0], z.shape[-2], z.shape[-1], z.element_size(), encode=False)
+            if tile is None:
+                return self._decode_full(z)
+            return run_tiled(self._decode_full, z, tile, overlap, self.config.downsample, on_tile=on_tile)
+        return decode_tiled(self._decode_full, z, tile, overlap, self.config.downsample, on_tile)
 
     def _decode_full(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(z))
 
+    def _tile(self, tiled: bool | None, batch: int, h: int, w: int, itemsize: int, encode: bool) -> int | None:
+        """Tile side (latent cells) for a pass over (batch, h, w) latents, or None for one untiled pass."""
+        if tiled is None:
+            return auto_tile(self.config, batch, h, w, itemsize, encode)
+        if not isinstance(tiled, bool):
+            raise TypeError(f"tiled must be True, False or None (got {tiled!r}); give a tile size as tile=")
+        return tile_size(self.config, itemsize, encode) if tiled else None
+
     def encode_latents(self, x: torch.Tensor, generator: torch.Generator | None = None,
-                       sample: bool = False) -> torch.Tensor:
+                       sample: bool = False, *, tiled: bool | None = None,
+                       on_tile: Callable[[], None] | None = None) -> torch.Tensor:
         """Image in [-1, 1] -> diffusion latents `(z - shift) * scale`; z is the mean or a posterior sample.
 
         Sampling noise is drawn on the CPU from `generator`, so a seed gives the same latents on any device.
+        `tiled` None (default) tiles large images automatically; True/False force it (see `encode`).
         """
-        mean, logvar = self.encode(x)
+        mean, logvar = self.encode(x, tiled=tiled, on_tile=on_tile)
         z = mean
         if sample:
             z = mean + torch.exp(0.5 * logvar) * _cpu_randn(mean, generator)
         return (z - self.config.shift_factor) * self.config.scale_factor
 
-    def decode_latents(self, latents: torch.Tensor, tile: int | None = None,
+    def decode_latents(self, latents: torch.Tensor, tiled: bool | None = None,
+                       on_tile: Callable[[], None] | None = None, *, tile: int | None = None,
                        overlap: int | None = None) -> torch.Tensor:
-        """Diffusion latents -> image in about [-1, 1]; `tile` (latent cells, e.g. 64) bounds the memory."""
+        """Diffusion latents -> image in about [-1, 1].
+
+        `tiled` None (default) decodes in tiles when one pass would exceed TILE_BUDGET_BYTES (so small latents
+        decode exactly as an untiled pass), True/False force it; `tile` (latent cells) fixes the tile size.
+        `on_tile()` runs after each tile, so a caller can raise in it to cancel a long decode.
+        """
+        if isinstance(tiled, int) and not isinstance(tiled, bool):
+            tile, tiled = tiled, True  # the old positional `tile`
         z = latents / self.config.scale_factor + self.config.shift_factor
-        return self.decode(z, tile=tile, overlap=overlap)
+        return self.decode(z, tile=tile, overlap=overlap, tiled=tiled, on_tile=on_tile)
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -265,33 +310,54 @@ def _ramp(starts: list[int], i: int, tile: int, size: int, f: int) -> torch.Tens
 
 
 def decode_tiled(decode: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, tile: int,
-                 overlap: int | None, f: int) -> torch.Tensor:
-    """Decode latent tiles of `tile` cells overlapping by `overlap` (default tile // 4) and blend them.
+                 overlap: int | None, f: int, on_tile: Callable[[], None] | None = None) -> torch.Tensor:
+    """Decode latent tiles of `tile` cells overlapping by `overlap` (default tile // 4) and blend them; one
+    tile covering everything is a plain decode of the whole batch."""
+    if len(tile_starts(z.shape[-2], tile, 0)) == 1 and len(tile_starts(z.shape[-1], tile, 0)) == 1:
+        _check_tile(tile, tile // 4 if overlap is None else overlap)
+        return decode(z)
+    return run_tiled(decode, z, tile, overlap, f, on_tile=on_tile)
 
-    Each pixel is a weighted mean of the tiles covering it, weights ramping linearly to ~0 at a tile's
-    inner edges, so there are no seams. Not bit-equal to a full decode: GroupNorm statistics and the
-    mid-block attention see one tile at a time.
-    """
-    overlap = tile // 4 if overlap is None else overlap
+
+def _check_tile(tile: int, overlap: int) -> None:
     if tile < 1 or not 0 <= overlap < tile:
         raise ValueError(f"tile ({tile}) must be >= 1 and overlap ({overlap}) in [0, tile)")
-    B, _, h, w = z.shape
+
+
+def run_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, overlap: int | None, f: int,
+              encode: bool = False, on_tile: Callable[[], None] | None = None) -> torch.Tensor:
+    """Run a decoder (latents -> pixels f times larger) or, with `encode`, an encoder (pixels -> latent moments)
+    over square tiles of `tile` latent cells overlapping by `overlap` (default tile // 4), one image at a time.
+
+    Each output value is a weighted mean of the tiles covering it, weights ramping linearly to ~0 at a tile's
+    inner edges, so there are no seams. Not bit-equal to one pass: GroupNorm statistics and the mid-block
+    attention see one tile at a time. Memory: one image's tile plus the fp32 result.
+    """
+    overlap = tile // 4 if overlap is None else overlap
+    _check_tile(tile, overlap)
+    f_in, f_out = (f, 1) if encode else (1, f)
+    h, w = x.shape[-2] // f_in, x.shape[-1] // f_in  # latent cells
     ys, xs = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
-    if len(ys) == 1 and len(xs) == 1:
-        return decode(z)
+    ramps_y = [_ramp(ys, i, tile, h, f_out).to(x.device) for i in range(len(ys))]
+    ramps_x = [_ramp(xs, i, tile, w, f_out).to(x.device) for i in range(len(xs))]
     out = weight = None
-    for iy, y in enumerate(ys):
-        wy = _ramp(ys, iy, tile, h, f).to(z.device)
-        for ix, x in enumerate(xs):
-            piece = decode(z[:, :, y:y + tile, x:x + tile]).float()  # (B, C, th*f, tw*f)
-            if out is None:
-                out = torch.zeros(B, piece.shape[1], h * f, w * f, device=z.device)
-                weight = torch.zeros(h * f, w * f, device=z.device)
-            wt = wy[:, None] * _ramp(xs, ix, tile, w, f).to(z.device)[None, :]  # (th*f, tw*f)
-            region = (slice(y * f, y * f + piece.shape[-2]), slice(x * f, x * f + piece.shape[-1]))
-            out[(..., *region)] += piece * wt
-            weight[region] += wt
-    return (out / weight).to(z.dtype)
+    for b in range(x.shape[0]):
+        for iy, y in enumerate(ys):
+            for ix, x0 in enumerate(xs):
+                part = x[b:b + 1, :, y * f_in:(y + tile) * f_in, x0 * f_in:(x0 + tile) * f_in]
+                piece = fn(part).float()  # (1, C_out, th*f_out, tw*f_out)
+                if out is None:
+                    out = torch.zeros(x.shape[0], piece.shape[1], h * f_out, w * f_out, device=x.device)
+                    weight = torch.zeros(h * f_out, w * f_out, device=x.device)
+                wt = ramps_y[iy][:, None] * ramps_x[ix][None, :]  # (th*f_out, tw*f_out)
+                region = (slice(y * f_out, y * f_out + piece.shape[-2]), slice(x0 * f_out, x0 * f_out + piece.shape[-1]))
+                out[(b, slice(None), *region)] += piece[0] * wt
+                if b == 0:
+                    weight[region] += wt
+                del piece, part
+                if on_tile is not None:
+                    on_tile()
+    return (out / weight).to(x.dtype)
 
 
 # ---- memory estimates (elements of activations; see easel.pipelines.memory for the request-level total) ----

@@ -1,9 +1,10 @@
 """Peak-memory estimate of a request, checked before it runs, so that no request can exhaust the machine.
 
 The estimate counts what a run holds at its largest moment: the weights, plus the largest of the UNet's
-activations (the CFG batch of 2 x batch_size, with efficient attention, at every pass's size) and the VAE's
+activations (the CFG batch of 2 x batch_size, with efficient attention, at every pass's size) plus the VAE's
 decode or encode (tiled or not, as `AutoencoderKL` will choose for that size). It is an upper bound by design:
 each layer's live tensors are counted as if none were freed early, times a safety margin for allocator slack.
+It counts tensors, not time: the same request gives the same estimate on every machine.
 """
 from __future__ import annotations
 
@@ -29,29 +30,38 @@ class MemoryLimitError(ValueError):
     """A request whose estimated peak memory exceeds the limit (a 4xx for the HTTP API)."""
 
 
-def estimate_peak_bytes(config: ModelConfig, req: GenerationRequest) -> int:
-    """Upper bound of the process memory a resolved request needs on this model (weights included)."""
-    return sum(estimate_breakdown(config, req).values())
+def estimate_peak_bytes(config: ModelConfig, req: GenerationRequest, refiner: ModelConfig | None = None) -> int:
+    """Upper bound of the process memory a resolved request needs on this model (weights included; a refiner's
+    too when its config is given)."""
+    return sum(estimate_breakdown(config, req, refiner).values())
 
 
-def estimate_breakdown(config: ModelConfig, req: GenerationRequest) -> dict[str, int]:
-    """{'runtime', 'weights', 'activations'} bytes: the parts `estimate_peak_bytes` adds up."""
+def estimate_breakdown(config: ModelConfig, req: GenerationRequest, refiner: ModelConfig | None = None
+                       ) -> dict[str, int]:
+    """{'runtime', 'weights', 'activations', 'images'} bytes: the parts `estimate_peak_bytes` adds up."""
     item = _itemsize(req.dtype)
     vae_item = 4 if req.dtype in ("fp16", "float16") else item  # an fp16 model keeps its VAE in fp32
     batch = req.batch_size or config.default_batch
-    f = config.vae.downsample
-    work = 0
+    f, tiled = config.vae.downsample, req_tiled(req)
+    work = pixels = 0
     for w, h in pass_sizes(req):
         lh, lw = max(1, h // f), max(1, w // f)
         unet = unet_elements(config.unet, 2 * batch, lh, lw) * item
-        decode = vae_elements(config, batch, lh, lw, vae_item, encode=False, tiled=req_tiled(req)) * vae_item
+        decode = vae_elements(config, batch, lh, lw, vae_item, encode=False, tiled=tiled) * vae_item
         encode = 0
         if req.init_images or (req.enable_hr and req.hr_upscaler == "lanczos"):
-            encode = vae_elements(config, batch, lh, lw, vae_item, encode=True, tiled=req_tiled(req)) * vae_item
-        images = batch * 3 * h * w * 4 * 3  # fp32 pixels, their uint8/PIL copies and the init images
-        work = max(work, unet, decode, encode) + images
-    return {"runtime": RUNTIME_BYTES, "weights": weight_bytes(config, item, vae_item),
-            "activations": int(work * SAFETY)}
+            encode = vae_elements(config, batch, lh, lw, vae_item, encode=True, tiled=tiled) * vae_item
+        # Summed, not the larger: the allocator keeps the UNet pass's freed blocks for reuse, and the VAE's
+        # differently sized tensors only partly fit in them (measured: the peak is near the sum).
+        work = max(work, unet + max(decode, encode))
+        pixels = max(pixels, batch * 3 * h * w * 4 * 3)  # fp32 pixels, their clamped copy and the init images
+    models = [config] + ([refiner] if refiner is not None else [])
+    w, h = pass_sizes(req)[-1]
+    return {"runtime": RUNTIME_BYTES,
+            "weights": sum(weight_bytes(c, item, vae_item) for c in models),
+            # oneDNN reorders a conv's weights into its own layout while it runs: one largest tensor, twice
+            "activations": int(work * SAFETY) + 2 * max(largest_weight(c) for c in models) * item,
+            "images": pixels + req.n_iter * batch * 3 * w * h}  # finished images wait until every batch is done
 
 
 def check_fits(config: ModelConfig, req: GenerationRequest, limit_bytes: int) -> None:
@@ -159,17 +169,24 @@ def _block(c_in: int, c_out: int, depth: int, positions: int) -> int:
 
 
 @functools.lru_cache(maxsize=16)
-def parameter_counts(config: ModelConfig) -> tuple[int, int]:
-    """(VAE parameters, all other parameters), counted on a weightless (meta) build of the model."""
+def parameter_counts(config: ModelConfig) -> tuple[int, int, int]:
+    """(VAE parameters, all other parameters, elements of the largest weight), counted on a weightless (meta)
+    build of the model."""
     from easel.models.sd import StableDiffusion
     model = StableDiffusion.empty(config)
     vae = sum(p.numel() for p in model.vae.parameters())
-    return vae, sum(p.numel() for p in model.parameters()) - vae
+    total = sum(p.numel() for p in model.parameters())
+    return vae, total - vae, max(p.numel() for p in model.parameters())
+
+
+def largest_weight(config: ModelConfig) -> int:
+    """Elements of the model's largest weight tensor."""
+    return parameter_counts(config)[2]
 
 
 def weight_bytes(config: ModelConfig, itemsize: int, vae_itemsize: int | None = None) -> int:
     """Bytes of the model's weights at the given element sizes."""
-    vae, rest = parameter_counts(config)
+    vae, rest, _ = parameter_counts(config)
     return rest * itemsize + vae * (vae_itemsize or itemsize)
 
 
