@@ -75,7 +75,8 @@ class CrossAttention(nn.Module):
         context = x if context is None else context
         B, T, _ = x.shape
         S = context.shape[1]
-        # Split heads as strided views: SDPA accepts them, so no copies are made here.
+        # Split heads as strided views: no copies. Their last dimension keeps unit stride, which CPU SDPA's flash
+        # kernel needs; without it SDPA falls back to the math kernel and builds the whole (T, S) score matrix.
         q = self.to_q(x).view(B, T, self.heads, -1).transpose(1, 2)  # (B, h, T, d)
         k = self.to_k(context).view(B, S, self.heads, -1).transpose(1, 2)  # (B, h, S, d)
         v = self.to_v(context).view(B, S, self.heads, -1).transpose(1, 2)  # (B, h, S, d)

@@ -140,3 +140,22 @@ def test_errors_name_the_fix():
         UNetModel(dataclasses.replace(SD1_TINY, num_heads=5))
     with pytest.raises(ValueError, match="transformer_depth"):
         UNetModel(dataclasses.replace(SD1_TINY, transformer_depth=(1, 1)))
+
+
+def test_cross_attention_runs_the_flash_kernel():
+    """Heads split as views whose last dimension has unit stride: CPU SDPA's flash kernel accepts them, so no
+    (T, S) score matrix is built (a strided view would fall back to the math kernel: 34 GiB at 1024 px on SD).
+    Allowing only the flash kernel proves it runs, for self- and cross-attention."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from easel.models.layers import CrossAttention
+    torch.manual_seed(20)
+    attn = CrossAttention(32, 24, heads=4, head_dim=8).eval()
+    x, ctx = torch.randn(2, 1024, 32), torch.randn(2, 77, 24)
+    with torch.no_grad():
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            fast = attn(x), attn(x, ctx)
+        with sdpa_kernel([SDPBackend.MATH]):
+            ref = attn(x), attn(x, ctx)
+    for a, b in zip(fast, ref):
+        assert torch.allclose(a, b, atol=1e-5)
