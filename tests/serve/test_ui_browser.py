@@ -107,7 +107,7 @@ def test_txt2img_generates_and_shows_parameters(ui):
     page.wait_for_function("document.getElementById('selected-image').naturalWidth === 64")
     info = page.inner_text("#infotext")
     assert PROMPT in info and "Negative prompt: green" in info and "Steps: 2" in info and "Seed: 1234" in info
-    assert page.inner_text("#progress-text").startswith("Done: 2 image(s)")
+    assert page.inner_text("#progress-text").startswith("Done: 2 images in ")
 
     page.click("#gallery .thumb >> nth=1")  # the second image: seed 1235, and the recycle button picks it up
     assert "Seed: 1235" in page.inner_text("#infotext")
@@ -117,7 +117,7 @@ def test_txt2img_generates_and_shows_parameters(ui):
     assert page.input_value("#seed") == "1235"
     row = page.locator("#queue-list li").first  # the finished job, listed in the queue view
     assert (row.get_attribute("data-state"), row.locator(".job-text").inner_text(),
-            row.locator(".detail").inner_text()) == ("done", PROMPT, "2 image(s)")
+            row.locator(".detail").inner_text()) == ("done", PROMPT, "2 images")
 
     # The full-size view: a modal dialog; arrows move through the results, Esc closes it and focus returns.
     page.click("#open-full")

@@ -127,21 +127,23 @@ function describeEnd(job) {
     onError(job.error || "the job failed");
     setProgressText("Failed", "failed");
   } else if (job.state === "cancelled") {
-    setProgressText(n ? `Cancelled (kept ${n} finished image(s))` : "Cancelled", "cancelled");
+    setProgressText(n ? `Cancelled (kept ${images(n)} already finished)` : "Cancelled", "cancelled");
   } else {
     const seconds = job.finished && job.started ? ` in ${(job.finished - job.started).toFixed(1)} s` : "";
-    setProgressText(`Done: ${n} image(s)${seconds}`, "done");
+    setProgressText(`Done: ${images(n)}${seconds}`, "done");
     $("progress-fill").style.width = "100%";
   }
 }
 
 // -- the list -------------------------------------------------------------------------------------------------
+const images = (n) => `${n} image${n === 1 ? "" : "s"}`;
+
+// The row's detail: what the badge (the state) does not say already.
 function describe(job) {
   if (job.state === "running") return job.total ? `step ${job.step}/${job.total}` : "starting";
   if (job.state === "queued") return job.position ? `${job.position} ahead` : "next";
-  if (job.state === "failed") return `failed: ${job.error || ""}`;
-  if (job.state === "cancelled") return job.n_images ? `cancelled, ${job.n_images} image(s)` : "cancelled";
-  return `${job.n_images} image(s)`;
+  if (job.state === "failed") return job.error || "";
+  return job.n_images ? images(job.n_images) : "no images";
 }
 
 function row(job) {
