@@ -21,6 +21,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+import regex
 import torch
 from torch import Tensor, nn
 
@@ -216,6 +217,44 @@ def _encode(model: StableDiffusion, tokenizers: list[CLIPTokenizer], text: str, 
     hidden = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
     context = hidden.reshape(1, -1, hidden.shape[-1])  # (1, N * 77, D)
     return {"context": context.to(model.dtype), "pooled": None if pooled is None else pooled[:1]}
+
+
+# --- what a prompt names: embeddings, and words a closed-vocabulary model never saw ------------------
+# A tokenizer this small was trained on a closed caption set (the built-in ShapeWorld model's has ~600
+# tokens; CLIP's has 49,408): a word it cannot spell as one whole-word token never occurred in training.
+CLOSED_VOCABULARY = 5000
+_WORD = regex.compile(r"[\p{L}\p{N}']+")
+
+
+def prompt_texts(prompt: str, steps: int) -> list[str]:
+    """Every plain text a prompt gives the encoder at some step (LoRA tags, emphasis and schedules resolved)."""
+    texts = []
+    for part, _ in split_and(extract_extra_networks(prompt)[0]):
+        for _, text in prompt_schedule(part, steps):
+            texts.append(" ".join(piece for piece, w in parse_attention(text) if not (piece == "BREAK" and w == -1)))
+    return texts
+
+
+def embeddings_used(tokenizer: CLIPTokenizer, library, texts: list[str]) -> list[str]:
+    """Names of the textual-inversion embeddings that the texts use, as the encoder will match them."""
+    if library is None:
+        return []
+    matcher, found = EmbeddingMatcher(tokenizer, _as_library(library)), set()
+    for text in texts:
+        ids = tokenizer.encode(text)
+        for pos in range(len(ids)):
+            emb, _ = matcher.match(ids, pos)
+            if emb is not None:
+                found.add(emb.name)
+    return sorted(found)
+
+
+def unknown_words(tokenizer: CLIPTokenizer, texts: list[str], known: set[str] = frozenset()) -> list[str]:
+    """Words of the texts that a closed-vocabulary tokenizer never saw in training (none for open ones)."""
+    if len(tokenizer.vocab) >= CLOSED_VOCABULARY:
+        return []
+    words = {w.lower() for text in texts for w in _WORD.findall(text)} - {k.lower() for k in known}
+    return sorted(w for w in words if len(tokenizer.encode(w)) != 1)
 
 
 # --- the UNet's extra vector (SDXL base and refiner) -------------------------------------------------

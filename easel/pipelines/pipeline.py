@@ -1,17 +1,21 @@
 """The Python API: `easel.load(...)` returns a Pipeline whose methods return PIL images."""
 from __future__ import annotations
 
+import logging
 import os
 
 from PIL import Image
 
-from easel.pipelines import common
+from easel.pipelines import common, conditioning
 from easel.pipelines.networks import ActiveNetworks
 from easel.pipelines.plan import run_batches
 from easel.pipelines.refiner import load_refiner
 from easel.pipelines.request import GenerationRequest
 from easel.pipelines.txt2img import GeneratedImage
 from easel.weights.model_io import LoadedModel, load_model, save_model
+
+
+log = logging.getLogger(__name__)
 
 
 class Pipeline:
@@ -73,11 +77,15 @@ class Pipeline:
                                  f"{request.mode}: leave it empty")
             options["refiner"] = self.refiner(request.refiner_checkpoint)
         step = with_previews(self.loaded, request, callback, preview_sink)
+        ti_hashes, warnings = prompt_report(self.loaded, request)
 
         def finished(batch: list[GeneratedImage]) -> None:
             extra = networks.params()  # known once the networks are applied
             for r in batch:
                 r.params.update(extra)
+                if ti_hashes:
+                    r.params["ti_hashes"] = ti_hashes
+                r.warnings = warnings
             if on_batch is not None:
                 on_batch(batch)
         with networks.applied([self.loaded, *options.values()]), common.stop_check(should_stop):
@@ -98,6 +106,25 @@ class Pipeline:
             from easel.pipelines.preview import latent_rgb_metadata
             extra = latent_rgb_metadata(self.loaded)
         return save_model(self.loaded, dst, to, extra_metadata=extra)
+
+
+def prompt_report(loaded: LoadedModel, req: GenerationRequest) -> tuple[dict[str, str], list[str]]:
+    """({embedding name: A1111 short hash} of the embeddings the prompts use, warnings about the prompts): a word
+    the model never saw is named (and logged) rather than silently drawn as whatever its byte tokens mean."""
+    from easel.weights.load import file_sha256
+    texts = [t for p in (req.prompt, req.negative_prompt, req.hr_prompt or "", req.hr_negative_prompt or "")
+             for t in conditioning.prompt_texts(p, req.steps)]
+    library = common.embedding_library(loaded)
+    tokenizer = loaded.tokenizers[0]
+    used = conditioning.embeddings_used(tokenizer, library, texts)
+    warnings = []
+    unknown = conditioning.unknown_words(tokenizer, texts, known=set(used))
+    if unknown:
+        warnings.append(f"the model {loaded.name!r} was never trained on these words, so they steer nothing it "
+                        f"knows: {', '.join(unknown)}")
+        log.warning(warnings[-1])
+    # A1111's TI hash: the first 12 hex digits of the embedding file's sha256
+    return {name: file_sha256(library.path(name))[:12] for name in used}, warnings
 
 
 def with_previews(loaded: LoadedModel, req: GenerationRequest, callback=None, sink=None):

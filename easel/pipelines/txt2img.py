@@ -18,6 +18,7 @@ class GeneratedImage:
 
     image: Image.Image
     params: dict
+    warnings: list[str] = dataclasses.field(default_factory=list)  # about the request (e.g. unknown prompt words)
 
 
 def txt2img(loaded: LoadedModel, req: GenerationRequest, callback: plan.StepCallback | None = None, *,

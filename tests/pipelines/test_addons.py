@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+import easel
 from tests.conftest import make_tiny
 from tests.pipelines.test_conditioning import realistic_layer_norms
 from tests.weights.test_lora import SD1_LAYERS, random_lora
@@ -118,7 +119,22 @@ def test_embedding_file_used_by_name(tiny, tmp_path):
               str(tmp_path / "embeddings" / "mystyle.safetensors"))
     with_it = plan.guided_denoiser(tiny, req, 1, sigmas).cond.encoded[0]["context"]  # the folder changed: rescan
     assert not torch.allclose(with_it, without)
-    assert np.abs(pixels(run(tiny, "a mystyle cat")) - pixels(run(tiny, "a cat"))).max() > 2
+    used = run(tiny, "a mystyle cat")
+    assert np.abs(pixels(used) - pixels(run(tiny, "a cat"))).max() > 2
+    digest = hashlib.sha256((tmp_path / "embeddings" / "mystyle.safetensors").read_bytes()).hexdigest()[:12]
+    assert used[0].params["ti_hashes"] == {"mystyle": digest}  # A1111's "TI hashes"
+    assert f"TI hashes: \"mystyle: {digest}\"" in infotext(used[0].params)
+    assert "ti_hashes" not in run(tiny, "a cat")[0].params
+
+
+def test_words_a_closed_vocabulary_model_never_saw_are_named(caplog):
+    pipe = easel.load()  # the built-in model: its tokenizer was trained on ShapeWorld's captions only
+    with caplog.at_level(logging.WARNING):
+        out = pipe.generate(GenerationRequest("a photo of a cat, (three red stars:1.2)", "blurry", steps=1,
+                                              batch_size=1, seed=1))
+    assert out[0].warnings and "blurry, cat, photo" in out[0].warnings[0] and "blurry, cat, photo" in caplog.text
+    assert pipe.generate(GenerationRequest("three red stars above a blue circle", steps=1, batch_size=1,
+                                           seed=1))[0].warnings == []
 
 
 # --- LoRA --------------------------------------------------------------------------------------------
