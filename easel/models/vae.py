@@ -313,7 +313,7 @@ def decode_tiled(decode: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor
                  overlap: int | None, f: int, on_tile: Callable[[], None] | None = None) -> torch.Tensor:
     """Decode latent tiles of `tile` cells overlapping by `overlap` (default tile // 4) and blend them; one
     tile covering everything is a plain decode of the whole batch."""
-    if len(tile_starts(z.shape[-2], tile, 0)) == 1 and len(tile_starts(z.shape[-1], tile, 0)) == 1:
+    if z.shape[-2] <= tile and z.shape[-1] <= tile:
         _check_tile(tile, tile // 4 if overlap is None else overlap)
         return decode(z)
     return run_tiled(decode, z, tile, overlap, f, on_tile=on_tile)
