@@ -46,10 +46,10 @@ def prepare(loaded: LoadedModel, req: GenerationRequest, callback: plan.StepCall
 
     def batch(it: int, seeds: list[int]) -> list[GeneratedImage]:
         first = plan.build_plan(loaded, req, seeds, first_sigmas, refiner=refiner)
-        base = plan.run(first, plan.batch_callback(callback, it, req.n_iter, phase="base"))
+        base = plan.run(first.tagged(batch=it, n_iter=req.n_iter, phase="base"), callback)
         up = upscale_latents(late, base, second.width, second.height, req.hr_upscaler, req.tiled_vae)
         p2 = plan.build_plan(late, second, seeds, second_sigmas, up, **prompt_steps)
-        latents = plan.run(p2, plan.batch_callback(callback, it, req.n_iter, phase="hires"))
+        latents = plan.run(p2.tagged(batch=it, n_iter=req.n_iter, phase="hires"), callback)
         return [GeneratedImage(img, hires_params(loaded, req, seed))
                 for img, seed in zip(common.decode(late.model, latents, req.tiled_vae), seeds)]
     return req, batch

@@ -34,7 +34,7 @@ def prepare(loaded: LoadedModel, req: GenerationRequest, callback: plan.StepCall
 
     def batch(it: int, seeds: list[int]) -> list[GeneratedImage]:
         p = plan.build_plan(loaded, req, seeds, sigmas, init, refiner=refiner)
-        latents = plan.run(p, plan.batch_callback(callback, it, req.n_iter))
+        latents = plan.run(p.tagged(batch=it, n_iter=req.n_iter), callback)
         return [GeneratedImage(img, image_params(loaded, req, seed))
                 for img, seed in zip(common.decode(decoder.model, latents, req.tiled_vae), seeds)]
     return req, batch

@@ -63,7 +63,7 @@ def batch_function(loaded: LoadedModel, req: GenerationRequest, inputs: InpaintI
 
     def batch(it: int, seeds: list[int]) -> list[GeneratedImage]:
         p = inpaint_plan(loaded, req, inputs, seeds, sigmas)
-        latents = plan.run(p, plan.batch_callback(callback, it, req.n_iter))
+        latents = plan.run(p.tagged(batch=it, n_iter=req.n_iter), callback)
         # Known latents back in exactly (A1111 does the same), so the decode around the seam sees the original.
         m = inputs.latent_mask.to(latents.device)
         latents = latents * m + p.latent * (1 - m)

@@ -6,9 +6,8 @@ import os
 
 from PIL import Image
 
-from easel.pipelines import common, conditioning
+from easel.pipelines import common, conditioning, plan
 from easel.pipelines.networks import ActiveNetworks
-from easel.pipelines.plan import run_batches
 from easel.pipelines.refiner import load_refiner
 from easel.pipelines.request import GenerationRequest
 from easel.pipelines.txt2img import GeneratedImage
@@ -56,7 +55,7 @@ class Pipeline:
         return [g.image for g in self.generate(req, callback)]
 
     def generate(self, request: GenerationRequest, callback=None, preview_sink=None, *, on_batch=None,
-                 should_stop=None) -> list[GeneratedImage]:
+                 should_stop=None, extend_plan=None) -> list[GeneratedImage]:
         """Run a request by its mode (txt2img, hires fix, img2img, inpaint, outpaint); each result carries the
         parameters that reproduce it.
 
@@ -65,6 +64,8 @@ class Pipeline:
         the latent -> RGB map, 'full': the VAE), which `preview_sink(step, images)` receives as well.
         `on_batch(images)` gets each batch as soon as it is finished (to save it before the next one runs);
         `should_stop()` is polled between VAE tiles, so that a cancel also stops a long decode.
+        `extend_plan(plan, loaded) -> plan` is applied to every sampling plan the request builds (observe steps,
+        wrap the denoiser: see easel.pipelines.plan.extending).
         The request's LoRAs (prompt tags and `loras`) are merged into every model used for the run only.
         """
         request.dtype, request.device = self.dtype, self.device
@@ -88,8 +89,10 @@ class Pipeline:
                 r.warnings = warnings
             if on_batch is not None:
                 on_batch(batch)
-        with networks.applied([self.loaded, *options.values()]), common.stop_check(should_stop):
-            return run_batches(*prepare(self.loaded, request, step, **options), on_batch=finished)
+        extensions = () if extend_plan is None else (extend_plan,)
+        with networks.applied([self.loaded, *options.values()]), common.stop_check(should_stop), \
+                plan.extending(*extensions):
+            return plan.run_batches(*prepare(self.loaded, request, step, **options), on_batch=finished)
 
     def refiner(self, spec: str) -> LoadedModel:
         """The refiner model `spec` (path or name), loaded once and kept for the next requests."""

@@ -14,6 +14,8 @@ one level up.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import inspect
 import math
@@ -227,7 +229,26 @@ def build_plan(loaded, req: GenerationRequest, seeds: list[int], sigmas: torch.T
     if latent is not None:
         latent = latent.float().to(model.device).expand(len(seeds), *shape)
     denoiser = request_denoiser(loaded, req, len(seeds), sigmas, refiner, **options) if len(sigmas) > 1 else None
-    return SamplingPlan(req.sampler, sigmas, noise.to(model.device), source, denoiser, latent, req.eta)
+    plan = SamplingPlan(req.sampler, sigmas, noise.to(model.device), source, denoiser, latent, req.eta)
+    for extend in _EXTENSIONS.get():
+        plan = extend(plan, loaded)
+    return plan
+
+
+# Functions (plan, loaded model) -> plan applied to every plan built inside `extending(...)`: how the see-inside
+# capture (or a ControlNet) reaches the plans a mode builds without every mode passing it along.
+_EXTENSIONS: contextvars.ContextVar[tuple] = contextvars.ContextVar("plan_extensions", default=())
+
+
+@contextlib.contextmanager
+def extending(*extensions: Callable[[SamplingPlan, object], SamplingPlan]):
+    """Within the block, `build_plan` passes each plan it builds through `extensions` (e.g. to add an observer or
+    wrap the denoiser) before returning it."""
+    token = _EXTENSIONS.set((*_EXTENSIONS.get(), *extensions))
+    try:
+        yield
+    finally:
+        _EXTENSIONS.reset(token)
 
 
 # --- batches --------------------------------------------------------------------------------------------------
@@ -253,13 +274,6 @@ def run_batches(req: GenerationRequest, make_batch: Callable[[int, list[int]], l
         if on_batch is not None:
             on_batch(done)
     return out
-
-
-def batch_callback(callback: StepCallback | None, it: int, n_iter: int, **tags) -> StepCallback | None:
-    """Tag each step with the batch index (and e.g. the pass) so progress bars can span all batches."""
-    if callback is None:
-        return None
-    return lambda d: callback({**d, "batch": it, "n_iter": n_iter, **tags})
 
 
 # --- evaluation fast path -------------------------------------------------------------------------------------

@@ -40,17 +40,17 @@ def prepare(loaded: LoadedModel, req: GenerationRequest, callback: plan.StepCall
     decoder = refiner if refiner_runs(req, req.steps, refiner) else loaded
 
     def batch(it: int, seeds: list[int]) -> list[GeneratedImage]:
-        latents = sample_latents(loaded, req, seeds, plan.batch_callback(callback, it, req.n_iter), refiner)
+        latents = sample_latents(loaded, req, seeds, callback, refiner, batch=it, n_iter=req.n_iter)
         return [GeneratedImage(img, image_params(loaded, req, seed))
                 for img, seed in zip(common.decode(decoder.model, latents, req.tiled_vae), seeds)]
     return req, batch
 
 
 def sample_latents(loaded: LoadedModel, req: GenerationRequest, seeds: list[int],
-                   callback: plan.StepCallback | None = None, refiner: LoadedModel | None = None):
-    """The denoised latents (B, C, H/f, W/f) of one txt2img batch of a resolved request."""
+                   callback: plan.StepCallback | None = None, refiner: LoadedModel | None = None, **tags):
+    """The denoised latents (B, C, H/f, W/f) of one txt2img batch of a resolved request (steps tagged `tags`)."""
     p = plan.build_plan(loaded, req, seeds, plan.request_sigmas(loaded.model, req), refiner=refiner)
-    return plan.run(p, callback)
+    return plan.run(p.tagged(**tags), callback)
 
 
 def image_params(loaded: LoadedModel, req: GenerationRequest, seed: int) -> dict:

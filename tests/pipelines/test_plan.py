@@ -116,3 +116,16 @@ def test_names_resolve_one_way_everywhere():
     assert (r.sampler, r.scheduler, r.hr_upscaler) == ("euler_a", "karras", "latent-antialiased")
     assert GenerationRequest(sampler="DPM++ 2M SDE Exponential").resolved(64, 1).scheduler == "exponential"
     assert GenerationRequest().resolved(64, 1).scheduler == "karras"  # the default when nothing names one
+
+
+def test_extend_plan_reaches_every_plan_a_mode_builds(tiny_sd1):
+    """The hook see-inside capture and ControlNet use: both hires passes get it, and observing changes nothing."""
+    seen = []
+
+    def extend(p, loaded):
+        assert loaded is tiny_sd1
+        return p.observe(lambda d: seen.append(d.get("phase")))
+    req = GenerationRequest("x", enable_hr=True, hr_scale=1.5, **FAST)
+    with_ext = Pipeline(tiny_sd1).generate(req, extend_plan=extend)
+    assert seen == ["base"] * 4 + ["hires"] * plan.pass_steps(req)[1]
+    assert np.array_equal(np.asarray(with_ext[0].image), np.asarray(Pipeline(tiny_sd1).generate(req)[0].image))
