@@ -2,7 +2,8 @@
 
 The page itself does everything a browser can (tabs, the mask canvas, progress over server-sent events, the
 gallery); this router serves it and adds what only the server knows: the request schema's defaults and
-choices, the default model's size, the A1111 parameters text of each image, and reading a dropped PNG.
+choices, the default model's size, the jobs as the queue list and the gallery show them (with each image's A1111
+parameters text), and reading a dropped PNG.
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from easel import __version__
-from easel.serve.settings import TOKEN_COOKIE
 from easel.pipelines.request import HR_UPSCALERS, INPAINTING_FILLS, PREVIEW_MODES, RESIZE_MODES, GenerationRequest
+from easel.serve.settings import TOKEN_COOKIE
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 # The only files /ui/<name> serves (a fixed list, so no request can reach outside the folder).
@@ -58,15 +59,9 @@ def router(app: FastAPI) -> APIRouter:
     def job(job_id: str) -> dict:
         return ui_job(_find(app, job_id), app.state.queue, full=True)
 
-    @r.get("/ui/jobs/{job_id}/infotext", summary="A1111 parameters text of each image of a finished job")
-    def infotexts(job_id: str) -> dict:
-        from easel.pipelines.metadata import infotext
-        job = _find(app, job_id)
-        return {"id": job.id, "infotexts": [infotext(r.params) for r in job.results]}
-
     @r.post("/ui/png-info", summary="The generation parameters stored in an image (the request body is the file)")
     async def png_info(request: Request) -> JSONResponse:
-        # Decoding a large image takes a while: off the event loop, so progress streams keep flowing.
+        # Off the event loop: scanning a large file's chunks must not hold up the progress streams.
         limit = app.state.settings.input_pixels()
         return JSONResponse(await run_in_threadpool(read_image_info, await request.body(), limit))
 
