@@ -39,7 +39,9 @@ LABELS = [("steps", "Steps"), ("sampler_label", "Sampler"), ("scheduler_label", 
 
 def infotext(params: dict) -> str:
     """A1111's parameters text: prompt, 'Negative prompt: ...', then 'Key: value, ...'."""
-    p = dict(params, size=f"{params['width']}x{params['height']}", version=f"easel {__version__}")
+    # "Size" is the image's (an outpainted canvas is larger than the source size that `width`/`height` keep)
+    size = f"{params.get('final_width', params['width'])}x{params.get('final_height', params['height'])}"
+    p = dict(params, size=size, version=f"easel {__version__}")
     if p.get("clip_skip") == 1:
         p.pop("clip_skip")  # A1111 omits the default
     if p.get("mode", "txt2img") == "txt2img" and not p.get("enable_hr"):
@@ -194,6 +196,7 @@ def infotext_fields(text: str) -> dict:
     except ValueError as e:
         raise ValueError(f"the image's parameters text has a malformed value ({e})") from None
     out.update(_infotext_edit_fields(a))
+    _outpaint_source_size(out)
     if "Refiner" in a:  # A1111 writes "name [hash]"
         out["refiner_checkpoint"] = re.sub(r"\s*\[[0-9a-fA-F]+\]$", "", a["Refiner"])
     if "Hires upscaler" in a or "Hires upscale" in a or "Hires resize" in a:
@@ -209,7 +212,7 @@ def infotext_fields(text: str) -> dict:
 def _easel_names(out: dict) -> dict:
     """A1111 labels -> easel names where the resolver knows them (a form lists names); unknown ones stay as read,
     so that resolving the request names them in its error."""
-    names = _resolver()
+    from easel.pipelines import names
     for key, sched_key in (("sampler", "scheduler"), ("hr_sampler", "hr_scheduler")):
         if isinstance(out.get(key), str):
             with contextlib.suppress(ValueError):
@@ -225,26 +228,14 @@ def _easel_names(out: dict) -> dict:
     return out
 
 
-def _resolver():
-    """The one name resolver (easel.pipelines.names), or the samplers' own while that module is not there."""
-    try:
-        from easel.pipelines import names
-    except ImportError:
-        from easel import samplers as names
-    return names
-
-
 def _upscaler_name(label: str) -> str:
     """A1111's upscaler label ('Latent (bicubic)') -> our name; upscalers easel lacks (ESRGAN, ...) -> lanczos."""
-    names = _resolver()
-    if hasattr(names, "resolve_upscaler"):
-        with contextlib.suppress(ValueError):
-            return names.resolve_upscaler(label)
-    from easel.pipelines.hires import UPSCALER_LABELS
-    by_label = {v.lower(): k for k, v in UPSCALER_LABELS.items()} | {k: k for k in UPSCALER_LABELS}
-    if label.lower() not in by_label:
+    from easel.pipelines.names import resolve_upscaler
+    try:
+        return resolve_upscaler(label)
+    except ValueError:
         log.warning("hires upscaler %r is not available in easel; using lanczos", label)
-    return by_label.get(label.lower(), "lanczos")
+        return "lanczos"
 
 
 def _infotext_edit_fields(a: dict) -> dict:
@@ -260,6 +251,16 @@ def _infotext_edit_fields(a: dict) -> dict:
     for side, amount in zip(words[::2], words[1::2]):  # "left 16 up 8"
         if side in ("left", "right", "up", "down"):
             out[f"outpaint_{side}"] = int(amount)
+    return out
+
+
+def _outpaint_source_size(out: dict) -> dict:
+    """An outpainted image's "Size" is the canvas: the request's width/height are the source's, margins off."""
+    if "width" in out and any(k.startswith("outpaint_") for k in out):
+        from easel.pipelines.request import GenerationRequest
+        from easel.pipelines.sizes import margins
+        left, right, up, down = margins(GenerationRequest(**{k: v for k, v in out.items() if k.startswith("outpaint_")}))
+        out["width"], out["height"] = out["width"] - left - right, out["height"] - up - down
     return out
 
 

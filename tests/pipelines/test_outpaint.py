@@ -73,3 +73,16 @@ def test_pipeline_outpaint_and_user_mask_union(tiny_sd1):
 def test_outpaint_needs_a_margin(tiny_sd1):
     with pytest.raises(ValueError, match="at least one"):
         outpaint(tiny_sd1, GenerationRequest("x", init_images=[picture()], steps=2))
+
+
+def test_infotext_says_the_canvas_size_and_reads_back_the_source_size(tiny_sd1):
+    from easel.pipelines.metadata import infotext, infotext_fields
+    src = Image.new("RGB", (32, 24), (90, 120, 200))
+    out = Pipeline(tiny_sd1).outpaint(src, "a red cat", left=8, down=13, steps=2, seed=1, batch_size=1)
+    assert out[0].size == (40, 40)  # 13 px rounds up to 16
+    res = Pipeline(tiny_sd1).generate(GenerationRequest("a red cat", init_images=[src], outpaint_left=8,
+                                                        outpaint_down=13, steps=2, seed=1, batch_size=1))[0]
+    text = infotext(res.params)
+    assert "Size: 40x40" in text and "Outpaint: " in text
+    fields = infotext_fields(text)
+    assert (fields["width"], fields["height"], fields["outpaint_left"], fields["outpaint_down"]) == (32, 24, 8, 13)
