@@ -352,18 +352,10 @@ def cmd_samplers(args: argparse.Namespace) -> int:
 
 def cmd_tokenizer_install(args: argparse.Namespace) -> int:
     """easel tokenizer install PATH: put a CLIP vocabulary into easel's cache for single-file checkpoints."""
-    from easel.text.tokenizer import install_bpe_gz, load_path
+    from easel.text.tokenizer import install, load_path
     kinds = ["clip-l", "openclip"] if args.kind == "both" else [args.kind]
     for kind in kinds:
-        if args.path.endswith(".gz"):
-            print(install_bpe_gz(args.path, kind))
-        else:
-            from easel.files import atomic_folder
-            from easel.text.tokenizer import cache_dir
-            tok = load_path(args.path, kind)
-            with atomic_folder(cache_dir(kind), replace=True) as tmp:  # never half a vocabulary in the cache
-                tok.save(tmp)
-            print(cache_dir(kind))
+        print(install(load_path(args.path, kind), kind))  # load_path reads a .gz BPE file as well
     return 0
 
 

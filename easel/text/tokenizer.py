@@ -284,10 +284,19 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"unknown tokenizer kind {kind!r}: use one of {sorted(PAD_BY_KIND)}")
 
 
+def install(tokenizer: CLIPTokenizer, kind: str = "clip-l") -> Path:
+    """Write a tokenizer into the cache folder of its kind, atomically (never half a vocabulary there)."""
+    from easel.files import atomic_folder
+    _check_kind(kind)
+    with atomic_folder(cache_dir(kind), replace=True) as tmp:
+        tokenizer.save(tmp)
+    return cache_dir(kind)
+
+
 def install_bpe_gz(gz_path: str | os.PathLike, kind: str = "clip-l") -> Path:
     """Convert CLIP's `bpe_simple_vocab_16e6.txt.gz` into the cache as vocab.json + merges.txt."""
     _check_kind(kind)
-    return CLIPTokenizer.from_bpe_gz(gz_path, pad_token=PAD_BY_KIND[kind]).save(cache_dir(kind))
+    return install(CLIPTokenizer.from_bpe_gz(gz_path, pad_token=PAD_BY_KIND[kind]), kind)
 
 
 def load_path(path: str | os.PathLike, kind: str = "clip-l") -> CLIPTokenizer:

@@ -234,3 +234,20 @@ def test_not_found_message_says_how_to_provide_one(isolated):
         find_tokenizer(None, explicit=str(isolated / "nope"))
     with pytest.raises(ValueError, match="unknown tokenizer kind"):
         find_tokenizer(None, kind="t5")
+
+
+def test_install_into_the_cache_is_all_or_nothing(monkeypatch, tmp_path):
+    """A failure half-way through writing (a full disk, a kill) leaves the old vocabulary, never half a new one."""
+    monkeypatch.setenv("EASEL_CACHE", str(tmp_path))
+    old = tiny_tokenizer(5)
+    tk.install(old)
+    before = {p.name: p.read_bytes() for p in tk.cache_dir().iterdir()}
+
+    def broken_save(self, folder):
+        (Path(folder) / "vocab.json").write_text("{}")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(tk.CLIPTokenizer, "save", broken_save)
+    with pytest.raises(OSError):
+        tk.install(tiny_tokenizer(9))
+    assert {p.name: p.read_bytes() for p in tk.cache_dir().iterdir()} == before
+    assert [p.name for p in tmp_path.joinpath("tokenizers").iterdir()] == ["clip-l"]  # no temp folder left
