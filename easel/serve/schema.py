@@ -97,28 +97,15 @@ class MemoryLimit(LimitError):
 def base_size(req: GenerationRequest, default_size: int) -> tuple[int, int]:
     """(width, height) of the first pass: the request's, else the init image's (keeping its aspect when one side
     is given), else the model's default size."""
-    if req.init_images:
-        from easel.pipelines.img2img import default_size as edit_size
-        return edit_size(req.init_images[0].size, req.width, req.height)
-    return (default_size if req.width is None else req.width), (default_size if req.height is None else req.height)
+    from easel.pipelines.sizes import work_size
+    return work_size(req, default_size)
 
 
 def final_size(req: GenerationRequest, default_size: int) -> tuple[int, int]:
-    """(width, height) of the images a request makes: after outpaint borders and the hires second pass."""
-    try:
-        from easel.pipelines.plan import final_size as planned
-        return planned(req, default_size)
-    except ImportError:
-        pass  # the sampling plan is not there yet: count it here the same way
-    w, h = base_size(req, default_size)
-    if req.mode == "outpaint":
-        from easel.pipelines.outpaint import margins
-        left, right, up, down = margins(req)
-        w, h = w + left + right, h + up + down
-    if req.mode == "txt2img" and req.enable_hr:
-        from easel.pipelines.hires import hires_size
-        w, h = hires_size(dataclasses.replace(req, width=w, height=h))
-    return w, h
+    """(width, height) of the images a request makes: after outpaint borders and the hires second pass (the same
+    arithmetic the sampling plan runs)."""
+    from easel.pipelines.sizes import final_size as planned
+    return planned(req, default_size)
 
 
 def check_limits(req: GenerationRequest, settings, config=None) -> None:
