@@ -1,5 +1,6 @@
 """The package's import graph: no two modules import each other (directly or round a loop), counting imports
-inside functions too, and the low layers never import the high ones (serve and cli above pipelines, above samplers, models and text)."""
+inside functions too, and the low layers never import the high ones (serve and cli above pipelines, above
+samplers, models and text)."""
 import ast
 from pathlib import Path
 

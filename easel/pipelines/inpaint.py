@@ -139,7 +139,8 @@ def inpaint_plan(loaded: LoadedModel, req: GenerationRequest, inputs: InpaintInp
     if req.inpainting_fill == "latent_noise":
         init = init * (1 - lmask) + fill_noise(seeds, tuple(init.shape[1:])).to(init.device) * lmask
     if inputs.c_concat is not None:  # inpainting UNet: the mask goes in as input channels, around the network
-        return plan.build_plan(loaded, req, seeds, sigmas, init, wrap_unet=lambda unet: ConcatInpaint(unet, inputs.c_concat))
+        concat = lambda unet: ConcatInpaint(unet, inputs.c_concat)  # noqa: E731
+        return plan.build_plan(loaded, req, seeds, sigmas, init, wrap_unet=concat)
     p = plan.build_plan(loaded, req, seeds, sigmas, init)
     return p.wrap(lambda guided: InpaintBlend(guided, p.latent, lmask, p.noise)) if p.steps else p
 

@@ -259,7 +259,8 @@ def _outpaint_source_size(out: dict) -> dict:
     if "width" in out and any(k.startswith("outpaint_") for k in out):
         from easel.pipelines.request import GenerationRequest
         from easel.pipelines.sizes import margins
-        left, right, up, down = margins(GenerationRequest(**{k: v for k, v in out.items() if k.startswith("outpaint_")}))
+        sides = {k: v for k, v in out.items() if k.startswith("outpaint_")}
+        left, right, up, down = margins(GenerationRequest(**sides))
         out["width"], out["height"] = out["width"] - left - right, out["height"] - up - down
     return out
 

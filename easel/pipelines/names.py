@@ -41,5 +41,6 @@ def sampler_and_schedule(sampler: str, scheduler: str | None, field: str = "samp
     chosen = None if scheduler is None else resolve_scheduler(scheduler, scheduler_field)
     if from_label and chosen and from_label != chosen:
         raise ValueError(f"{field} {sampler!r} names the {from_label} schedule but {scheduler_field} is {scheduler!r}: "
-                         f"give the plain sampler name ({name!r}) with {scheduler_field}, or leave {scheduler_field} unset")
+                         f"give the plain sampler name ({name!r}) with {scheduler_field}, "
+                         f"or leave {scheduler_field} unset")
     return name, chosen or from_label

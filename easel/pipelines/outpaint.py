@@ -31,7 +31,8 @@ def outpaint(loaded: LoadedModel, req: GenerationRequest, callback: plan.StepCal
 
 
 def prepare(loaded: LoadedModel, req: GenerationRequest, callback: plan.StepCallback | None = None):
-    """(resolved request, batch function) of an outpainting request. Extend `req.init_images` by the outpaint_* margins (each rounded up to a multiple of 8 px) and paint them;
+    """(resolved request, batch function) of an outpainting request. Extend `req.init_images` by the outpaint_*
+    margins (each rounded up to a multiple of 8 px) and paint them;
     width/height are the size the image is brought to before extending (default: its own, to 8 px)."""
     sides = margins(req)
     if not any(sides):

@@ -31,7 +31,8 @@ from .schedules import (
 
 __all__ = [
     "CFGDenoiser", "Denoiser", "DiscreteSchedule", "EpsDenoiser", "VDenoiser", "append_dims", "make_alphas_cumprod",
-    "NoiseSource", "default_noise", "SAMPLERS", "SAMPLER_LABELS", "ancestral_step", "resolve_sampler", "resolve_scheduler",
+    "NoiseSource", "default_noise", "SAMPLERS", "SAMPLER_LABELS", "ancestral_step",
+    "resolve_sampler", "resolve_scheduler",
     "SCHEDULES", "SCHEDULE_LABELS", "beta_ppf", "get_sigmas", "get_sigmas_exponential", "get_sigmas_karras",
     "sample",
 ]
