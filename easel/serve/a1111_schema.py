@@ -188,14 +188,17 @@ def _hires_fields(get: _Body, fields: dict, mapped: Mapped) -> None:
 
 
 def _upscaler(label: str | None, mapped: Mapped) -> str:
-    """easel's hr_upscaler for an A1111 label (or an easel name); a substitute is reported in `notes`."""
-    from easel.pipelines.request import HR_UPSCALERS
+    """easel's hr_upscaler for an A1111 label or an easel name (the one resolver's answer); A1111 upscalers easel
+    does not have (ESRGAN ...) run as Lanczos and the two it approximates as their closest match, said in `notes`."""
+    from easel.pipelines.names import resolve_upscaler
     if label is None:
         return "latent"  # A1111's default latent upscale mode
-    by_label = {k.lower(): (k, v) for k, v in UPSCALERS.items()}
-    if label in HR_UPSCALERS:
-        return label
-    known, name = by_label.get(label.strip().lower(), (None, "lanczos"))
+    try:
+        return resolve_upscaler(label)
+    except ValueError:
+        pass
+    known = {k.lower(): k for k in UPSCALERS}.get(label.strip().lower())
+    name = UPSCALERS[known] if known else "lanczos"
     if known is None:
         mapped.notes.append(f"hr_upscaler {label!r} is not available in easel; used Lanczos instead")
     elif known in INEXACT_UPSCALERS:
@@ -245,24 +248,19 @@ def _neutral(name: str, value) -> bool:
 
 def resolve_a1111_sampler(name: str | None, scheduler: str | None, fallback: str | None = None) -> tuple[str, str]:
     """(easel sampler, easel schedule) from A1111's sampler label ("DPM++ 2M", "DPM++ 2M Karras", "k_euler_a")
-    and scheduler label ("Karras", "Automatic", None); ValueError lists the choices."""
-    from easel.samplers import resolve_sampler
-    sampler, from_name = resolve_sampler(name or "Euler")
+    and scheduler label ("Karras", "Automatic", None), through easel's one name resolver; ValueError lists the
+    choices. "Automatic" is A1111's: the label's schedule, else the sampler's preferred one, else the model's."""
+    from easel.pipelines.names import resolve_sampler, resolve_scheduler
+    sampler, from_name = resolve_sampler(name or "Euler", "sampler_name")
     if scheduler is None or scheduler.strip().lower() in ("", "automatic"):
         return sampler, from_name or fallback or AUTOMATIC_SCHEDULE.get(sampler, "normal")
-    return sampler, resolve_schedule(scheduler)
+    return sampler, resolve_scheduler(scheduler)
 
 
 def resolve_schedule(label: str) -> str:
-    """easel's schedule name for an A1111 scheduler name or label ("karras", "Karras", "SGM Uniform", "ddim")."""
-    from easel.samplers import SCHEDULE_LABELS, SCHEDULES
-    norm = lambda s: " ".join(s.lower().replace("_", " ").replace("-", " ").split())
-    table = {norm(k): k for k in SCHEDULES} | {norm(v): k for k, v in SCHEDULE_LABELS.items() if k != "normal"}
-    table |= {"ddim": "ddim_uniform", "uniform": "normal"}
-    if norm(label) not in table:
-        raise ValueError(f"unknown scheduler {label!r}; choose one of Automatic, "
-                         f"{', '.join(SCHEDULE_LABELS.get(k, k) for k in SCHEDULES if k != 'normal')}, Normal")
-    return table[norm(label)]
+    """easel's schedule name for an A1111 scheduler name or label (the one resolver's answer)."""
+    from easel.pipelines.names import resolve_scheduler
+    return resolve_scheduler(label)
 
 
 def echo(body: dict, img2img: bool) -> dict:

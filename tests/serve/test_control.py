@@ -215,3 +215,18 @@ def test_builtin_pipeline_takes_the_hooks_when_it_can(pipe_fn):
     hooks = q._hooks(Job("x", GenerationRequest(), None), pipe_fn())
     accepts = set(inspect.signature(pipe_fn().generate).parameters)
     assert set(hooks) == {"on_batch", "should_stop"} & accepts
+
+
+def test_a1111_names_go_through_the_one_resolver():
+    from easel.pipelines import names
+    from easel.serve.a1111_schema import Mapped, _upscaler, resolve_a1111_sampler
+    assert resolve_a1111_sampler("UniPC", None) == ("uni_pc", "normal")  # A1111's UniPC: bh1, as ComfyUI's uni_pc
+    assert resolve_a1111_sampler("uni_pc_bh2", "Karras") == ("uni_pc_bh2", "karras")
+    assert resolve_a1111_sampler("DPM++ 2M Karras", "Automatic") == ("dpmpp_2m", "karras")
+    for label in ("sgm uniform", "Exponential", "KARRAS"):
+        assert resolve_a1111_sampler("Euler", label)[1] == names.resolve_scheduler(label)
+    mapped = Mapped(GenerationRequest(), None)
+    assert _upscaler("latent (BICUBIC)", mapped) == "latent-bicubic" and not mapped.notes
+    assert _upscaler("R-ESRGAN 4x+", mapped) == "lanczos" and "Lanczos" in mapped.notes[0]
+    with pytest.raises(ValueError, match="sampler_name"):
+        resolve_a1111_sampler("warp drive", None)
