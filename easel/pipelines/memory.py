@@ -64,9 +64,10 @@ def estimate_breakdown(config: ModelConfig, req: GenerationRequest, refiner: Mod
             "images": pixels + req.n_iter * batch * 3 * w * h}  # finished images wait until every batch is done
 
 
-def check_fits(config: ModelConfig, req: GenerationRequest, limit_bytes: int) -> None:
+def check_fits(config: ModelConfig, req: GenerationRequest, limit_bytes: int,
+               refiner: ModelConfig | None = None) -> None:
     """Raise MemoryLimitError (naming estimate, limit and the fix) when the request would not fit in `limit_bytes`."""
-    need = estimate_peak_bytes(config, req)
+    need = estimate_peak_bytes(config, req, refiner)
     if need <= limit_bytes:
         return
     w, h = max(pass_sizes(req), key=lambda s: s[0] * s[1])
