@@ -1,0 +1,160 @@
+"""`easel inspect ...`: pictures of how Stable Diffusion works, drawn from a real run of the loaded model.
+
+Every sub-command takes the generation flags of `easel generate` and inspects ONE image: the first image
+`easel generate` makes with the same flags and `-n 1`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_inspect_parsers(sub) -> None:
+    """Register `easel inspect attention|tokens|steps`."""
+    from easel.cli import HIRES_FLAGS, REFINER_FLAGS, add_generation_flags
+    p = sub.add_parser("inspect", help="see inside: tokens, denoising steps, per-token cross-attention")
+    isub = p.add_subparsers(dest="inspect_command", required=True)
+
+    a = isub.add_parser("attention", help="per-token cross-attention heat maps over the image (DAAM)")
+    a.add_argument("prompt", help="what to draw")
+    add_generation_flags(a, HIRES_FLAGS, REFINER_FLAGS)
+    a.set_defaults(func=cmd_attention, out="inspect-attention")
+
+    t = isub.add_parser("tokens", help="the 77 token slots, BPE pieces, emphasis weights and text embeddings")
+    t.add_argument("prompt", help="the prompt to tokenize")
+    add_generation_flags(t)
+    t.add_argument("--json", action="store_true", help="print the table as JSON")
+    t.set_defaults(func=cmd_tokens, out="inspect-tokens")
+
+    s = isub.add_parser("steps", help="the denoising film strip: latent, preview, x0, noise and sigma per step")
+    s.add_argument("prompt", help="what to draw")
+    add_generation_flags(s, HIRES_FLAGS, REFINER_FLAGS)
+    s.add_argument("--frames", type=int, default=8, help="steps shown in the grid (default 8; the GIF has all)")
+    s.set_defaults(func=cmd_steps, out="inspect-steps")
+
+
+def one_image_request(args: argparse.Namespace):
+    """The request of the flags, as one image (the first of `easel generate ... -n 1`), checked."""
+    from easel.cli import request_from_args
+    req = request_from_args(args)
+    req.batch_size, req.n_iter = 1, 1
+    req.check()
+    return req
+
+
+def load_pipeline(args: argparse.Namespace, req):
+    """The model the flags name (the built-in one by default), after checking the LoRAs the request names."""
+    import easel
+    from easel.pipelines.networks import requested_networks
+    requested_networks(req)
+    return easel.load(args.model, dtype=args.dtype, device=args.device, vae=args.vae, tokenizer=args.tokenizer,
+                      prediction=args.prediction)
+
+
+def captured_run(args: argparse.Namespace, **what):
+    """Generate one image with a Capture on and a progress bar: (pipeline, request, image result, capture)."""
+    from easel.cli import progress_bar
+    from easel.inspect.capture import Capture
+    req = one_image_request(args)
+    pipe = load_pipeline(args, req)
+    with Capture(**what) as cap, progress_bar(req) as cb:
+        results = pipe.generate(req, callback=cb, extend_plan=cap)
+    if not results or not cap.runs:
+        raise ValueError("the generation produced no image to inspect (interrupted, or img2img strength 0)")
+    return pipe, req, results[0], cap
+
+
+def save_result(out: Path, result) -> Path:
+    """image.png with the parameters that reproduce it."""
+    from easel.pipelines.metadata import save_png
+    out.mkdir(parents=True, exist_ok=True)
+    return save_png(result.image, out / "image.png", result.params)
+
+
+def cmd_attention(args: argparse.Namespace) -> int:
+    """easel inspect attention PROMPT ..."""
+    from easel.inspect.attention import capture_maps, write_attention
+    from easel.inspect.tokens import prompt_slots
+    from easel.pipelines.common import embedding_library
+    pipe, req, result, cap = captured_run(args, steps=False, cfg=False)
+    texts = _texts_by_weight(cap)
+    if not texts:
+        raise ValueError("no cross-attention was captured: this model's UNet has no cross-attention layers")
+    out = Path(args.out)
+    save_result(out, result)
+    text = texts[0]
+    if len(texts) > 1:
+        print(f"the prompt changes during sampling; maps of the text used longest: {text!r}", file=sys.stderr)
+    slots = prompt_slots(pipe.loaded, text, embedding_library(pipe.loaded))
+    written = write_attention(out, result.image, capture_maps(cap, text)[0], slots)
+    print(f"{out / 'image.png'}\n{out / 'attention.png'}\n{out / 'attention.npz'}\n"
+          f"{len(written['tokens'])} token maps in {out / 'tokens'}, {len(written['words'])} word maps in "
+          f"{out / 'words'}")
+    return 0
+
+
+def _texts_by_weight(cap) -> list[str]:
+    """The prompt texts attention was captured for, the most steps first."""
+    steps: dict[str, int] = {}
+    for run in cap.runs:
+        for text, attn in run.attention.items():
+            steps[text] = steps.get(text, 0) + len(attn.steps)
+    return sorted(steps, key=lambda t: -steps[t])
+
+
+def cmd_tokens(args: argparse.Namespace) -> int:
+    """easel inspect tokens PROMPT ..."""
+    from easel.inspect.tokens import format_table, token_table, tokens_figure
+    from easel.pipelines.common import embedding_library
+    req = one_image_request(args)
+    pipe = load_pipeline(args, req)
+    library = embedding_library(pipe.loaded)
+    text = first_text(req.prompt, req.steps)
+    rows = token_table(pipe.loaded, text, req.clip_skip, library)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        per_chunk = min(e.max_position_embeddings for e in pipe.config.text_encoders)
+        print(format_table(rows, per_chunk))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from easel.files import save_image
+    path = save_image(tokens_figure(pipe.loaded, text, req.clip_skip, library), out / "tokens.png")
+    print(path, file=sys.stderr)
+    return 0
+
+
+def first_text(prompt: str, steps: int) -> str:
+    """The text the encoder parses at the first step (LoRA tags removed, first AND part, schedules resolved;
+    emphasis syntax kept, as the encoder reads it)."""
+    from easel.text.prompt import extract_extra_networks, prompt_schedule, split_and
+    parts = split_and(extract_extra_networks(prompt)[0])
+    return prompt_schedule(parts[0][0], steps)[0][1] if parts else ""
+
+
+def cmd_steps(args: argparse.Namespace) -> int:
+    """easel inspect steps PROMPT ..."""
+    from easel.files import save_image
+    from easel.inspect import steps as st
+    if args.frames < 2:
+        raise ValueError(f"--frames must be at least 2 (got {args.frames})")
+    pipe, req, result, cap = captured_run(args, attention=False)
+    out = Path(args.out)
+    save_result(out, result)
+    pics = st.StepPictures(pipe.loaded)
+    written = [out / "image.png"]
+    for n, run in enumerate(r for r in cap.runs if r.steps):
+        tag = "" if n == 0 else f"-pass{n + 1}"
+        written.append(save_image(st.film_strip(pics, run, args.frames), out / f"steps{tag}.png"))
+        cfg = st.cfg_strip(pics, run, args.frames)
+        if cfg is not None:
+            written.append(save_image(cfg, out / f"cfg{tag}.png"))
+        written.append(st.save_gif(st.animation_frames(pics, run), out / f"steps{tag}.gif"))
+        sigmas = [s.sigma for s in run.steps]
+        written.append(save_image(st.schedule_plot(sigmas, f"sigma per step ({result.params.get('sampler')}, "
+                                                          f"{result.params.get('scheduler')})"),
+                                  out / f"schedule{tag}.png"))
+    print("\n".join(str(p) for p in written))
+    return 0
