@@ -350,7 +350,8 @@ def run_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile:
                     out = torch.zeros(x.shape[0], piece.shape[1], h * f_out, w * f_out, device=x.device)
                     weight = torch.zeros(h * f_out, w * f_out, device=x.device)
                 wt = ramps_y[iy][:, None] * ramps_x[ix][None, :]  # (th*f_out, tw*f_out)
-                region = (slice(y * f_out, y * f_out + piece.shape[-2]), slice(x0 * f_out, x0 * f_out + piece.shape[-1]))
+                region = (slice(y * f_out, y * f_out + piece.shape[-2]),
+                          slice(x0 * f_out, x0 * f_out + piece.shape[-1]))
                 out[(b, slice(None), *region)] += piece[0] * wt
                 if b == 0:
                     weight[region] += wt
