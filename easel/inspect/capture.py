@@ -47,6 +47,11 @@ class StepRecord:
         """The predicted noise (x - x0) / sigma: what an eps-prediction UNet outputs, for any parameterisation."""
         return (self.x - self.x0) / self.sigma
 
+    @property
+    def unit_x(self) -> Tensor:
+        """x / sqrt(1 + sigma^2): the latent at unit variance, as the UNet receives it."""
+        return self.x / (1 + self.sigma ** 2) ** 0.5
+
 
 @dataclass
 class AttentionSum:

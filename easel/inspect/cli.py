@@ -153,7 +153,7 @@ def cmd_steps(args: argparse.Namespace) -> int:
             written.append(save_image(cfg, out / f"cfg{tag}.png"))
         written.append(st.save_gif(st.animation_frames(pics, run), out / f"steps{tag}.gif"))
         sigmas = [s.sigma for s in run.steps]
-        written.append(save_image(st.schedule_plot(sigmas, f"sigma per step ({result.params.get('sampler')}, "
+        written.append(save_image(st.schedule_plot(sigmas, f"sigma per step, log scale ({result.params.get('sampler')}, "
                                                           f"{result.params.get('scheduler')})"),
                                   out / f"schedule{tag}.png"))
     print("\n".join(str(p) for p in written))

@@ -28,10 +28,11 @@ def channel_mosaic(latent: torch.Tensor, side: int) -> Image.Image:
     rows = -(-c // cols)
     spread = float(latent.float().std()) * 3 or 1.0
     tiles = ((latent.float() / spread).clamp(-1, 1) + 1) * 127.5
-    canvas = np.full((rows * h, cols * w), 255, dtype=np.uint8)
+    gap = max(1, h // 16)  # a white line between channels
+    canvas = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap), 255, dtype=np.uint8)
     for k in range(c):
         r, q = divmod(k, cols)
-        canvas[r * h:(r + 1) * h, q * w:(q + 1) * w] = tiles[k].round().byte().numpy()
+        canvas[r * (h + gap):r * (h + gap) + h, q * (w + gap):q * (w + gap) + w] = tiles[k].round().byte().numpy()
     img = Image.fromarray(canvas).convert("RGB")
     scale = side / img.width
     return img.resize((side, max(1, round(img.height * scale))), Image.NEAREST)
@@ -64,12 +65,13 @@ class StepPictures:
         return image.resize((self.side, max(1, round(image.height * scale))), resample)
 
 
-ROWS = ("noisy latent x (channels)", "x, cheap preview", "x0 prediction, decoded", "predicted noise (channels)")
+ROWS = ("noisy latent x (channels)", "x / sqrt(1 + sigma²), preview", "x0 prediction, decoded", "predicted noise (channels)")
 
 
 def step_column(pics: StepPictures, rec: StepRecord, image: int = 0) -> list[Image.Image]:
     """The four pictures of one step (ROWS order) for image `image` of the batch."""
-    return [pics.mosaic(rec.x[image]), pics.preview(rec.x[image]), pics.decode(rec.x0[image]),
+    # The preview sees x at unit variance, as the UNet does (x / sqrt(1 + sigma^2)); raw x is mostly noise scale.
+    return [pics.mosaic(rec.x[image]), pics.preview(rec.unit_x[image]), pics.decode(rec.x0[image]),
             pics.mosaic(rec.noise[image])]
 
 
@@ -77,7 +79,7 @@ def film_strip(pics: StepPictures, run: Run, frames: int = 8, image: int = 0) ->
     """The grid: one column per chosen step (headed by step and sigma), one row per ROWS entry, labelled."""
     chosen = [run.steps[k] for k in pick_steps(len(run.steps), frames)]
     columns = [step_column(pics, rec, image) for rec in chosen]
-    heads = [f"step {rec.i + 1}/{len(run.steps)}  σ={rec.sigma:.3g}" for rec in chosen]
+    heads = [f"step {rec.i + 1}/{len(run.steps)}  sigma {rec.sigma:.3g}" for rec in chosen]
     return _labelled_grid(columns, heads, ROWS)
 
 
@@ -90,7 +92,7 @@ def cfg_strip(pics: StepPictures, run: Run, frames: int = 8, image: int = 0) -> 
         return None
     columns = [[pics.decode(r.uncond[image]), pics.decode(r.cond[image]), pics.decode(r.guided[image])]
                for r in chosen]
-    heads = [f"step {r.i + 1}  σ={r.sigma:.3g}" for r in chosen]
+    heads = [f"step {r.i + 1}  sigma {r.sigma:.3g}" for r in chosen]
     return _labelled_grid(columns, heads, ("uncond x0 (negative prompt)", "cond x0 (prompt)", "guided x0"))
 
 
@@ -98,7 +100,7 @@ def _labelled_grid(columns: list[list[Image.Image]], heads: list[str], rows: tup
     """Columns of equal-size cells with a header per column and a label per row on the left."""
     cell_w = max(im.width for col in columns for im in col)
     cell_h = max(im.height for col in columns for im in col)
-    f, label_w, head_h, pad = draw.font(13), 170, 22, 6
+    f, label_w, head_h, pad = draw.font(13), 220, 22, 6
     out = Image.new("RGB", (label_w + len(columns) * (cell_w + pad) + pad, head_h + len(rows) * (cell_h + pad) + pad),
                     draw.BACKGROUND)
     d = ImageDraw.Draw(out)
@@ -117,8 +119,7 @@ def animation_frames(pics: StepPictures, run: Run, image: int = 0) -> list[Image
     """One frame per step: preview of x, decoded x0 and predicted noise side by side, captioned with the step."""
     frames = []
     for rec in run.steps:
-        x = rec.x[image]
-        row = draw.grid([pics.preview(x), pics.decode(rec.x0[image]), pics.mosaic(rec.noise[image])], cols=3)
+        row = draw.grid([pics.preview(rec.unit_x[image]), pics.decode(rec.x0[image]), pics.mosaic(rec.noise[image])], cols=3)
         frames.append(draw.captioned(row, f"step {rec.i + 1}/{len(run.steps)}  sigma {rec.sigma:.3f}   x | x0 | noise"))
     return frames
 
@@ -132,7 +133,7 @@ def save_gif(frames: list[Image.Image], path: str | Path, ms: int = 250) -> Path
     return path
 
 
-def schedule_plot(sigmas: list[float], title: str = "sigma per step", size: tuple[int, int] = (520, 300)) -> Image.Image:
+def schedule_plot(sigmas: list[float], title: str = "sigma per step (log scale)", size: tuple[int, int] = (520, 300)) -> Image.Image:
     """The sigmas a run stepped through (log scale, one dot per step, the final 0 left out) as a small chart."""
     values = [s for s in sigmas if s > 0]
     w, h = size
