@@ -217,7 +217,3 @@ export function restoreForm() {
   if ([...model.options].some((o) => o.value === saved.model)) model.value = saved.model;
   return saved;
 }
-
-export function forgetForm() {
-  try { localStorage.removeItem(STORE_KEY); } catch (e) { /* nothing saved */ }
-}

@@ -1,6 +1,5 @@
-// easel's web UI: tabs, generate / cancel over the native API (/api/v1) and its server-sent events, PNG info.
-import { $, api, forgetForm, initForm, initLoras, inMode, readForm, restoreForm, saveForm,
-         writeForm } from "./form.js";
+// easel's web UI: tabs, the form (kept across reloads), generate / cancel over the native API (/api/v1), PNG info.
+import { $, api, initForm, initLoras, inMode, readForm, restoreForm, saveForm, writeForm } from "./form.js";
 import { clearSource, hasSource, initMaskBrush, maskDataUrl, maskEmpty, render, setSource,
          sourceDataUrl } from "./canvas.js";
 import { initGallery, lastResult, selectedResult, setProgressText } from "./gallery.js";
@@ -237,5 +236,5 @@ async function boot() {
 }
 
 // Exposed for scripts and tests that drive the page (e.g. screenshots), not needed by the page itself.
-window.easel = { setMode, inMode, forgetForm };
+window.easel = { setMode, inMode };
 boot();
