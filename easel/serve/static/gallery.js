@@ -49,19 +49,23 @@ export function clearPreview() {
   if (selected) $("open-full").hidden = false;
 }
 
-// The images of a finished job as /ui/jobs/{id} gives them (URLs, parameters, A1111 texts), at the gallery's
-// front; `show` selects its first image (jobs loaded with the page are added without stealing the view).
-export function addJobResults(job, show = true) {
-  if (!job.images || !job.images.length) return [];
-  const added = job.images.map((url, i) => ({
-    jobId: job.id, index: i, url, params: (job.params || [])[i] || {},
-    infotext: (job.infotexts || [])[i] || JSON.stringify((job.params || [])[i] || {}, null, 1),
-  }));
+// The images of finished jobs as /ui/jobs/{id} gives them (URLs, parameters, A1111 texts), oldest job first, at
+// the gallery's front; `show` selects the newest (a job that finished while another one is followed does not
+// take the view away from it).
+export function addJobResults(jobs, show = true) {
+  const added = [];
+  for (const job of jobs) {
+    added.unshift(...(job.images || []).map((url, i) => ({
+      jobId: job.id, index: i, url, params: (job.params || [])[i] || {},
+      infotext: (job.infotexts || [])[i] || JSON.stringify((job.params || [])[i] || {}, null, 1),
+    })));
+  }
+  if (!added.length) return;
   results.unshift(...added);
   results.length = Math.min(results.length, MAX_KEPT);
   renderGallery();
-  if (show || !selected) select(added[0]);
-  return added;
+  const newest = added.find((r) => r.index === 0);  // the first image of the newest job
+  if (show || !selected) select(newest);
 }
 
 // Show the first image of a job (a click on a finished job in the queue list).

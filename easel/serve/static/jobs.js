@@ -11,6 +11,7 @@ const jobs = new Map();     // id -> the job as /ui/jobs gives it, in the server
 const shown = new Set();    // finished jobs whose images are in the gallery
 let followed = null;        // {id, events}: the job in the progress bar
 let pollTimer = null;
+let streamRetryAt = 0;      // after a broken event stream, the poll alone reports for a while
 let onError = () => {};
 
 const isFinished = (job) => FINISHED.includes(job.state);
@@ -21,8 +22,9 @@ export async function loadJobs(showError) {
   const list = await api("/ui/jobs?full=true");
   for (const job of list) {
     jobs.set(job.id, job);
-    if (isFinished(job)) { addJobResults(job); shown.add(job.id); }  // the newest ends up selected
+    if (isFinished(job)) shown.add(job.id);
   }
+  addJobResults(list.filter(isFinished));
   render();
   track();
 }
@@ -34,8 +36,18 @@ export function submitted(job) {
   track();
 }
 
-// The job in the progress bar (the one the Cancel button stops), if any.
-export function currentJob() { return followed ? followed.id : null; }
+// The job in the progress bar (the one the Cancel button stops): the followed one, else the first unfinished.
+export function currentJob() {
+  if (followed) return followed.id;
+  const open = openJobs();
+  return open.length ? open[0].id : null;
+}
+
+// Unfinished jobs, the running one(s) first, then the queue in its order.
+function openJobs() {
+  const all = [...jobs.values()];
+  return all.filter((j) => j.state === "running").concat(all.filter((j) => j.state === "queued"));
+}
 
 export async function cancelJob(id) {
   try {
@@ -48,10 +60,10 @@ export async function cancelJob(id) {
 
 // Follow the running job, else the oldest queued one; poll while anything is unfinished.
 function track() {
-  const open = [...jobs.values()].filter((j) => !isFinished(j));
-  if (!followed && open.length) follow((open.find((j) => j.state === "running") || open[0]).id);
+  const open = openJobs();
+  if (!followed && open.length && Date.now() >= streamRetryAt) follow(open[0].id);
   document.body.dataset.busy = String(open.length > 0);
-  $("cancel").disabled = !followed;
+  $("cancel").disabled = !open.length;
   if (open.length && !pollTimer) pollTimer = setTimeout(poll, POLL_MS);
 }
 
@@ -66,10 +78,11 @@ function follow(id) {
   });
   events.addEventListener("preview", (e) => showPreview(JSON.parse(e.data).image));
   events.addEventListener("done", (e) => { events.close(); finished(JSON.parse(e.data)); });
-  events.onerror = () => {  // the stream broke (server restarted, network): the poll takes over
+  events.onerror = () => {  // the stream broke (server restarted, network): the poll takes over, then a new one
     if (!followed || followed.id !== id) return;
     events.close();
     followed = null;
+    streamRetryAt = Date.now() + 3 * POLL_MS;
     track();
   };
 }
@@ -115,7 +128,7 @@ async function finished(summary) {
     clearPreview();
     describeEnd(job);
   }
-  addJobResults(job, isFollowed || !followed);
+  addJobResults([job], isFollowed || !followed);
   render();
   track();
   document.body.dataset.finished = job.id;  // tests (and scripts) wait on this
@@ -177,7 +190,7 @@ function fill(li, job) {
 // refilled (not rebuilt), so a click on a cancel button is never lost to a progress event.
 function render() {
   const all = [...jobs.values()];
-  const open = all.filter((j) => j.state === "running").concat(all.filter((j) => j.state === "queued"));
+  const open = openJobs();
   const done = all.filter(isFinished).reverse().slice(0, FINISHED_SHOWN);
   const list = $("queue-list");
   const rows = new Map([...list.children].map((li) => [li.dataset.id, li]));
