@@ -480,8 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     from easel.serve.cli import add_serve_parser  # imported here, not at the top: `easel generate` needs no server
     add_serve_parser(sub)
-    from easel.inspect.cli import add_inspect_parsers
-    add_inspect_parsers(sub)
+    from easel.inspect.cli import add_inspect_parsers  # given this module's helpers: no import back (no cycle)
+    add_inspect_parsers(sub, sys.modules[__name__])
 
     c = sub.add_parser("convert", help="convert between a single .safetensors file and a diffusers folder")
     c.add_argument("src")

@@ -11,34 +11,35 @@ import sys
 from pathlib import Path
 
 
-def add_inspect_parsers(sub) -> None:
-    """Register `easel inspect attention|tokens|steps`."""
-    from easel.cli import HIRES_FLAGS, REFINER_FLAGS, add_generation_flags
+def add_inspect_parsers(sub, cli) -> None:
+    """Register `easel inspect attention|tokens|steps`. `cli` is the `easel.cli` module, which passes itself so
+    that its flag tables and helpers (add_generation_flags, request_from_args, progress_bar) are reused without
+    this module importing it back (an import cycle)."""
+    HIRES_FLAGS, REFINER_FLAGS, add_generation_flags = cli.HIRES_FLAGS, cli.REFINER_FLAGS, cli.add_generation_flags
     p = sub.add_parser("inspect", help="see inside: tokens, denoising steps, per-token cross-attention")
     isub = p.add_subparsers(dest="inspect_command", required=True)
 
     a = isub.add_parser("attention", help="per-token cross-attention heat maps over the image (DAAM)")
     a.add_argument("prompt", help="what to draw")
     add_generation_flags(a, HIRES_FLAGS, REFINER_FLAGS)
-    a.set_defaults(func=cmd_attention, out="inspect-attention")
+    a.set_defaults(func=cmd_attention, cli=cli, out="inspect-attention")
 
     t = isub.add_parser("tokens", help="the 77 token slots, BPE pieces, emphasis weights and text embeddings")
     t.add_argument("prompt", help="the prompt to tokenize")
     add_generation_flags(t)
     t.add_argument("--json", action="store_true", help="print the table as JSON")
-    t.set_defaults(func=cmd_tokens, out="inspect-tokens")
+    t.set_defaults(func=cmd_tokens, cli=cli, out="inspect-tokens")
 
     s = isub.add_parser("steps", help="the denoising film strip: latent, preview, x0, noise and sigma per step")
     s.add_argument("prompt", help="what to draw")
     add_generation_flags(s, HIRES_FLAGS, REFINER_FLAGS)
     s.add_argument("--frames", type=int, default=8, help="steps shown in the grid (default 8; the GIF has all)")
-    s.set_defaults(func=cmd_steps, out="inspect-steps")
+    s.set_defaults(func=cmd_steps, cli=cli, out="inspect-steps")
 
 
 def one_image_request(args: argparse.Namespace):
     """The request of the flags, as one image (the first of `easel generate ... -n 1`), checked."""
-    from easel.cli import request_from_args
-    req = request_from_args(args)
+    req = args.cli.request_from_args(args)
     req.batch_size, req.n_iter = 1, 1
     req.check()
     return req
@@ -55,11 +56,10 @@ def load_pipeline(args: argparse.Namespace, req):
 
 def captured_run(args: argparse.Namespace, **what):
     """Generate one image with a Capture on and a progress bar: (pipeline, request, image result, capture)."""
-    from easel.cli import progress_bar
     from easel.inspect.capture import Capture
     req = one_image_request(args)
     pipe = load_pipeline(args, req)
-    with Capture(**what) as cap, progress_bar(req) as cb:
+    with Capture(**what) as cap, args.cli.progress_bar(req) as cb:
         results = pipe.generate(req, callback=cb, extend_plan=cap)
     if not results or not cap.runs:
         raise ValueError("the generation produced no image to inspect (interrupted, or img2img strength 0)")
