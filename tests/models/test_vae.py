@@ -299,3 +299,13 @@ def test_tiled_decode_of_the_builtin_model_has_no_seams():
     f = cfg.vae.downsample
     band = slice(16 * f, 24 * f)  # tiles start at cells 0 and 16 (tile 24): they overlap over cells 16-24
     assert diff[band, :].mean() < 2 * diff.mean() and diff[:, band].mean() < 2 * diff.mean()
+
+
+def test_fit_tile_keeps_the_tile_count_and_the_overlap():
+    from easel.models.vae import fit_tile
+    for size, tile, overlap in [(512, 362, 90), (128, 64, 16), (40, 12, 3), (97, 16, 4), (17, 16, 4), (8, 16, 4)]:
+        fitted = fit_tile(size, tile, overlap)
+        starts = tile_starts(size, fitted, overlap)
+        assert fitted <= tile and len(starts) == len(tile_starts(size, tile, overlap))
+        assert starts[-1] + fitted == size and all(a + fitted - b >= overlap for a, b in zip(starts, starts[1:]))
+    assert fit_tile(512, 362, 90) == 301  # two tiles either way, 17% less decoding than two of 362
