@@ -308,4 +308,4 @@ def test_fit_tile_keeps_the_tile_count_and_the_overlap():
         starts = tile_starts(size, fitted, overlap)
         assert fitted <= tile and len(starts) == len(tile_starts(size, tile, overlap))
         assert starts[-1] + fitted == size and all(a + fitted - b >= overlap for a, b in zip(starts, starts[1:]))
-    assert fit_tile(512, 362, 90) == 301  # two tiles either way, 17% less decoding than two of 362
+    assert fit_tile(512, 362, 90) == 301  # two tiles a side either way: 31% less decoding than with 362
