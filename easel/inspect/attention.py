@@ -23,6 +23,7 @@ def layer_average(attn: AttentionSum, size: tuple[int, int]) -> torch.Tensor:
     """(B, S, h, w): the attention averaged over every layer call, each resolution upsampled to `size` (bilinear)."""
     total, calls = None, 0
     for res, s in attn.sums.items():
+        s = s.float().cpu()
         m = s.transpose(1, 2).reshape(s.shape[0], s.shape[2], *res)  # summed over this level's calls
         m = F.interpolate(m, size=size, mode="bilinear", align_corners=False) if res != size else m
         total = m if total is None else total + m
@@ -101,3 +102,35 @@ def _save(image: Image.Image, path: Path) -> None:
     """Write a PNG atomically (folders made as needed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(image, path)
+
+
+def write_levels(path: str | Path, image: Image.Image, attn: AttentionSum, slots: list[Slot],
+                 image_index: int = 0) -> Path:
+    """levels.png: each word's map at each query resolution of the UNet (rows, finest first), over the image."""
+    big = draw.enlarge(image, 160).resize((160, 160 * image.height // image.width), Image.LANCZOS)
+    rows = []
+    for size in sorted(attn.sums, key=lambda s: -s[0] * s[1]):
+        maps = attn.mean(size)[image_index].numpy()  # (S, h, w)
+        labels = slot_labels(slots, maps.shape[0])
+        row = [draw.captioned(big, f"{size[0]}x{size[1]} queries ({attn.count[size]} layer calls)", 11)]
+        row += [draw.captioned(draw.overlay(big, draw.normalise(m)), w, 11) for w, m, _ in word_maps(maps, labels)]
+        rows.append(row)
+    cols = max(len(r) for r in rows)
+    return save_image(draw.grid([im for r in rows for im in r + [Image.new("RGB", (1, 1), draw.BACKGROUND)] *
+                                 (cols - len(r))], cols=cols), Path(path))
+
+
+def write_animation(path: str | Path, image: Image.Image, attn: AttentionSum, slots: list[Slot],
+                    image_index: int = 0, ms: int = 300) -> Path | None:
+    """attention.gif: the words' maps step by step (each step's own layer calls), over the final image."""
+    from easel.inspect.steps import save_gif
+    frames = []
+    big = draw.enlarge(image, 128).resize((128, 128 * image.height // image.width), Image.LANCZOS)
+    steps = attn.step_maps()
+    for i, maps in steps:
+        maps = maps[image_index].numpy()
+        labels = slot_labels(slots, maps.shape[0])
+        cells = [draw.captioned(draw.overlay(big, draw.normalise(m)), w, 11) for w, m, _ in word_maps(maps, labels)]
+        if cells:
+            frames.append(draw.captioned(draw.grid(cells, cols=min(len(cells), 8)), f"step {i + 1}/{len(steps)}"))
+    return save_gif(frames, path, ms) if frames else None

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from easel.models.layers import BasicTransformerBlock, CrossAttention
@@ -59,23 +60,38 @@ class AttentionSum:
     (B, h*w, S) averaged over heads and summed over layers and calls; `count[(h, w)]` layer calls summed."""
 
     text: str
-    sums: dict[tuple[int, int], Tensor] = field(default_factory=dict)
+    sums: dict[tuple[int, int], Tensor] = field(default_factory=dict)  # on the model's device until read
     count: dict[tuple[int, int], int] = field(default_factory=dict)
     steps: set[int] = field(default_factory=set)
+    # per step: (B, S, h, w) summed over that step's layer calls on a grid of at most STEP_GRID a side
+    by_step: dict[int, Tensor] = field(default_factory=dict)
+    step_count: dict[int, int] = field(default_factory=dict)
 
     def add(self, size: tuple[int, int], probs: Tensor) -> None:
-        """Add one layer call's head-averaged probabilities (B, h*w, S)."""
-        probs = probs.detach().float().cpu()
+        """Add one layer call's head-averaged probabilities (B, h*w, S) (kept on their device: no sync per layer)."""
+        probs = probs.detach().float()
         if size in self.sums:
             self.sums[size] += probs
         else:
             self.sums[size] = probs.clone()
         self.count[size] = self.count.get(size, 0) + 1
 
+    def add_step(self, step: int, size: tuple[int, int], probs: Tensor, grid: tuple[int, int]) -> None:
+        """Add one layer call's probabilities (B, h*w, S) to its step's map, resized to `grid` (h, w)."""
+        m = probs.detach().float().transpose(1, 2).reshape(probs.shape[0], probs.shape[2], *size)  # (B, S, h, w)
+        if size != grid:
+            m = F.interpolate(m, size=grid, mode="bilinear", align_corners=False)
+        self.by_step[step] = self.by_step[step] + m if step in self.by_step else m
+        self.step_count[step] = self.step_count.get(step, 0) + 1
+
+    def step_maps(self) -> list[tuple[int, Tensor]]:
+        """(step, (B, S, h, w) average over that step's layer calls) in step order, on the CPU."""
+        return [(i, self.by_step[i].cpu() / self.step_count[i]) for i in sorted(self.by_step)]
+
     def mean(self, size: tuple[int, int]) -> Tensor:
         """The average attention (B, S, h, w) at one resolution: each query's probabilities sum to 1 over S."""
         h, w = size
-        m = self.sums[size] / self.count[size]  # (B, h*w, S)
+        m = self.sums[size].cpu() / self.count[size]  # (B, h*w, S)
         return m.transpose(1, 2).reshape(m.shape[0], m.shape[2], h, w)
 
 
@@ -112,8 +128,10 @@ class _Call:
 class Capture:
     """An `extend_plan` function that records steps, CFG parts and cross-attention of every plan it sees."""
 
-    def __init__(self, steps: bool = True, attention: bool = True, cfg: bool = True):
-        self.keep_steps, self.keep_attention, self.keep_cfg = steps, attention, cfg
+    def __init__(self, steps: bool = True, attention: bool = True, cfg: bool = True, per_step: bool = True):
+        """`steps`: keep each step's tensors; `attention`: cross-attention sums (`per_step`: also one small map
+        per step, for animations); `cfg`: the uncond/cond/guided parts of each step."""
+        self.keep_steps, self.keep_attention, self.keep_cfg, self.per_step = steps, attention, cfg, per_step
         self.runs: list[Run] = []
         self._handles: list = []
         self._unets: set[int] = set()
@@ -221,6 +239,8 @@ class Capture:
             sums = call.run.attention[call.text] = AttentionSum(call.text)
         sums.add(size, probs)
         sums.steps.add(call.step)
+        if self.per_step:
+            sums.add_step(call.step, size, probs, step_grid(call.size))
 
 
 @torch.no_grad()
@@ -234,11 +254,20 @@ def attention_probs(attn: CrossAttention, x: Tensor, context: Tensor) -> Tensor:
     q = attn.to_q(x).float().view(B, T, attn.heads, -1)  # (B, T, h, d)
     k = attn.to_k(context).float().view(B, S, attn.heads, -1)  # (B, S, h, d)
     scale = q.shape[-1] ** -0.5
-    total = torch.zeros(B, T, S)
+    total = torch.zeros(B, T, S, device=q.device)
     for head in range(attn.heads):
         scores = torch.bmm(q[:, :, head], k[:, :, head].transpose(1, 2)) * scale  # (B, T, S)
-        total += scores.softmax(dim=-1).cpu()
+        total += scores.softmax(dim=-1)
     return total / attn.heads
+
+
+STEP_GRID = 32  # per-step attention maps are kept at most this many cells a side (bounded memory at 1024 px)
+
+
+def step_grid(latent: tuple[int, int]) -> tuple[int, int]:
+    """The grid of per-step maps: the latent's (h, w) shrunk by a whole factor to at most STEP_GRID a side."""
+    f = -(-max(latent) // STEP_GRID)
+    return -(-latent[0] // f), -(-latent[1] // f)
 
 
 def _query_size(tokens: int, latent: tuple[int, int]) -> tuple[int, int]:

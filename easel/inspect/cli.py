@@ -75,7 +75,7 @@ def save_result(out: Path, result) -> Path:
 
 def cmd_attention(args: argparse.Namespace) -> int:
     """easel inspect attention PROMPT ..."""
-    from easel.inspect.attention import capture_maps, write_attention
+    from easel.inspect.attention import capture_maps, write_animation, write_attention, write_levels
     from easel.inspect.tokens import prompt_slots
     from easel.pipelines.common import embedding_library
     pipe, req, result, cap = captured_run(args, steps=False, cfg=False)
@@ -89,7 +89,11 @@ def cmd_attention(args: argparse.Namespace) -> int:
         print(f"the prompt changes during sampling; maps of the text used longest: {text!r}", file=sys.stderr)
     slots = prompt_slots(pipe.loaded, text, embedding_library(pipe.loaded))
     written = write_attention(out, result.image, capture_maps(cap, text)[0], slots)
-    print(f"{out / 'image.png'}\n{out / 'attention.png'}\n{out / 'attention.npz'}\n"
+    first = next(r for r in cap.runs if text in r.attention).attention[text]  # the first (base) pass
+    write_levels(out / "levels.png", result.image, first, slots)
+    write_animation(out / "attention.gif", result.image, first, slots)
+    print(f"{out / 'image.png'}\n{out / 'attention.png'}\n{out / 'levels.png'}\n{out / 'attention.gif'}\n"
+          f"{out / 'attention.npz'}\n"
           f"{len(written['tokens'])} token maps in {out / 'tokens'}, {len(written['words'])} word maps in "
           f"{out / 'words'}")
     return 0

@@ -7,7 +7,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from easel.inspect.attention import layer_average
-from easel.inspect.capture import Capture, _query_size
+from easel.inspect.capture import Capture, _query_size, step_grid
 from easel.models.layers import BasicTransformerBlock
 from easel.pipelines.pipeline import Pipeline
 from easel.pipelines.request import GenerationRequest
@@ -170,3 +170,16 @@ def test_query_size_rounds_odd_sides_up():
     assert _query_size(4 * 3, (13, 9)) == (4, 3)
     with pytest.raises(ValueError, match="cannot place 50"):
         _query_size(50, (13, 9))
+
+
+def test_per_step_maps_are_small_and_average_to_one(tmp_path):
+    pipe = Pipeline(make_tiny(tmp_path, "sd1"))
+    with Capture() as cap:
+        pipe.generate(GenerationRequest("a cat", steps=3, seed=1, batch_size=1, sampler="heun"), extend_plan=cap)
+    attn = cap.runs[0].attention["a cat"]
+    steps = attn.step_maps()
+    assert [i for i, _ in steps] == [0, 1, 2]
+    assert sum(attn.step_count.values()) == sum(attn.count.values())  # every layer call lands in one step
+    for _, m in steps:
+        assert m.shape == (1, 77, 16, 16) and torch.allclose(m.sum(dim=1), torch.ones(1, 16, 16), atol=1e-5)
+    assert step_grid((128, 128)) == (32, 32) and step_grid((100, 60)) == (25, 15) and step_grid((13, 9)) == (13, 9)

@@ -31,6 +31,8 @@ def test_attention_folder_has_the_generated_image_and_a_map_per_token(tmp_path, 
     assert len(list((out / "tokens").glob("*.png"))) == 7
     assert sorted(p.name for p in (out / "words").glob("*.png"))[:3] == ["00-a.png", "01-red.png", "02-star.png"]
     assert Image.open(out / "attention.png").width > 256
+    assert Image.open(out / "levels.png").height > 300  # the built-in UNet attends at two resolutions
+    assert Image.open(out / "attention.gif").n_frames == 2  # one frame per step
     assert "attention.npz" in capsys.readouterr().out
 
 
