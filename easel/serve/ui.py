@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException
 
 from easel import __version__
 from easel.pipelines.request import HR_UPSCALERS, INPAINTING_FILLS, PREVIEW_MODES, RESIZE_MODES, GenerationRequest
+from easel.serve.jobs import FINISHED
 from easel.serve.settings import TOKEN_COOKIE
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -128,6 +129,7 @@ def ui_config(app: FastAPI) -> dict:
         "model": model_defaults(app.state.queue.default_model),
         "limits": {k: getattr(settings, k) for k in ("max_steps", "max_batch", "max_pixels", "max_body_bytes")},
         "auth": bool(settings.api_auth or settings.token),
+        "finished_states": list(FINISHED),  # job states that end a job (the queue list reads them from here)
     }
 
 

@@ -104,6 +104,7 @@ def test_config_comes_from_the_schema_and_the_model_file(client):
     assert cfg["choices"]["inpainting_fill"] == list(INPAINTING_FILLS) and "original" in INPAINTING_FILLS
     assert cfg["model"] == {"name": "shapeworld", "default_size": 64, "default_batch": 4}  # the built-in's header
     assert cfg["limits"]["max_steps"] == 42 and cfg["version"] == __version__
+    assert {"done", "cancelled", "interrupted"} <= set(cfg["finished_states"])
 
 
 def test_model_defaults_of_unknown_models_are_left_to_the_server(tmp_path):

@@ -267,6 +267,21 @@ def test_cancel_running_job_with_live_progress(ui):
     assert page.get_attribute("#queue-list li", "data-state") == "cancelled"
 
 
+def test_interrupt_from_another_client_ends_the_job_on_the_page(ui):
+    """An A1111 client's /sdapi/v1/interrupt ends the job as "interrupted" (a state of its own): the page sees it end."""
+    page, server = ui
+    page.fill("#prompt", PROMPT)
+    page.fill("#steps", "150")
+    page.fill("#batch_size", "4")
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('progress-text').textContent.startsWith('Step')", timeout=60000)
+    httpx.post(server.url + "/sdapi/v1/interrupt", timeout=30).raise_for_status()
+    page.wait_for_selector("body[data-finished]", timeout=60000)
+    assert server.queue.get(page.get_attribute("body", "data-finished")).state == "interrupted"
+    assert page.inner_text("#progress-text").startswith("Interrupted")
+    assert page.get_attribute("#queue-list li", "data-state") == "interrupted" and page.is_disabled("#cancel")
+
+
 def test_png_info_of_a_dropped_generated_image(ui):
     page, server = ui
     with httpx.Client(base_url=server.url, timeout=60) as client:

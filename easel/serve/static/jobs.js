@@ -4,7 +4,7 @@
 import { $, api } from "./form.js";
 import { addJobResults, clearPreview, setProgressText, showJob, showPreview, showProgress } from "./gallery.js";
 
-const FINISHED = ["done", "failed", "cancelled"];
+let FINISHED = ["done", "failed", "cancelled", "interrupted"];  // the server's list replaces it (config)
 const POLL_MS = 1000;
 const FINISHED_SHOWN = 10;  // finished jobs listed under the running and queued ones
 const jobs = new Map();     // id -> the job as /ui/jobs gives it, in the server's order (oldest first)
@@ -17,8 +17,9 @@ let onError = () => {};
 const isFinished = (job) => FINISHED.includes(job.state);
 
 // Load every job the server remembers: finished images into the gallery, running/queued ones followed again.
-export async function loadJobs(showError) {
+export async function loadJobs(showError, finishedStates) {
   onError = showError;
+  if (finishedStates) FINISHED = finishedStates;
   const list = await api("/ui/jobs?full=true");
   for (const job of list) {
     jobs.set(job.id, job);
@@ -94,6 +95,7 @@ function update(fields) {
 }
 
 async function poll() {
+  clearTimeout(pollTimer);  // called early (after a cancel): one poll chain, not two
   pollTimer = null;
   let list;
   try {
@@ -139,8 +141,9 @@ function describeEnd(job) {
   if (job.state === "failed") {
     onError(job.error || "the job failed");
     setProgressText("Failed", "failed");
-  } else if (job.state === "cancelled") {
-    setProgressText(n ? `Cancelled (kept ${images(n)} already finished)` : "Cancelled", "cancelled");
+  } else if (job.state !== "done") {  // cancelled or interrupted: finished batches are kept
+    const word = job.state[0].toUpperCase() + job.state.slice(1);
+    setProgressText(n ? `${word} (kept ${images(n)} already finished)` : word, job.state);
   } else {
     const seconds = job.finished && job.started ? ` in ${(job.finished - job.started).toFixed(1)} s` : "";
     setProgressText(`Done: ${images(n)}${seconds}`, "done");

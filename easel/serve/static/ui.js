@@ -214,8 +214,10 @@ function fillModels(models) {
 
 async function boot() {
   let saved = null;
+  let config = null;
   try {
-    const [config, samplers, schedulers, loras, models] = await Promise.all(
+    let samplers, schedulers, loras, models;
+    [config, samplers, schedulers, loras, models] = await Promise.all(
       ["/ui/config.json", "/api/v1/samplers", "/api/v1/schedulers", "/api/v1/loras", "/api/v1/models"].map((p) => api(p)));
     initForm(config, samplers, schedulers);
     initLoras(loras);
@@ -228,7 +230,8 @@ async function boot() {
   wire();
   setMode(saved && tabs().some((t) => t.dataset.tab === saved.mode) ? saved.mode : "txt2img");
   try {
-    await loadJobs(showError);  // finished jobs' images, and the running one followed again after a reload
+    // finished jobs' images, and the running one followed again after a reload
+    await loadJobs(showError, config && config.finished_states);
   } catch (e) {
     showError(`could not load the server's jobs: ${e.message}`);
   }
