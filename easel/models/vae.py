@@ -145,10 +145,13 @@ class Encoder(nn.Module):
         self.norm_out = _norm(prev, cfg.norm_groups)
         self.conv_out = nn.Conv2d(prev, 2 * cfg.z_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, on_level: Callable[[], None] | None = None) -> torch.Tensor:
+        """`on_level()` runs after each level (a point where a long encode can be cancelled by raising)."""
         h = self.conv_in(x)
         for level in self.down:
             h = level(h)
+            if on_level is not None:
+                on_level()
         return self.conv_out(_silu(self.norm_out(self.mid(h))))
 
 
@@ -174,10 +177,13 @@ class Decoder(nn.Module):
         self.norm_out = _norm(prev, cfg.norm_groups)
         self.conv_out = nn.Conv2d(prev, cfg.out_ch, 3, padding=1)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, on_level: Callable[[], None] | None = None) -> torch.Tensor:
+        """`on_level()` runs after each level (a point where a long decode can be cancelled by raising)."""
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
+            if on_level is not None:
+                on_level()
         return self.conv_out(_silu(self.norm_out(h)))
 
 
@@ -197,13 +203,13 @@ class AutoencoderKL(nn.Module):
         """Image (B, 3, H, W) in [-1, 1] -> posterior (mean, logvar), each (B, embed_dim, H/f, W/f).
 
         `tiled`: False encodes in one pass, True in overlapping blended tiles, None tiles when the one pass would
-        exceed TILE_BUDGET_BYTES. `on_tile()` runs after each tile (raise in it to stop).
+        exceed TILE_BUDGET_BYTES. `on_tile()` runs after each tile, or each level of one pass (raise in it to stop).
         """
         _check_size(x, self.config.downsample)
         f = self.config.downsample
         tile = self._tile(tiled, x.shape[0], x.shape[-2] // f, x.shape[-1] // f, x.element_size(), encode=True)
         if tile is None:
-            moments = self._encode_full(x)
+            moments = self.quant_conv(self.encoder(x, on_tile))
         else:
             moments = run_tiled(self._encode_full, x, tile, None, f, encode=True, on_tile=on_tile)
         mean, logvar = moments.chunk(2, dim=1)
@@ -217,12 +223,12 @@ class AutoencoderKL(nn.Module):
         """Unscaled latent (B, embed_dim, h, w) -> image (B, 3, h*f, w*f) in about [-1, 1].
 
         With `tile` (latent cells), decode overlapping tiles of that size and cross-fade them (see `run_tiled`);
-        else `tiled` as in `encode`. `on_tile()` runs after each tile (raise in it to stop).
+        else `tiled` as in `encode`. `on_tile()` runs after each tile, or each level of one pass (raise to stop).
         """
         if tile is None:
             tile = self._tile(tiled, z.shape[0], z.shape[-2], z.shape[-1], z.element_size(), encode=False)
             if tile is None:
-                return self._decode_full(z)
+                return self.decoder(self.post_quant_conv(z), on_tile)
             return run_tiled(self._decode_full, z, tile, overlap, self.config.downsample, on_tile=on_tile)
         return decode_tiled(self._decode_full, z, tile, overlap, self.config.downsample, on_tile)
 
@@ -258,7 +264,8 @@ class AutoencoderKL(nn.Module):
 
         `tiled` None (default) decodes in tiles when one pass would exceed TILE_BUDGET_BYTES (so small latents
         decode exactly as an untiled pass), True/False force it; `tile` (latent cells) fixes the tile size.
-        `on_tile()` runs after each tile, so a caller can raise in it to cancel a long decode.
+        `on_tile()` runs after each tile (after each decoder level when untiled), so a caller can raise in it to
+        cancel a long decode.
         """
         if isinstance(tiled, int) and not isinstance(tiled, bool):
             tile, tiled = tiled, True  # the old positional `tile`
