@@ -19,6 +19,7 @@ import contextvars
 import dataclasses
 import inspect
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -76,14 +77,26 @@ class SamplingPlan:
 
 def run(plan: SamplingPlan, callback: StepCallback | None = None) -> torch.Tensor:
     """Run the plan's sampler; every step's dict ({i, x, sigma, sigma_next, denoised, steps, model?, tags})
-    goes to the observers, then to `callback` (which may raise Interrupted / Skipped)."""
-    if plan.steps < 1:  # img2img at strength 0: nothing to denoise
+    goes to the observers, then to `callback` (which may raise Interrupted / Skipped).
+
+    Interrupted inside `run_batches` ends the run early with the last step's x0 prediction, so the batch still
+    comes out as it stands (A1111's interrupt), and no later plan of the request samples."""
+    interrupt = _INTERRUPT.get()
+    if plan.steps < 1 or (interrupt is not None and interrupt.is_set()):  # strength 0, or after an interrupt
         return plan.latent.clone()
     sampler = SAMPLERS[plan.sampler]
     options = {"eta": plan.eta} if plan.eta is not None and _takes_eta(sampler) else {}
-    report = _reporter(plan, callback)
+    last = {}
+    report = _reporter(plan, callback, last)
     x = plan.start()
-    return sampler(plan.denoiser, x, plan.sigmas.to(x.device), callback=report, noise=plan.noise_source, **options)
+    try:
+        return sampler(plan.denoiser, x, plan.sigmas.to(x.device), callback=report, noise=plan.noise_source,
+                       **options)
+    except common.Interrupted:
+        if interrupt is None or "denoised" not in last:
+            raise
+        interrupt.set()
+        return last["denoised"]
 
 
 def _takes_eta(sampler: Callable) -> bool:
@@ -91,13 +104,13 @@ def _takes_eta(sampler: Callable) -> bool:
     return "eta" in inspect.signature(sampler).parameters
 
 
-def _reporter(plan: SamplingPlan, callback: StepCallback | None) -> StepCallback | None:
-    """The sampler's step callback: the plan's step count, tags and (across a refiner switch) which model ran."""
-    if callback is None and not plan.observers:
-        return None
+def _reporter(plan: SamplingPlan, callback: StepCallback | None, last: dict) -> StepCallback:
+    """The sampler's step callback: the plan's step count, tags and (across a refiner switch) which model ran;
+    keeps the step's x0 prediction in `last` (what an interrupt returns)."""
     switch = _switch_of(plan.denoiser)
 
     def report(d: dict) -> None:
+        last["denoised"] = d["denoised"]
         d = {**d, "steps": plan.steps, **plan.tags}
         if switch is not None:
             d["model"] = "base" if switch.uses_base(d["sigma"]) else "refiner"
@@ -260,20 +273,32 @@ def batch_seeds(req: GenerationRequest, it: int) -> list[int]:
 def run_batches(req: GenerationRequest, make_batch: Callable[[int, list[int]], list],
                 on_batch: Callable[[list], None] | None = None) -> list:
     """Call `make_batch(index, seeds)` for each of `req.n_iter` batches, handing each finished batch to
-    `on_batch` (to save it at once); a step callback raising Skipped drops that batch, Interrupted returns
-    what is finished."""
+    `on_batch` (to save it at once). A step callback raising Skipped drops that batch; Interrupted stops
+    sampling, and the batch comes out from its last x0 prediction, the last one (A1111); Interrupted from
+    anywhere else (a cancel inside the VAE) returns what was finished before."""
     out = []
-    for it in range(req.n_iter):
-        try:
-            done = make_batch(it, batch_seeds(req, it))
-        except common.Skipped:
-            continue
-        except common.Interrupted:
-            break
-        out.extend(done)
-        if on_batch is not None:
-            on_batch(done)
+    interrupt = threading.Event()
+    token = _INTERRUPT.set(interrupt)
+    try:
+        for it in range(req.n_iter):
+            try:
+                done = make_batch(it, batch_seeds(req, it))
+            except common.Skipped:
+                continue
+            except common.Interrupted:
+                break
+            out.extend(done)
+            if on_batch is not None:
+                on_batch(done)
+            if interrupt.is_set():
+                break
+    finally:
+        _INTERRUPT.reset(token)
     return out
+
+
+# Set by `run` when a step callback interrupted sampling inside `run_batches` (see there).
+_INTERRUPT: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("interrupt", default=None)
 
 
 # --- evaluation fast path -------------------------------------------------------------------------------------

@@ -15,8 +15,9 @@ _SAMPLER_ALIASES = {
     "dpmpp 2s ancestral": "dpmpp_2s_a", "unipc": "uni_pc", "unipc bh2": "uni_pc_bh2", "uni pc bh1": "uni_pc",
     "unipc bh1": "uni_pc",
 }
+# A1111's "Uniform" is the model's own get_sigmas(n), our `normal` (its "Simple" is a different schedule).
 _SCHEDULE_ALIASES = {"ka": "karras", "ddim": "ddim_uniform", "automatic": "normal", "default": "normal",
-                     "uniform": "simple"}
+                     "uniform": "normal"}
 
 
 def _norm(name: str) -> str:

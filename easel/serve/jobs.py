@@ -146,19 +146,9 @@ class Job:
 
 
 def estimate_steps(req: GenerationRequest) -> int:
-    """Sampler steps a request will take (for progress; the callback count corrects it if it runs over): the
-    sampling plan's count when easel.pipelines.plan has it, else counted here."""
-    try:
-        from easel.pipelines.plan import count_steps
-        return count_steps(req)
-    except (ImportError, ValueError, TypeError):
-        pass  # no plan module yet, or a request it cannot count before the model fills defaults
-    steps = req.steps
-    if req.init_images and req.mode != "outpaint":
-        steps = max(1, math.ceil(req.steps * req.denoising_strength))  # img2img runs the tail of the schedule
-    if req.enable_hr:
-        steps += req.hr_second_pass_steps or req.steps
-    return steps * req.n_iter
+    """Sampler steps a request will take, as its sampling plans count them (progress totals and ETAs)."""
+    from easel.pipelines.plan import count_steps
+    return count_steps(req)
 
 
 class JobQueue:
@@ -442,7 +432,9 @@ class JobQueue:
         takes = lambda name: name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())  # noqa: E731
 
         def should_stop() -> bool:
-            stop = bool(job._flags & {"cancel", "interrupt"})
+            # Only a cancel cuts a VAE decode short: an interrupt stops sampling, and the batch it stopped is
+            # still decoded from its last x0 prediction (A1111 returns the images as they stand).
+            stop = "cancel" in job._flags
             job._stopped = job._stopped or stop
             return stop
         hooks = {"on_batch": job._batches.extend, "should_stop": should_stop}

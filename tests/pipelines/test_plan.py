@@ -129,3 +129,21 @@ def test_extend_plan_reaches_every_plan_a_mode_builds(tiny_sd1):
     with_ext = Pipeline(tiny_sd1).generate(req, extend_plan=extend)
     assert seen == ["base"] * 4 + ["hires"] * plan.pass_steps(req)[1]
     assert np.array_equal(np.asarray(with_ext[0].image), np.asarray(Pipeline(tiny_sd1).generate(req)[0].image))
+
+
+def test_an_interrupted_batch_comes_out_as_it_stood(tiny_sd1):
+    """A1111's interrupt: sampling stops, the batch is decoded from the last x0 prediction, no later batch or pass."""
+    seen = []
+
+    def interrupt_at_step_1(d):
+        seen.append(d)
+        if d["i"] == 1:
+            raise common.Interrupted()
+    req = GenerationRequest("x", n_iter=2, **FAST)
+    out = Pipeline(tiny_sd1).generate(req, interrupt_at_step_1)
+    assert [r.params["seed"] for r in out] == [3] and len(seen) == 2
+    want = common.decode(tiny_sd1.model, seen[-1]["denoised"])[0]
+    assert np.array_equal(np.asarray(out[0].image), np.asarray(want))
+    seen.clear()
+    hires = Pipeline(tiny_sd1).generate(dataclasses.replace(req, enable_hr=True, hr_scale=2), interrupt_at_step_1)
+    assert len(hires) == 1 and hires[0].image.size == (32, 32) and {d["phase"] for d in seen} == {"base"}

@@ -155,7 +155,7 @@ def test_enable_hr_second_pass(client):
     assert info["notes"] == ["hr_upscaler 'R-ESRGAN 4x+' is not available in easel; used Lanczos instead"]
 
 
-@pytest.mark.parametrize("action, seeds", [("interrupt", [11]), ("skip", [11, 13])])
+@pytest.mark.parametrize("action, seeds", [("interrupt", [11, 12]), ("skip", [11, 13])])
 def test_progress_with_current_image_then_interrupt_or_skip(start_server, action, seeds):
     gated = Gated(builtin_pipe(), batch=1, step=0)
     server = start_server(Settings(), JobQueue(loader=lambda name, device: gated))

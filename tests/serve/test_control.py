@@ -15,8 +15,8 @@ from PIL import Image
 from easel.pipelines.common import Interrupted
 from easel.pipelines.request import GenerationRequest
 from easel.serve.app import RedactSecrets, Settings
-from easel.serve.jobs import INTERRUPTED, LOADING, PREPARING, JobQueue
-from tests.serve.conftest import builtin_loader, builtin_pipe
+from easel.serve.jobs import CANCELLED, LOADING, PREPARING, JobQueue
+from tests.serve.conftest import Gated, builtin_loader, builtin_pipe
 
 FAST = {"prompt": "a red star", "steps": 2, "seed": 5, "batch_size": 1}
 
@@ -47,25 +47,31 @@ class Stoppable:
             time.sleep(0.005)
 
 
-def test_interrupt_reaches_a_long_decode_and_keeps_finished_batches():
+def test_cancel_reaches_a_long_decode_and_keeps_finished_batches():
+    """A cancel cuts a decode short (an interrupt lets the batch it stopped decode: see the pipelines' tests)."""
     pipe = Stoppable()
     q = JobQueue(loader=lambda name, device: pipe, model_names=lambda: [])
     try:
         job = q.submit(GenerationRequest("x", steps=1, n_iter=2, batch_size=1, seed=3))
         assert pipe.reached.wait(20)
-        q.interrupt()
+        q.cancel(job.id)
         assert job.wait(20)
-        assert job.state == INTERRUPTED and [r.params["seed"] for r in job.results] == [3] and pipe.polled >= 1
+        assert job.state == CANCELLED and [r.params["seed"] for r in job.results] == [3] and pipe.polled >= 1
     finally:
         q.stop()
 
 
-def test_a1111_interrupt_returns_the_finished_images(start_server):
-    pipe = Stoppable()
-    server = start_server(Settings(), JobQueue(loader=lambda name, device: pipe, model_names=lambda: []))
+def test_a1111_interrupt_returns_the_images_as_they_stand(start_server):
+    """Interrupted in its first batch of three, a job still answers that batch's image (A1111), and says so."""
+    gated = Gated(builtin_pipe(), batch=0, step=0)
+    server = start_server(Settings(), JobQueue(loader=lambda name, device: gated, model_names=lambda: []))
     with httpx.Client(base_url=server.url, timeout=60) as c:
-        threading.Thread(target=lambda: (pipe.reached.wait(20), c.post("/sdapi/v1/interrupt")), daemon=True).start()
-        r = c.post("/sdapi/v1/txt2img", json={**FAST, "n_iter": 2})
+        def interrupt():
+            gated.reached.wait(20)
+            c.post("/sdapi/v1/interrupt")
+            gated.gate.set()
+        threading.Thread(target=interrupt, daemon=True).start()
+        r = c.post("/sdapi/v1/txt2img", json={**FAST, "steps": 3, "n_iter": 3})
         info = r.json()["info"]
         assert r.status_code == 200 and len(r.json()["images"]) == 1 and '"interrupted": true' in info
         job = c.get("/api/v1/jobs").json()[-1]

@@ -132,7 +132,7 @@ def tiny_pipe(tmp_path):
     return Pipeline(make_tiny(tmp_path, "sd1"))
 
 
-@pytest.mark.parametrize("action, seeds", [("interrupt", [7]), ("skip", [7, 9])])
+@pytest.mark.parametrize("action, seeds", [("interrupt", [7, 8]), ("skip", [7, 9])])
 def test_interrupt_keeps_finished_batches_and_skip_drops_one(queues, tiny_pipe, one_thread, action, seeds):
     gated = Gated(tiny_pipe, batch=1, step=0)
     q = queues(loader=lambda name, device: gated)
@@ -141,7 +141,8 @@ def test_interrupt_keeps_finished_batches_and_skip_drops_one(queues, tiny_pipe, 
     assert getattr(q, action)() is job
     assert job.pending == {action}  # the public view of what was asked, before the worker acts on it
     gated.gate.set()
-    # An interrupted job says so (a state of its own) and keeps the batches finished before it (A1111).
+    # An interrupted job says so (a state of its own) and keeps the batches finished before it, and the one it
+    # stopped as it stood (A1111).
     assert job.wait(20) and job.state == (INTERRUPTED if action == "interrupt" else DONE)
     assert [r.params["seed"] for r in job.results] == seeds
     assert job.pending == ({"interrupt"} if action == "interrupt" else set())  # a skip is used up by its batch
