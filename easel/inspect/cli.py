@@ -34,6 +34,10 @@ def add_inspect_parsers(sub, cli) -> None:
     s.add_argument("prompt", help="what to draw")
     add_generation_flags(s, HIRES_FLAGS, REFINER_FLAGS)
     s.add_argument("--frames", type=int, default=8, help="steps shown in the grid (default 8; the GIF has all)")
+    s.add_argument("--schedules", metavar="A,B,...", help="also plot these schedules' sigmas side by side "
+                   "(e.g. karras,exponential,normal) for the same steps")
+    s.add_argument("--cfg-scales", metavar="S1,S2,...", help="also generate at these guidance scales and show their "
+                   "x0 predictions side by side (e.g. 1,4,8; one more generation per scale)")
     s.set_defaults(func=cmd_steps, cli=cli, out="inspect-steps")
 
 
@@ -144,6 +148,8 @@ def cmd_steps(args: argparse.Namespace) -> int:
     from easel.inspect import steps as st
     if args.frames < 2:
         raise ValueError(f"--frames must be at least 2 (got {args.frames})")
+    if args.cfg_scales:
+        parse_floats(args.cfg_scales, "--cfg-scales")  # a typo fails before the model loads
     pipe, req, result, cap = captured_run(args, attention=False)
     out = Path(args.out)
     save_result(out, result)
@@ -156,9 +162,50 @@ def cmd_steps(args: argparse.Namespace) -> int:
         if cfg is not None:
             written.append(save_image(cfg, out / f"cfg{tag}.png"))
         written.append(st.save_gif(st.animation_frames(pics, run), out / f"steps{tag}.gif"))
-        sigmas = [s.sigma for s in run.steps]
-        written.append(save_image(st.schedule_plot(sigmas, f"sigma per step, log scale ({result.params.get('sampler')}, "
-                                                          f"{result.params.get('scheduler')})"),
-                                  out / f"schedule{tag}.png"))
+        label = f"{result.params.get('sampler')}, {result.params.get('scheduler')}"
+        written.append(save_image(st.schedule_plot({label: [s.sigma for s in run.steps]},
+                                                   f"sigma per step, log scale ({label})"), out / f"schedule{tag}.png"))
+    if args.schedules:
+        written.append(save_image(schedules_figure(pipe, req, args.schedules), out / "schedules.png"))
+    if args.cfg_scales:
+        written.append(save_image(cfg_scales(args, pipe, req, pics), out / "cfg-scales.png"))
     print("\n".join(str(p) for p in written))
     return 0
+
+
+def parse_floats(text: str, flag: str) -> list[float]:
+    """'1,4,8' -> [1.0, 4.0, 8.0]; errors name the flag."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} takes numbers separated by commas, e.g. 1,4,8 (got {text!r})") from None
+    if not values:
+        raise ValueError(f"{flag} needs at least one number (got {text!r})")
+    return values
+
+
+def schedules_figure(pipe, req, names: str):
+    """The sigmas of several schedules for the request's steps on one plot."""
+    from easel.inspect.steps import schedule_plot
+    from easel.pipelines import common
+    from easel.samplers import resolve_scheduler
+    schedule = common.make_schedule(pipe.loaded.model)
+    series = {}
+    for name in (n.strip() for n in names.split(",") if n.strip()):
+        key = resolve_scheduler(name, "--schedules")
+        series[key] = [float(v) for v in common.sigmas_for(schedule, key, req.steps)]
+    return schedule_plot(series, f"sigma per step, log scale: {len(series)} schedules, {req.steps} steps")
+
+
+def cfg_scales(args, pipe, req, pics):
+    """Generate the same image at each of --cfg-scales and draw their x0 predictions side by side."""
+    import dataclasses
+    from easel.inspect.capture import Capture
+    from easel.inspect.steps import cfg_scales_figure
+    runs = []
+    for scale in parse_floats(args.cfg_scales, "--cfg-scales"):
+        r = dataclasses.replace(req, cfg_scale=scale)
+        with Capture(attention=False, cfg=False) as cap, args.cli.progress_bar(r) as cb:
+            result = pipe.generate(r, callback=cb, extend_plan=cap)[0]
+        runs.append((scale, cap.runs[0], result.image))
+    return cfg_scales_figure(pics, runs)

@@ -65,7 +65,8 @@ class StepPictures:
         return image.resize((self.side, max(1, round(image.height * scale))), resample)
 
 
-ROWS = ("noisy latent x (channels)", "x / sqrt(1 + sigma²), preview", "x0 prediction, decoded", "predicted noise (channels)")
+ROWS = ("noisy latent x (channels)", "x / sqrt(1 + sigma^2), preview", "x0 prediction, decoded",
+        "predicted noise (channels)")
 
 
 def step_column(pics: StepPictures, rec: StepRecord, image: int = 0) -> list[Image.Image]:
@@ -133,9 +134,15 @@ def save_gif(frames: list[Image.Image], path: str | Path, ms: int = 250) -> Path
     return path
 
 
-def schedule_plot(sigmas: list[float], title: str = "sigma per step (log scale)", size: tuple[int, int] = (520, 300)) -> Image.Image:
-    """The sigmas a run stepped through (log scale, one dot per step, the final 0 left out) as a small chart."""
-    values = [s for s in sigmas if s > 0]
+SERIES_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
+
+
+def schedule_plot(series: dict[str, list[float]], title: str = "sigma per step (log scale)",
+                  size: tuple[int, int] = (560, 320)) -> Image.Image:
+    """Sigma per step of one or several schedules (log scale, one dot per step, the final 0 left out), with a
+    legend: {name: sigmas}."""
+    series = {k: [v for v in vals if v > 0] for k, vals in series.items()}
+    values = [v for vals in series.values() for v in vals]
     w, h = size
     img = Image.new("RGB", size, draw.BACKGROUND)
     d = ImageDraw.Draw(img)
@@ -147,15 +154,36 @@ def schedule_plot(sigmas: list[float], title: str = "sigma per step (log scale)"
         return img
     lo, hi = np.log10(min(values)), np.log10(max(values))
     span = hi - lo or 1.0
-    n = max(len(values) - 1, 1)
-    pts = [(left + k / n * (w - left - right), h - bottom - (np.log10(v) - lo) / span * (h - top - bottom))
-           for k, v in enumerate(values)]
-    d.line(pts, fill=(31, 119, 180), width=2)
-    for x, y in pts:
-        d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(31, 119, 180))
+    n = max(max(len(v) for v in series.values()) - 1, 1)
+
+    def y_of(v: float) -> float:
+        return h - bottom - (np.log10(v) - lo) / span * (h - top - bottom)
+
+    for k, (name, vals) in enumerate(series.items()):
+        colour = SERIES_COLOURS[k % len(SERIES_COLOURS)]
+        pts = [(left + j / n * (w - left - right), y_of(v)) for j, v in enumerate(vals)]
+        if len(pts) > 1:
+            d.line(pts, fill=colour, width=2)
+        for x, y in pts:
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        if len(series) > 1:  # legend, top right
+            lx, ly = w - right - 150, top + 6 + 16 * k
+            d.line([(lx, ly + 7), (lx + 18, ly + 7)], fill=colour, width=2)
+            d.text((lx + 24, ly), name, fill=colour, font=f)
     for v in (max(values), min(values)):
-        y = h - bottom - (np.log10(v) - lo) / span * (h - top - bottom)
-        d.text((4, y - 7), f"{v:.3g}", fill=draw.INK, font=f)
+        d.text((4, y_of(v) - 7), f"{v:.3g}", fill=draw.INK, font=f)
     d.text((left, h - bottom + 6), "step 1", fill=draw.INK, font=f)
-    d.text((w - right - 60, h - bottom + 6), f"step {len(values)}", fill=draw.INK, font=f)
+    d.text((w - right - 60, h - bottom + 6), f"step {n + 1}", fill=draw.INK, font=f)
     return img
+
+
+def cfg_scales_figure(pics: StepPictures, runs: list[tuple[float, Run, Image.Image]], frames: int = 6) -> Image.Image:
+    """One row per guidance scale: the decoded x0 prediction at chosen steps, then the final image."""
+    columns, heads = [], []
+    steps = runs[0][1].steps
+    for k in pick_steps(len(steps), frames):
+        columns.append([pics.decode(run.steps[k].x0[0]) for _, run, _ in runs])
+        heads.append(f"x0 at step {steps[k].i + 1}")
+    columns.append([pics._fit(image) for _, _, image in runs])
+    heads.append("image")
+    return _labelled_grid(columns, heads, tuple(f"CFG scale {scale:g}" for scale, _, _ in runs))

@@ -183,3 +183,22 @@ def test_per_step_maps_are_small_and_average_to_one(tmp_path):
     for _, m in steps:
         assert m.shape == (1, 77, 16, 16) and torch.allclose(m.sum(dim=1), torch.ones(1, 16, 16), atol=1e-5)
     assert step_grid((128, 128)) == (32, 32) and step_grid((100, 60)) == (25, 15) and step_grid((13, 9)) == (13, 9)
+
+
+def test_film_strip_steps_spread_evenly_with_first_and_last():
+    from easel.inspect.steps import pick_steps
+    assert pick_steps(3, 8) == [0, 1, 2]
+    assert pick_steps(20, 5) == [0, 5, 10, 14, 19]
+
+
+def test_steps_carry_the_schedule_sigmas(tmp_path):
+    """The film strip's and the schedule plot's sigmas are the sampler's: sigmas[i] and sigmas[i + 1]."""
+    from easel.pipelines import common
+    loaded = make_tiny(tmp_path, "sd1")
+    with Capture(attention=False) as cap:
+        Pipeline(loaded).generate(GenerationRequest("a cat", steps=4, seed=1, batch_size=1, sampler="euler",
+                                                    scheduler="exponential"), extend_plan=cap)
+    sigmas = common.sigmas_for(common.make_schedule(loaded.model), "exponential", 4).tolist()
+    assert [s.sigma for s in cap.runs[0].steps] == pytest.approx(sigmas[:-1])
+    assert [s.sigma_next for s in cap.runs[0].steps] == pytest.approx(sigmas[1:])
+    assert cap.runs[0].attention == {}

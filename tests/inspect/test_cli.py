@@ -76,3 +76,19 @@ def test_bad_flags_are_one_line_errors(tmp_path, capsys):
     assert main(["inspect", "attention", PROMPT, "--sampler", "nonsense", "-o", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("easel: error:") and "nonsense" in err and "\n" not in err
+
+
+def test_steps_compares_schedules_and_guidance_scales(tmp_path):
+    out = tmp_path / "steps"
+    assert main(["inspect", "steps", PROMPT, *FAST, "--schedules", "karras,Exponential", "--cfg-scales", "1,5",
+                 "-o", str(out)]) == 0
+    assert Image.open(out / "schedules.png").width > 300
+    assert Image.open(out / "cfg-scales.png").height > 2 * 160  # a row per scale
+
+
+def test_bad_comparison_lists_are_one_line_errors(tmp_path, capsys):
+    assert main(["inspect", "steps", PROMPT, "--cfg-scales", "1,x", "-o", str(tmp_path)]) == 2
+    assert "--cfg-scales takes numbers separated by commas" in capsys.readouterr().err
+    assert main(["inspect", "steps", PROMPT, *FAST, "--schedules", "karras,bogus", "-o", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "bogus" in err and err.count("\n") == 1
