@@ -327,16 +327,17 @@ def list_loras(dirs: list[Path] | None = None) -> list[dict]:
 
 
 def find_lora(name_or_path: str, dirs: list[Path] | None = None) -> Path:
-    """A LoRA file by path, or by name (file stem, or file name) in the LoRA folders."""
+    """A LoRA by name (file stem, or file name) in the LoRA folders, else by path. The folders come first, so that
+    a file of the same name in the working directory never stands in for a listed LoRA (the server's names)."""
+    entries = list_loras(dirs)
+    for e in entries:
+        if name_or_path in (e["name"], e["path"].name):
+            return e["path"]
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path
     if (path / DIFFUSERS_LORA).is_file():  # a folder written by diffusers' save_lora_weights
         return path / DIFFUSERS_LORA
-    entries = list_loras(dirs)
-    for e in entries:
-        if name_or_path in (e["name"], e["path"].name):
-            return e["path"]
     searched = ", ".join(str(d) for d in (lora_dirs() if dirs is None else dirs))
     names = sorted({e["name"] for e in entries})
     have = (f"LoRAs found: {', '.join(names[:20])}{' ...' if len(names) > 20 else ''}" if names

@@ -366,3 +366,15 @@ def _compare_weights(model, pipe):
         for key, value in ours.state_dict().items():
             other = theirs[key] if key in theirs else theirs[key.removeprefix("text_model.")]
             torch.testing.assert_close(value, other, rtol=1e-6, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
+
+
+def test_a_listed_name_wins_over_a_file_of_that_name_in_the_working_directory(tmp_path, monkeypatch):
+    from easel.weights.lora import find_lora
+    (tmp_path / "loras").mkdir()
+    listed = tmp_path / "loras" / "style.safetensors"
+    listed.write_bytes(b"x")
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "cwd" / "style.safetensors").write_bytes(b"y")
+    monkeypatch.chdir(tmp_path / "cwd")
+    assert find_lora("style.safetensors", [tmp_path / "loras"]) == listed
+    assert find_lora(str(tmp_path / "cwd" / "style.safetensors"), [tmp_path / "loras"]).read_bytes() == b"y"
