@@ -2,7 +2,8 @@
 
 Loss: symmetric InfoNCE with a learnable temperature. Image -> text also scores each image against
 hard negatives of its own caption (colours/shapes swapped, relation flipped, count +-1), which pushes
-the encoder to bind attributes to objects, not just to list words (TRAINING-NOTES lesson 6).
+the encoder to bind attributes to objects, not just to list words (without them a prototype gave both
+objects of two-object prompts one colour).
 In-batch captions that say the same thing as the positive are masked, since they are not wrong.
 
 The pooled feature is the final-normed hidden state at <|endoftext|>; with the causal mask nothing

@@ -158,7 +158,8 @@ class EMA:
     """Exponential moving average of the weights with warm-up: decay_t = min(max, (1 + t) / (10 + t)).
 
     The warm-up keeps early averages from being dominated by the random initial weights; a short
-    horizon (max 0.995, ~200 steps) suits runs of a few thousand steps (TRAINING-NOTES lesson 4).
+    horizon (max 0.995, ~200 steps) suits runs of a few thousand steps (measured on a ShapeWorld prototype: an
+    EMA of 0.999 over a ~4,300-step run drew shapes worse than the raw weights, 0.46 vs 0.60).
     """
 
     def __init__(self, model: nn.Module, max_decay: float = 0.995):

@@ -1,6 +1,6 @@
 """The ShapeWorld model: an SD1-layout Stable Diffusion small enough to train on two CPU cores.
 
-Sizes follow the measurements in TRAINING-NOTES: a (16, 32, 64) VAE with 4x downsampling (64 px
+Sizes follow throughput and quality measurements of a prototype on a 2-core CPU: a (16, 32, 64) VAE with 4x downsampling (64 px
 images -> 16x16x4 latents), a (32, 64, 128) UNet with cross-attention at 8x8 and 4x4 (more updates
 beat more parameters at this budget), and a 4-layer, 128-wide CLIP text encoder over a ~630-token
 vocabulary. eps-prediction with SD's scaled-linear betas, as the prototype that was measured.

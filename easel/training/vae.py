@@ -2,7 +2,8 @@
 
 Reconstruction loss is L1 + MSE, weighted `object_weight` times more on object pixels: most pixels
 are flat grey, and an unweighted loss happily returns small stars, crosses and diamonds as blobs
-(TRAINING-NOTES lesson 2). A very small KL term keeps the latent space smooth.
+(measured on a prototype: 36 dB PSNR overall but 25.7 dB on object pixels; 5x weight on them raised
+the judge's ceiling for two-object scenes from 0.47 to 0.68). A very small KL term keeps the latent space smooth.
 
 After training, latents are standardised per channel. VAEConfig holds one scalar scale, so the
 per-channel mean and relative scale are folded exactly into the 1x1 `quant_conv` / `post_quant_conv`
