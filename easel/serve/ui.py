@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException
 from easel import __version__
 from easel.pipelines.request import HR_UPSCALERS, INPAINTING_FILLS, PREVIEW_MODES, RESIZE_MODES, GenerationRequest
 from easel.serve.jobs import FINISHED
+from easel.serve.schema import ERROR_SCHEMA, NOT_FOUND
 from easel.serve.settings import TOKEN_COOKIE
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -29,6 +30,8 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 ASSETS = {"ui.css": "text/css", "ui.js": "text/javascript", "canvas.js": "text/javascript",
           "gallery.js": "text/javascript", "form.js": "text/javascript", "jobs.js": "text/javascript"}
 PROMPT_CHARS = 200  # of each job's prompt in the queue list (the full prompt is in its images' parameters)
+UNREADABLE = {400: {"description": "No image, not an image, or one over the server's input pixel limit",
+                    "content": {"application/json": {"schema": ERROR_SCHEMA}}}}
 _NOT_FORM_FIELDS = ("dtype", "device", "extra", "init_images", "mask")  # set by the server or by the page itself
 
 
@@ -56,11 +59,13 @@ def router(app: FastAPI) -> APIRouter:
         queue = app.state.queue
         return [ui_job(job, queue, full) for job in queue.jobs()]
 
-    @r.get("/ui/jobs/{job_id}", summary="One job as the web UI shows it, with its images' parameters and texts")
+    @r.get("/ui/jobs/{job_id}", summary="One job as the web UI shows it, with its images' parameters and texts",
+           responses=NOT_FOUND)
     def job(job_id: str) -> dict:
         return ui_job(_find(app, job_id), app.state.queue, full=True)
 
-    @r.post("/ui/png-info", summary="The generation parameters stored in an image (the request body is the file)")
+    @r.post("/ui/png-info", summary="The generation parameters stored in an image (the request body is the file)",
+            responses=UNREADABLE)
     async def png_info(request: Request) -> JSONResponse:
         # Off the event loop: scanning a large file's chunks must not hold up the progress streams.
         limit = app.state.settings.input_pixels()
