@@ -1,7 +1,7 @@
 """Peak-memory estimate of a request, checked before it runs, so that no request can exhaust the machine.
 
-The estimate counts what a run holds at its largest moment: the weights, plus the largest of the UNet's
-activations (the CFG batch of 2 x batch_size, with efficient attention, at every pass's size) plus the VAE's
+The estimate counts what a run holds at its largest moment: the weights, plus the larger of the UNet's
+activations (the CFG batch of 2 x batch_size, with efficient attention, at every pass's size) and the VAE's
 decode or encode (tiled or not, as `AutoencoderKL` will choose for that size). It is an upper bound by design:
 each layer's live tensors are counted as if none were freed early, times a safety margin for allocator slack.
 It counts tensors, not time: the same request gives the same estimate on every machine.
@@ -23,6 +23,9 @@ ITEMSIZE = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float
 SAFETY = 1.5
 # Memory the runtime needs besides the model (Python, torch's libraries, the server): a floor, not a fit.
 RUNTIME_BYTES = 512 << 20
+# What one run adds whatever its size: kernel caches and scratch, and small blocks the allocator keeps after the
+# UNet pass (measured: 60-150 MiB above the largest pass on small images, lost in the noise on large ones).
+RUN_OVERHEAD_BYTES = 160 << 20
 UNLIMITED = 1 << 60  # cgroup v2 "max" and v1's huge sentinel both mean "no limit"
 
 
@@ -51,16 +54,14 @@ def estimate_breakdown(config: ModelConfig, req: GenerationRequest, refiner: Mod
         encode = 0
         if req.init_images or (req.enable_hr and req.hr_upscaler == "lanczos"):
             encode = vae_elements(config, batch, lh, lw, vae_item, encode=True, tiled=tiled) * vae_item
-        # Summed, not the larger: the allocator keeps the UNet pass's freed blocks for reuse, and the VAE's
-        # differently sized tensors only partly fit in them (measured: the peak is near the sum).
-        work = max(work, unet + max(decode, encode))
+        work = max(work, unet, decode, encode)
         pixels = max(pixels, batch * 3 * h * w * 4 * 3)  # fp32 pixels, their clamped copy and the init images
     models = [config] + ([refiner] if refiner is not None else [])
     w, h = pass_sizes(req)[-1]
     return {"runtime": RUNTIME_BYTES,
             "weights": sum(weight_bytes(c, item, vae_item) for c in models),
             # oneDNN reorders a conv's weights into its own layout while it runs: one largest tensor, twice
-            "activations": int(work * SAFETY) + 2 * max(largest_weight(c) for c in models) * item,
+            "activations": int(work * SAFETY) + RUN_OVERHEAD_BYTES + 2 * max(largest_weight(c) for c in models) * item,
             "images": pixels + req.n_iter * batch * 3 * w * h}  # finished images wait until every batch is done
 
 
