@@ -243,21 +243,24 @@ class Capture:
             sums.add_step(call.step, size, probs, step_grid(call.size))
 
 
+SCORE_BYTES = 64 * 2**20  # heads go through the softmax in groups whose (B, heads, T, S) scores stay under this
+
+
 @torch.no_grad()
 def attention_probs(attn: CrossAttention, x: Tensor, context: Tensor) -> Tensor:
     """softmax(Q K^T / sqrt(d)) of a cross-attention layer, averaged over heads: (B, T, S) in float32.
 
-    Q and K come from the layer's own projections; heads are done one at a time, so the largest temporary is
-    (B, T, S) (no (B, heads, T, S) tensor at 1024 px)."""
+    Q and K come from the layer's own projections. Heads go in groups so that the score tensor stays under
+    SCORE_BYTES (at 1024 px the finest level has 16384 queries)."""
     B, T, _ = x.shape
     S = context.shape[1]
-    q = attn.to_q(x).float().view(B, T, attn.heads, -1)  # (B, T, h, d)
-    k = attn.to_k(context).float().view(B, S, attn.heads, -1)  # (B, S, h, d)
-    scale = q.shape[-1] ** -0.5
+    q = attn.to_q(x).float().view(B, T, attn.heads, -1).transpose(1, 2)  # (B, h, T, d)
+    k = attn.to_k(context).float().view(B, S, attn.heads, -1).transpose(1, 2)  # (B, h, S, d)
+    q = q * q.shape[-1] ** -0.5  # scaling q (d values per query) is cheaper than scaling the scores (S per query)
+    group = max(1, min(attn.heads, SCORE_BYTES // max(1, B * T * S * 4)))
     total = torch.zeros(B, T, S, device=q.device)
-    for head in range(attn.heads):
-        scores = torch.bmm(q[:, :, head], k[:, :, head].transpose(1, 2)) * scale  # (B, T, S)
-        total += scores.softmax(dim=-1)
+    for h in range(0, attn.heads, group):
+        total += (q[:, h:h + group] @ k[:, h:h + group].transpose(-1, -2)).softmax(dim=-1).sum(dim=1)  # (B, T, S)
     return total / attn.heads
 
 
