@@ -1,4 +1,4 @@
-"""`easel train tokenizer|clip|vae|unet|all|lcm-lora`: flags -> stage runs.
+"""`easel train tokenizer|clip|vae|unet|all|lcm-lora|lora|embedding`: flags -> stage runs.
 
 Also runnable on its own, which is how data-parallel runs start:
     torchrun --nproc_per_node 2 -m easel.training.cli unet --out runs/shapeworld
@@ -75,6 +75,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="choose raw vs EMA UNet by validation loss only (skip the benchmark)")
     from easel.training.lcm_cli import add_lcm_parser
     add_lcm_parser(sub, _common)
+    from easel.training.user_cli import add_user_parsers
+    add_user_parsers(sub)
     train.set_defaults(func=cmd_train)
     return train
 

@@ -1,0 +1,146 @@
+"""`easel train lora`: on tiny SD1 / SD2 (v-prediction) / SDXL models only the LoRA learns and the frozen weights
+stay bit-identical, the kohya file holds exactly the trained LoRA with its ss_* metadata, easel loads it by name,
+diffusers' load_lora_weights fuses the same weights, and a killed run resumes to the same result."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from easel.training import lora_train
+from easel.training.common import LoopConfig, load_checkpoint
+from easel.training.dataset_folder import DataOptions, UserDataset
+from easel.training.lora_train import LoraRun, scheduled_lr, train_lora
+from easel.training.user_train import NoiseOptions
+from easel.weights.lora import apply_loras, read_lora
+from tests.conftest import make_tiny
+from tests.training.user_data import make_folder
+
+
+def tiny_run(tmp_path, base, steps=3, **kw) -> LoraRun:
+    data = make_folder(tmp_path / "data", 6, sizes=((40, 40), (60, 30)))
+    ds = UserDataset(data, DataOptions(resolution=32, bucket_step=16, **kw.pop("data", {})))
+    loop = LoopConfig(steps=steps, batch_size=2, lr=1e-2, warmup=0, ema_decay=None, ckpt_every=100, log_every=1,
+                      progress=False)
+    return LoraRun(ds, base, tmp_path / "out" / "mine.safetensors", tmp_path / "out" / "mine_run", loop, rank=4, **kw)
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_only_the_lora_learns(tmp_path, family):
+    base = make_tiny(tmp_path, family)
+    before = _snapshot(base.model)
+    run = tiny_run(tmp_path, base, conv=True, text_encoder=True, noise=NoiseOptions(min_snr_gamma=5.0))
+    metrics = train_lora(run)
+    after = base.model.state_dict()
+    assert sorted(after) == sorted(before) and all(torch.equal(after[k], v) for k, v in before.items())
+    records = [json.loads(line) for line in (run.run_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in records)
+    assert (run.run_dir / "loss.png").exists()
+    lora = read_lora(run.out)
+    ups = [layer.up for layer in lora.layers.values()]
+    assert metrics["layers"] == len(lora.layers) and all(float(u.abs().max()) > 0 for u in ups)  # up starts at 0
+    kinds = {("te" if "_te" in stem else "unet", layer.down.ndim) for stem, layer in lora.layers.items()}
+    assert kinds == {("te", 2), ("unet", 2), ("unet", 4)}  # linear, LoCon convs and text-encoder layers
+    meta = lora.metadata
+    assert meta["ss_network_dim"] == "4" and meta["ss_max_train_steps"] == "3" and meta["ss_min_snr_gamma"] == "5.0"
+    assert meta["ss_v_parameterization"] == str(family == "sd2")
+    assert json.loads(meta["ss_network_args"])["conv_dim"] == "4"
+    assert json.loads(meta["ss_dataset_dirs"]) == {"data": {"n_repeats": 1, "img_count": 6}}
+
+
+def test_the_file_is_the_trained_lora_and_loads_by_name(tmp_path, monkeypatch):
+    base = make_tiny(tmp_path, "sd1")
+    run = tiny_run(tmp_path, base, steps=2)
+    train_lora(run)
+    state = load_checkpoint(run.run_dir / "checkpoint.pt")["model"]
+    monkeypatch.setenv("EASEL_LORA_DIRS", str(run.out.parent))
+    modules = dict(base.model.named_modules())
+    with apply_loras(base.model, [("mine", 1.0)]) as patch:  # found by name in the LoRA folders
+        assert patch.unmatched == [] and patch.applied == len(state) // 2
+        for key in [k for k in state if k.endswith(".up")][:20]:
+            path = key.removeprefix("pairs.").removesuffix(".up").replace("__", ".")
+            down, up = state[key.removesuffix("up") + "down"], state[key]
+            layer = modules[path]
+            want = patch.originals[path] + (up.flatten(1) @ down.flatten(1)).view_as(layer.weight)  # alpha = rank
+            torch.testing.assert_close(layer.weight, want, rtol=1e-6, atol=1e-7)
+    from easel.pipelines.pipeline import Pipeline
+    from easel.pipelines.request import GenerationRequest
+    pipe = Pipeline(base)
+    req = dict(seed=1, steps=3, width=32, height=32)
+    plain = pipe.generate(GenerationRequest(prompt="a red circle", **req))[0].image
+    with_lora = pipe.generate(GenerationRequest(prompt="a red circle <lora:mine:1>", **req))[0].image
+    assert plain.tobytes() != with_lora.tobytes()
+
+
+def test_a_killed_run_resumes_exactly(tmp_path, monkeypatch):
+    kw = dict(steps=4, grad_accum=2, lr_scheduler="cosine", noise=NoiseOptions(min_snr_gamma=5.0, noise_offset=0.1),
+              data={"flip": True, "shuffle_tags": True, "keep_tags": 1, "caption_dropout": 0.3})
+    whole = tiny_run(tmp_path / "a", make_tiny(tmp_path / "a", "sd1"), **{**kw, "data": dict(kw["data"])})
+    train_lora(whole)
+    resumed = tiny_run(tmp_path / "b", make_tiny(tmp_path / "b", "sd1"), **{**kw, "data": dict(kw["data"])})
+    step_fn = lora_train.lora_step
+
+    def killed_at_2(run, net, denoiser, latents, step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return step_fn(run, net, denoiser, latents, step)
+
+    monkeypatch.setattr(lora_train, "lora_step", killed_at_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_lora(resumed)
+    assert load_checkpoint(resumed.run_dir / "checkpoint.pt")["step"] == 2 and not resumed.out.exists()
+    monkeypatch.setattr(lora_train, "lora_step", step_fn)
+    train_lora(resumed)
+    a, b = read_lora(whole.out).layers, read_lora(resumed.out).layers
+    assert a.keys() == b.keys() and all(torch.equal(a[k].up, b[k].up) and torch.equal(a[k].down, b[k].down) for k in a)
+    logs = [[json.loads(x)["loss"] for x in (r.run_dir / "log.jsonl").read_text().splitlines()] for r in (whole, resumed)]
+    assert logs[0] == logs[1] and len(logs[0]) == 4
+
+
+def test_lr_schedules():
+    assert [scheduled_lr("constant", s, 10, 1.0, 2) for s in (0, 5)] == [1.0, 1.0]
+    assert [scheduled_lr("constant_with_warmup", s, 10, 1.0, 2) for s in (0, 1, 5)] == [0.5, 1.0, 1.0]
+    assert scheduled_lr("cosine", 10, 10, 1.0, 0) == pytest.approx(0.0) and scheduled_lr("linear", 5, 10, 1.0, 0) == 0.5
+
+
+def test_cli_trains_samples_and_reports_bad_flags(tmp_path, capsys):
+    from easel.cli import main
+    from easel.weights.model_io import save_model
+    model = save_model(make_tiny(tmp_path / "m", "sd1"), tmp_path / "tiny.safetensors")
+    data = make_folder(tmp_path / "data", 4)
+    out = tmp_path / "mine.safetensors"
+    args = ["train", "lora", str(data), "--model", str(model), "--steps", "2", "--batch-size", "2", "--no-progress",
+            "--sample-prompt", "a red circle", "--sample-every", "1", "--rank", "2"]
+    assert main([*args, "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    assert read_lora(out).metadata["ss_sd_model_name"] == "tiny.safetensors"
+    assert sorted(p.name for p in (tmp_path / "mine_run" / "samples").iterdir()) == [
+        "step_000000.png", "step_000001.png", "step_000002.png"]
+    assert main([*args, "--out", str(tmp_path / "mine.ckpt")]) == 2
+    assert "must end in .safetensors" in capsys.readouterr().err
+    assert main([*args, "--out", str(out), "--grad-accum", "0"]) == 2
+    assert "--grad-accum must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_diffusers_loads_the_trained_lora_onto_the_same_base(tmp_path):
+    """The kohya file, fused by diffusers' load_lora_weights onto the base saved as a diffusers folder, gives the
+    same weights and UNet outputs as easel applying it."""
+    from tests.weights.test_lora import _compare_outputs, _compare_weights, _diffusers_pipe
+    base = make_tiny(tmp_path, "sd1")
+    run = tiny_run(tmp_path, base, conv=True, text_encoder=True)
+    train_lora(run)
+    pipe = _diffusers_pipe(base, tmp_path / "diffusers")
+    pipe.load_lora_weights(str(run.out))
+    pipe.fuse_lora(lora_scale=1.0)
+    pipe.unload_lora_weights()
+    with apply_loras(base.model, [(run.out, 1.0)]) as patch:
+        assert patch.unmatched == []
+        _compare_weights(base.model, pipe)
+        _compare_outputs(base.model, pipe, xl=False)
