@@ -482,6 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     from easel.inspect.cli import add_inspect_parsers  # given this module's helpers: no import back (no cycle)
     add_inspect_parsers(sub, sys.modules[__name__])
+    from easel.weights.merge import add_merge_parser  # torch loads only when a merge runs
+    add_merge_parser(sub)
 
     c = sub.add_parser("convert", help="convert between a single .safetensors file and a diffusers folder")
     c.add_argument("src")
