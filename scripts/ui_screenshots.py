@@ -1,7 +1,7 @@
 """Screenshots of every tab of the web UI, taken in headless chromium against a real server on the built-in model.
 
-    python scripts/ui_screenshots.py                 # writes docs/screenshots/{txt2img,progress,img2img,...}.png
-    python scripts/ui_screenshots.py --out /tmp/shots --chromium /usr/bin/chromium --light
+    python scripts/ui_screenshots.py                 # writes docs/ui/{desktop,queue,lightbox,img2img,...}.png
+    python scripts/ui_screenshots.py --out /tmp/shots --chromium /usr/bin/chromium
 
 Needs `pip install playwright` and a chromium binary (Debian: `apt-get install chromium`); no browser download.
 """
@@ -48,70 +48,118 @@ def generate(page) -> None:
 
 
 def shoot(page, out: Path, name: str) -> None:
+    """A viewport screenshot, scrolled to the top with nothing focused."""
     path = out / f"{name}.png"
-    page.screenshot(path=str(path), full_page=True)
+    page.evaluate("document.activeElement && document.activeElement.blur(); window.scrollTo(0, 0)")
+    page.screenshot(path=str(path))
     print(f"wrote {path}")
 
 
-def take_all(page, out: Path, steps: int) -> None:
-    """txt2img (with a progress shot mid-run), img2img, inpaint with a painted mask, outpaint, PNG info."""
-    page.fill("#prompt", PROMPT)
-    page.fill("#steps", "150")  # a long run, to catch the progress bar and the live preview mid-way
-    page.fill("#seed", "7")
+def set_fields(page, **fields) -> None:
+    for name, value in fields.items():
+        page.fill(f"#{name}", str(value))
+
+
+def take_queue_and_full_view(page, out: Path, steps: int) -> None:
+    """The queue with a long job running (live preview, ETA) and two waiting; the full-size view; the desktop."""
+    set_fields(page, prompt=PROMPT, steps=steps, seed=7)
+    generate(page)
+    set_fields(page, prompt="two green triangles", seed=11)
+    generate(page)
+    set_fields(page, prompt="three yellow squares", steps=3 * steps, seed=3)  # the long one, caught mid-run
+    page.click("#generate")
+    set_fields(page, prompt="a blue circle left of a red star", steps=steps)
+    page.click("#generate")
+    set_fields(page, prompt="a purple star")
     page.click("#generate")
     page.wait_for_selector("#preview[src^='data:image/png']")
     page.wait_for_function("document.getElementById('progress-text').textContent.includes('ETA')")
-    shoot(page, out, "progress")
+    # two thirds into the long job: its preview already shows the picture, and two jobs wait behind it
+    page.wait_for_function("n => (+(document.getElementById('progress-text').textContent.match(/Step (\\d+)/)"
+                           " || [0, 0])[1]) >= n", arg=2 * steps, timeout=600_000)
+    page.locator("#output").screenshot(path=str(out / "queue.png"))
+    print(f"wrote {out / 'queue.png'}")
+    queued = page.locator("#queue-list li[data-state=queued] .job-cancel")
+    while queued.count():
+        queued.first.click()
+        page.wait_for_timeout(100)
     page.click("#cancel")
-    page.wait_for_selector("body[data-finished]")
-
-    page.fill("#steps", str(steps))
+    page.wait_for_function("!document.querySelector('#queue-list li[data-state=running], "
+                           "#queue-list li[data-state=queued]')")
+    page.locator("#gallery .thumb").nth(0).click()
+    page.click("#open-full")
+    page.wait_for_selector("#lightbox[open]")
+    page.wait_for_timeout(300)
+    page.screenshot(path=str(out / "lightbox.png"))
+    print(f"wrote {out / 'lightbox.png'}")
+    page.keyboard.press("Escape")
+    set_fields(page, prompt=PROMPT, seed=7)
     generate(page)
-    shoot(page, out, "txt2img")
+    shoot(page, out, "desktop")
+
+
+def take_tabs(page, out: Path, steps: int) -> None:
+    """img2img, inpaint with a painted mask, outpaint, PNG info, each after a run from the previous image."""
+    set_fields(page, prompt=PROMPT, steps=steps, seed=7, batch_size=2)
+    generate(page)
     png = page.evaluate("fetch(document.getElementById('selected-image').src).then(r => r.arrayBuffer())"
                         ".then(b => Array.from(new Uint8Array(b)))")
-
     page.click("#send-img2img")
-    page.wait_for_selector("#tabs [data-tab=img2img][aria-selected=true]")
     page.fill("#denoising_strength", "0.6")
     generate(page)
     shoot(page, out, "img2img")
-
     page.click("#send-inpaint")
-    page.wait_for_selector("#tabs [data-tab=inpaint][aria-selected=true]")
     box = page.locator("#mask-canvas").bounding_box()
     page.fill("#brush-size", "70")
     page.mouse.move(box["x"] + box["width"] * 0.55, box["y"] + box["height"] * 0.2)
     page.mouse.down()
     page.mouse.move(box["x"] + box["width"] * 0.85, box["y"] + box["height"] * 0.45, steps=10)
     page.mouse.up()
-    page.fill("#prompt", "a green triangle")
-    page.fill("#denoising_strength", "1")
+    set_fields(page, prompt="a green triangle", denoising_strength=1)
     generate(page)
     shoot(page, out, "inpaint")
-
     page.click("#send-outpaint")
-    page.wait_for_selector("#tabs [data-tab=outpaint][aria-selected=true]")
-    page.fill("#prompt", PROMPT)
-    page.fill("#outpaint_right", "32")
+    set_fields(page, prompt=PROMPT, outpaint_right=32)
     page.dispatch_event("#outpaint_right", "input")
     generate(page)
     shoot(page, out, "outpaint")
-
-    page.click("#tabs [data-tab=pnginfo]")
+    page.click("#tab-pnginfo")
     page.set_input_files("#pnginfo-file", files=[{"name": "easel.png", "mimeType": "image/png", "buffer": bytes(png)}])
     page.wait_for_selector("body[data-pnginfo=read]")
     shoot(page, out, "pnginfo")
 
 
+def open_page(browser, url: str, viewport: dict, scale: int, scheme: str):
+    """A fresh browser context (no saved form) on the UI, ready to use."""
+    context = browser.new_context(viewport=viewport, device_scale_factor=scale, color_scheme=scheme)
+    page = context.new_page()
+    page.goto(url + "/")
+    page.wait_for_selector("body[data-ready=true]")
+    return context, page
+
+
+def take_all(browser, url: str, out: Path, steps: int) -> None:
+    """Every picture of the README's web UI section: desktop, queue, full-size view, tabs, phone (dark, light)."""
+    desktop = {"width": 1280, "height": 1000}
+    for take in (take_queue_and_full_view, take_tabs):
+        context, page = open_page(browser, url, desktop, 1, "dark")
+        take(page, out, steps)
+        context.close()
+    for scheme in ("dark", "light"):
+        context, page = open_page(browser, url, {"width": 390, "height": 844}, 2, scheme)
+        set_fields(page, prompt=PROMPT, steps=steps, seed=7)
+        generate(page)
+        shoot(page, out, f"phone-{scheme}")
+        context.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Start a server, open the UI and save one screenshot per tab."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "docs" / "screenshots")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "docs" / "ui")
     ap.add_argument("--chromium", default=os.environ.get("EASEL_CHROMIUM") or shutil.which("chromium"),
                     help="chromium or chrome binary (default: chromium on PATH)")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--light", action="store_true", help="the light colour scheme (default: dark)")
     args = ap.parse_args(argv)
     if not args.chromium:
         sys.exit("no chromium found: apt-get install chromium, or pass --chromium PATH")
@@ -121,12 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=args.chromium,
-                                        args=["--no-sandbox"] if os.geteuid() == 0 else [])
-            page = browser.new_page(viewport={"width": 1280, "height": 900}, device_scale_factor=1,
-                                    color_scheme="light" if args.light else "dark")
-            page.goto(url + "/")
-            page.wait_for_selector("body[data-ready=true]")
-            take_all(page, args.out, args.steps)
+                                        args=["--disable-dev-shm-usage"] + (["--no-sandbox"] if os.geteuid() == 0 else []))
+            take_all(browser, url, args.out, args.steps)
             browser.close()
     finally:
         server.should_exit = True
