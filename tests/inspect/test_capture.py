@@ -73,6 +73,15 @@ def test_img2img_and_inpaint_identical_with_capture(tmp_path):
     assert rec.guided is not None and not torch.equal(rec.guided, rec.x0)
 
 
+def test_nine_channel_inpainting_model_identical_with_capture(tmp_path):
+    pipe = Pipeline(make_tiny(tmp_path, "sd1-inpaint"))
+    img, mask = _picture_and_mask()
+    cap = _same_with_and_without(pipe, lambda: GenerationRequest(
+        "a cat", init_images=[img], mask=mask, denoising_strength=1.0, steps=2, seed=2, batch_size=1,
+        sampler="euler"))
+    assert cap.runs[0].attention["a cat"].count and cap.runs[0].steps[0].cond.shape[1] == 4  # the latent's channels
+
+
 def test_hires_and_batches_give_one_run_per_plan(tmp_path):
     pipe = Pipeline(make_tiny(tmp_path, "sd1"))
     cap = _same_with_and_without(pipe, lambda: GenerationRequest(
