@@ -211,3 +211,12 @@ def test_steps_carry_the_schedule_sigmas(tmp_path):
     assert [s.sigma for s in cap.runs[0].steps] == pytest.approx(sigmas[:-1])
     assert [s.sigma_next for s in cap.runs[0].steps] == pytest.approx(sigmas[1:])
     assert cap.runs[0].attention == {}
+
+
+def test_overhead_measure_reports_times_and_bytes(tmp_path):
+    from easel.inspect.overhead import measure
+    r = measure(Pipeline(make_tiny(tmp_path, "sd1")), 32, 2, repeats=1)
+    assert r["off"] > 0 and r["on"] > 0 and r["attention_bytes"] > 0 and r["step_bytes"] > 0
+    with pytest.raises(ValueError, match="unknown preset 'SD9'"):
+        from easel.inspect.overhead import random_pipeline
+        random_pipeline("SD9")
