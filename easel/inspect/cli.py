@@ -44,6 +44,8 @@ def add_inspect_parsers(sub, cli) -> None:
 def one_image_request(args: argparse.Namespace):
     """The request of the flags, as one image (the first of `easel generate ... -n 1`), checked."""
     req = args.cli.request_from_args(args)
+    if (req.batch_size or 1) > 1 or req.n_iter > 1:
+        print("easel inspect looks inside one image: using -n 1 --n-iter 1", file=sys.stderr)
     req.batch_size, req.n_iter = 1, 1
     req.check()
     return req

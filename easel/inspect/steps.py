@@ -120,7 +120,8 @@ def animation_frames(pics: StepPictures, run: Run, image: int = 0) -> list[Image
     """One frame per step: preview of x, decoded x0 and predicted noise side by side, captioned with the step."""
     frames = []
     for rec in run.steps:
-        row = draw.grid([pics.preview(rec.unit_x[image]), pics.decode(rec.x0[image]), pics.mosaic(rec.noise[image])], cols=3)
+        cells = [pics.preview(rec.unit_x[image]), pics.decode(rec.x0[image]), pics.mosaic(rec.noise[image])]
+        row = draw.grid(cells, cols=3)
         frames.append(draw.captioned(row, f"step {rec.i + 1}/{len(run.steps)}  sigma {rec.sigma:.3f}   x | x0 | noise"))
     return frames
 
