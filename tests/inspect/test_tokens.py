@@ -73,3 +73,15 @@ def test_pca_finds_the_spread_direction():
 def test_figure_draws(tiny):
     img = tokens_figure(tiny, "a red cat")
     assert img.width > 400 and img.height > 200
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_other_layouts_give_the_same_slots_and_their_context_rows(tmp_path, family):
+    loaded = make_tiny(tmp_path, family)
+    slots = prompt_slots(loaded, "a red cat")
+    assert [s.kind for s in slots[:5]] == ["start", "token", "token", "token", "end"] and len(slots) == 77
+    assert slots[5].id == loaded.model.config.text_encoders[0].pad_token_id
+    emb = text_embeddings(loaded, "a red cat")
+    width = sum(e.hidden_size for e in loaded.model.config.text_encoders)  # SDXL: both encoders side by side
+    assert emb["context"].shape == (77, width)
+    assert len(token_table(loaded, "a red cat")) == 6
