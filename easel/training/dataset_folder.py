@@ -233,7 +233,8 @@ class UserDataset:
             if caption is None:
                 caption = read_caption(path)
                 if caption is None:
-                    problem = f"missing caption: {path} has no {path.stem}.txt beside it (write one, or remove the image)"
+                    problem = (f"missing caption: {path} has no {path.stem}.txt beside it "
+                               "(write one, or remove the image)")
             if not problem:
                 try:
                     size = image_size(path)
@@ -316,23 +317,24 @@ class UserDataset:
         return lines
 
     def contact_sheet(self, path: Path, cell: int = 160, limit: int = 64) -> Path:
-        """A grid of the first `limit` training crops with their captions (what the model will see)."""
+        """A grid of the first `limit` training crops (scaled to the cell) with bucket and caption under each."""
+        import textwrap
+
         from easel.files import save_image
-        items = list(range(min(limit, len(self.items))))
-        cols = min(8, len(items))
-        rows = math.ceil(len(items) / cols)
-        text_h = 36
-        sheet = Image.new("RGB", (cols * cell, rows * (cell + text_h)), "white")
+        count = min(limit, len(self.items))
+        cols, text_h = min(8, count), 40
+        sheet = Image.new("RGB", (cols * cell, math.ceil(count / cols) * (cell + text_h)), "white")
         draw = ImageDraw.Draw(sheet)
-        for k, i in enumerate(items):
-            x = ((self.pixels(i, None)[0].permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).byte().numpy()
+        for k in range(count):
+            x = ((self.pixels(k, None)[0].permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).byte().numpy()
             thumb = Image.fromarray(x)
-            thumb.thumbnail((cell - 4, cell - 4))
+            scale = (cell - 4) / max(thumb.size)
+            resample = Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS  # small images: sharp
+            thumb = thumb.resize((max(1, round(thumb.width * scale)), max(1, round(thumb.height * scale))), resample)
             ox, oy = (k % cols) * cell, (k // cols) * (cell + text_h)
             sheet.paste(thumb, (ox + (cell - thumb.width) // 2, oy + (cell - thumb.height) // 2))
-            it = self.items[i]
-            label = f"{it.bucket[0]}x{it.bucket[1]} {it.caption}"
-            per_line = max(8, cell // 6)
-            draw.text((ox + 2, oy + cell), label[:per_line], fill="black")
-            draw.text((ox + 2, oy + cell + 12), label[per_line:2 * per_line], fill="black")
+            it = self.items[k]
+            lines = [f"{it.bucket[0]}x{it.bucket[1]}"] + textwrap.wrap(it.caption or "(empty caption)", cell // 6)[:2]
+            for n, line in enumerate(lines):
+                draw.text((ox + 2, oy + cell + 12 * n), line, fill="black" if n else (90, 90, 90))
         return save_image(sheet, path)

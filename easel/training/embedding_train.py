@@ -157,7 +157,8 @@ def train_embedding(run: EmbeddingRun, info: DistInfo | None = None) -> dict:
               "vectors": run.num_vectors, "batch_size": run.loop.batch_size, "grad_accum": run.grad_accum,
               "data": [[str(it.path), it.caption, it.repeats] for it in run.data.items]}
     loop = resume_if_same_inputs(run.loop, run.run_dir / "inputs.json", inputs, info,
-                                 f"[embedding] {run.run_dir / 'checkpoint.pt'} was made for other inputs: starting over")
+                                 f"[embedding] {run.run_dir / 'checkpoint.pt'} was made for other inputs: "
+                                 "starting over")
     trainer = ScheduledTrainer("embedding", run.run_dir, vectors, loop, info)
     trainer.scheduler = run.lr_scheduler
     denoiser = make_denoiser(run.base)
@@ -167,7 +168,8 @@ def train_embedding(run: EmbeddingRun, info: DistInfo | None = None) -> dict:
     path = save_embedding(vectors.embedding(run.name), run.out, trainer.step, run.base)
     records = trainer.log.records() if trainer.log else []
     return {"embedding": str(path), "steps": trainer.step, "vectors": run.num_vectors,
-            "first_loss": records[0]["loss"] if records else None, "last_loss": records[-1]["loss"] if records else None,
+            "first_loss": records[0]["loss"] if records else None,
+            "last_loss": records[-1]["loss"] if records else None,
             "minutes": round((time.time() - started) / 60, 2), "run_dir": str(run.run_dir)}
 
 
@@ -178,7 +180,8 @@ def _check(run: EmbeddingRun) -> None:
     if not 1 <= run.num_vectors <= 75:
         raise TrainingError(f"--vectors must be in 1..75 (got {run.num_vectors})")
     if not re.fullmatch(r"[\w-]+", run.name):
-        raise TrainingError(f"--name {run.name!r}: use one word of letters, digits, '_' or '-' (it is typed in prompts)")
+        raise TrainingError(f"--name {run.name!r}: use one word of letters, digits, '_' or '-' "
+                            "(it is typed in prompts)")
     if run.grad_accum < 1:
         raise TrainingError(f"--grad-accum must be >= 1 (got {run.grad_accum})")
 

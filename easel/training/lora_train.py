@@ -167,7 +167,8 @@ def train_lora(run: LoraRun, info: DistInfo | None = None) -> dict:
     path = save_trained_lora(run, layers, trainer.step, started)
     records = trainer.log.records() if trainer.log else []
     return {"lora": str(path), "steps": trainer.step, "layers": len(layers), "rank": run.rank,
-            "first_loss": records[0]["loss"] if records else None, "last_loss": records[-1]["loss"] if records else None,
+            "first_loss": records[0]["loss"] if records else None,
+            "last_loss": records[-1]["loss"] if records else None,
             "minutes": round((time.time() - started) / 60, 2), "run_dir": str(run.run_dir)}
 
 

@@ -99,7 +99,8 @@ def test_a_killed_run_resumes_exactly(tmp_path, monkeypatch):
     train_lora(resumed)
     a, b = read_lora(whole.out).layers, read_lora(resumed.out).layers
     assert a.keys() == b.keys() and all(torch.equal(a[k].up, b[k].up) and torch.equal(a[k].down, b[k].down) for k in a)
-    logs = [[json.loads(x)["loss"] for x in (r.run_dir / "log.jsonl").read_text().splitlines()] for r in (whole, resumed)]
+    logs = [[json.loads(x)["loss"] for x in (r.run_dir / "log.jsonl").read_text().splitlines()]
+            for r in (whole, resumed)]
     assert logs[0] == logs[1] and len(logs[0]) == 4
 
 
