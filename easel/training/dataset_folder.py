@@ -179,18 +179,29 @@ def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tup
     return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
 
 
+def cover_size(size: tuple[int, int], bucket: tuple[int, int]) -> tuple[int, int]:
+    """(w, h) of an image of `size` scaled, aspect ratio kept, to just cover the bucket."""
+    scale = max(bucket[0] / size[0], bucket[1] / size[1])
+    return max(bucket[0], round(size[0] * scale)), max(bucket[1], round(size[1] * scale))
+
+
+def centre_crop(size: tuple[int, int], bucket: tuple[int, int]) -> tuple[int, int]:
+    """(top, left) of the centre crop of the bucket from an image of `size` (SDXL's crop conditioning)."""
+    w, h = cover_size(size, bucket)
+    return (h - bucket[1]) // 2, (w - bucket[0]) // 2
+
+
 def fit_to_bucket(im: Image.Image, bucket: tuple[int, int], gen: torch.Generator | None,
                   random_crop: bool) -> tuple[Image.Image, tuple[int, int]]:
     """Scale to cover the bucket keeping the aspect ratio, then crop to it: (image, (top, left) of the crop)."""
     bw, bh = bucket
-    scale = max(bw / im.width, bh / im.height)
-    w, h = max(bw, round(im.width * scale)), max(bh, round(im.height * scale))
+    w, h = cover_size(im.size, bucket)
     im = im.resize((w, h), Image.Resampling.LANCZOS) if (w, h) != im.size else im
     if random_crop and gen is not None:
         left = int(torch.randint(0, w - bw + 1, (1,), generator=gen))
         top = int(torch.randint(0, h - bh + 1, (1,), generator=gen))
     else:
-        left, top = (w - bw) // 2, (h - bh) // 2
+        top, left = centre_crop(im.size, bucket)
     return im.crop((left, top, left + bw, top + bh)), (top, left)
 
 

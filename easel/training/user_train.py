@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from easel.training.common import load_checkpoint, save_atomic, step_generator
-from easel.training.dataset_folder import UserDataset, process_caption
+from easel.training.dataset_folder import UserDataset, centre_crop, process_caption
 from easel.training.settings import TrainingError
 from easel.weights.model_io import LoadedModel
 
@@ -105,10 +105,7 @@ class Latents:
         """(latent (C, h, w), SDXL's (orig h, w, crop top, left)) of item `index`."""
         if (index, flip) in self.table:
             it = self.ds.items[index]
-            bw, bh = it.bucket
-            scale = max(bw / it.size[0], bh / it.size[1])
-            w, h = max(bw, round(it.size[0] * scale)), max(bh, round(it.size[1] * scale))
-            return self.table[(index, flip)], (it.size[1], it.size[0], (h - bh) // 2, (w - bw) // 2)
+            return self.table[(index, flip)], (it.size[1], it.size[0], *centre_crop(it.size, it.bucket))
         return self._encode(index, gen, flip)
 
 

@@ -145,3 +145,20 @@ def test_diffusers_loads_the_trained_lora_onto_the_same_base(tmp_path):
         assert patch.unmatched == []
         _compare_weights(base.model, pipe)
         _compare_outputs(base.model, pipe, xl=False)
+
+
+def test_cached_latents_equal_fresh_ones_and_are_reused(tmp_path, monkeypatch):
+    from easel.training.user_train import Latents
+    base = make_tiny(tmp_path, "sdxl")
+    run = tiny_run(tmp_path, base, data={"flip": True})
+    cache = tmp_path / "latents.pt"
+    latents = Latents(base, run.data, cache, progress=False)
+    assert len(latents.table) == 2 * len(run.data.items) and cache.exists()
+    for i in range(len(run.data.items)):
+        for flip in (False, True):
+            cached, fresh = latents.get(i, None, flip), latents._encode(i, None, flip)
+            assert torch.equal(cached[0], fresh[0]) and cached[1] == fresh[1]
+    monkeypatch.setattr(Latents, "_encode", lambda *a: pytest.fail("encoded again instead of read back"))
+    again = Latents(base, run.data, cache, progress=False)
+    assert again.table.keys() == latents.table.keys()
+    assert all(torch.equal(again.table[k], latents.table[k]) for k in latents.table)
