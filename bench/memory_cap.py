@@ -49,17 +49,17 @@ def load(model: str):
 
 def child(model: str, size: int, steps: int, batch: int) -> dict:
     """Run one case in this process; returns the measurements."""
-    from easel.pipelines.memory import estimate_peak_bytes
+    from easel.pipelines.memory import estimate_peak_bytes, peak_rss_bytes
     from easel.pipelines.request import GenerationRequest
     pipe = load(model)
     cfg = pipe.loaded.model.config
     req = GenerationRequest("a red star above a blue circle", seed=1, steps=steps, width=size, height=size,
                             batch_size=batch, sampler="euler")
-    loaded_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    loaded_rss = peak_rss_bytes()
     start = time.perf_counter()
     images = pipe.generate(req)
     return {"seconds": time.perf_counter() - start, "images": len(images), "size": list(images[0].image.size),
-            "loaded_rss": loaded_rss, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "loaded_rss": loaded_rss, "peak_rss": peak_rss_bytes(),
             "estimate": estimate_peak_bytes(cfg, req.resolved(cfg.default_size, cfg.default_batch))}
 
 

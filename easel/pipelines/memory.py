@@ -246,6 +246,19 @@ def _meminfo(field: str, path: Path = Path("/proc/meminfo")) -> int:
     return 0
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries that over fork and exec, so a child
+    of a large process would report its parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _rss_bytes() -> int:
     """Resident set size of this process now (0 when unreadable)."""
     try:

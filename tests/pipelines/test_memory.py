@@ -24,19 +24,29 @@ def _req(**kw) -> GenerationRequest:
 
 # Runs one real 1-step txt2img in a fresh process and reports its peak RSS next to the estimate.
 MEASURE = """
-import json, resource
+import json
 import easel
-from easel.pipelines.memory import _rss_bytes, estimate_breakdown
+from easel.pipelines.memory import estimate_breakdown, peak_rss_bytes
 from easel.pipelines.request import GenerationRequest
 pipe = easel.load()
 cfg = pipe.loaded.model.config
 req = GenerationRequest(prompt="a red star", seed=1, steps=1, width=256, height=256, batch_size=1)
 pipe.txt2img("a red star", seed=1, steps=1, width=32, height=32, batch_size=1)  # lazy imports, caches
-before = max(_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+before = peak_rss_bytes()
 pipe.generate(req)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = peak_rss_bytes()
 print(json.dumps({"before": before, "peak": peak, **estimate_breakdown(cfg, req.resolved(cfg.default_size, 1))}))
 """
+
+
+def test_peak_rss_is_this_process_own():
+    """A child's peak must not include the parent's (ru_maxrss survives fork and exec on Linux)."""
+    code = "from easel.pipelines.memory import peak_rss_bytes; print(peak_rss_bytes())"
+    ballast = b"x" * (300 << 20)  # make this (the parent) process large: written, so resident
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    del ballast
+    assert out.returncode == 0, out.stderr
+    assert 0 < int(out.stdout) < 300 << 20
 
 
 def test_estimate_is_an_upper_bound_of_a_measured_run():
