@@ -96,11 +96,10 @@ def cmd_attention(args: argparse.Namespace) -> int:
     slots = prompt_slots(pipe.loaded, text, embedding_library(pipe.loaded))
     written = write_attention(out, result.image, capture_maps(cap, text)[0], slots)
     first = next(r for r in cap.runs if text in r.attention).attention[text]  # the first (base) pass
-    write_levels(out / "levels.png", result.image, first, slots)
-    write_animation(out / "attention.gif", result.image, first, slots)
-    print(f"{out / 'image.png'}\n{out / 'attention.png'}\n{out / 'levels.png'}\n{out / 'attention.gif'}\n"
-          f"{out / 'attention.npz'}\n"
-          f"{len(written['tokens'])} token maps in {out / 'tokens'}, {len(written['words'])} word maps in "
+    paths = [out / "image.png", out / "attention.png", write_levels(out / "levels.png", result.image, first, slots),
+             write_animation(out / "attention.gif", result.image, first, slots), out / "attention.npz"]
+    print("\n".join(str(p) for p in paths if p is not None))  # no animation when the prompt has no words
+    print(f"{len(written['tokens'])} token maps in {out / 'tokens'}, {len(written['words'])} word maps in "
           f"{out / 'words'}")
     return 0
 

@@ -92,3 +92,11 @@ def test_bad_comparison_lists_are_one_line_errors(tmp_path, capsys):
     assert main(["inspect", "steps", PROMPT, *FAST, "--schedules", "karras,bogus", "-o", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "bogus" in err and err.count("\n") == 1
+
+
+def test_attention_of_an_empty_prompt_maps_start_end_and_padding(tmp_path, capsys):
+    out = tmp_path / "empty"
+    assert main(["inspect", "attention", "", "--steps", "1", "-o", str(out)]) == 0
+    with np.load(out / "attention.npz") as npz:
+        assert npz.files[:3] == ["0:<start>", "1:<end>", "2:<pad>"] and len(npz.files) == 77
+    assert not (out / "attention.gif").exists() and "attention.gif" not in capsys.readouterr().out
