@@ -36,19 +36,19 @@ def check_memory(req: GenerationRequest, settings, config) -> None:
     """MemoryLimit (413) when the request's estimated peak memory on this model is over settings.max_memory_bytes."""
     if not settings.max_memory_bytes:
         return
-    try:
-        from easel.pipelines.memory import MemoryLimitError, check_fits, estimate_peak_bytes
-    except ImportError:
-        return  # no estimator in this install: the pixel and batch limits still hold
+    from easel.pipelines.memory import MemoryLimitError, check_fits, estimate_peak_bytes
     w, h = base_size(req, config.default_size)
     resolved = dataclasses.replace(req, width=w, height=h, dtype=settings.dtype).resolved(
         config.default_size, config.default_batch)
+    # A refiner is counted as a second model of the base's size: an SDXL refiner (one text encoder, a smaller
+    # UNet) is smaller than its base, so this bounds it without loading it first.
+    refiner = config if req.refiner_checkpoint else None
     try:
-        check_fits(config, resolved, settings.max_memory_bytes)
+        check_fits(config, resolved, settings.max_memory_bytes, refiner)
     except MemoryLimitError as e:
         raise MemoryLimit(f"{e} (this server's max_memory is {settings.max_memory_bytes} bytes; "
                           "start it with a higher --max-memory to allow more)",
-                          estimate_peak_bytes(config, resolved), settings.max_memory_bytes) from None
+                          estimate_peak_bytes(config, resolved, refiner), settings.max_memory_bytes) from None
 
 
 def failure(job: Job) -> tuple[int, str]:

@@ -236,3 +236,19 @@ def test_a1111_names_go_through_the_one_resolver():
     assert _upscaler("R-ESRGAN 4x+", mapped) == "lanczos" and "Lanczos" in mapped.notes[0]
     with pytest.raises(ValueError, match="sampler_name"):
         resolve_a1111_sampler("warp drive", None)
+
+
+def test_memory_check_counts_a_refiner():
+    """A request with a refiner needs room for a second model (counted at the base's size, an upper bound)."""
+    from easel.pipelines.memory import estimate_peak_bytes
+    from easel.serve.schema import LimitError
+    from easel.serve.service import check_memory
+    config = builtin_pipe().config
+    req = GenerationRequest("x", steps=1, batch_size=1)
+    resolved = req.resolved(config.default_size, config.default_batch)
+    alone, with_refiner = estimate_peak_bytes(config, resolved), estimate_peak_bytes(config, resolved, config)
+    assert with_refiner > alone
+    settings = Settings(max_memory_bytes=(alone + with_refiner) // 2)
+    check_memory(req, settings, config)  # fits without a refiner
+    with pytest.raises(LimitError, match="max_memory"):
+        check_memory(GenerationRequest("x", steps=1, batch_size=1, refiner_checkpoint="xl-refiner"), settings, config)
