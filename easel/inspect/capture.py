@@ -188,8 +188,8 @@ class Capture:
             self._call = _Call(run, step, module.cond.texts_at(step)[0][0], x.shape[0], None, tuple(x.shape[-2:]), s)
 
         def after(module, args, kwargs, out):
-            call, self._call = self._call, None
-            if call is not None and self.keep_cfg and self.keep_steps:
+            call, self._call = self._call, None  # always called, so a failed call leaves no state behind
+            if call is not None and out is not None and self.keep_cfg and self.keep_steps:
                 call.parts["guided"] = _keep(out)
                 run._last = (call.sigma, call.parts)
 

@@ -220,3 +220,20 @@ def test_overhead_measure_reports_times_and_bytes(tmp_path):
     with pytest.raises(ValueError, match="unknown preset 'SD9'"):
         from easel.inspect.overhead import random_pipeline
         random_pipeline("SD9")
+
+
+def test_a_failing_model_call_leaves_no_call_in_flight(tmp_path):
+    """An error inside the UNet propagates as it is, and the capture is ready for the next generation."""
+    loaded = make_tiny(tmp_path, "sd1")
+    pipe = Pipeline(loaded)
+
+    def boom(module, args):
+        raise RuntimeError("boom")
+    handle = loaded.model.unet.out.register_forward_pre_hook(boom)
+    with Capture() as cap:
+        with pytest.raises(RuntimeError, match="boom"):
+            pipe.generate(GenerationRequest("a cat", steps=1, seed=1, batch_size=1), extend_plan=cap)
+        assert cap._call is None
+        handle.remove()
+        pipe.generate(GenerationRequest("a cat", steps=1, seed=1, batch_size=1), extend_plan=cap)
+    assert cap.runs[-1].steps[0].guided is not None
