@@ -134,3 +134,20 @@ def write_animation(path: str | Path, image: Image.Image, attn: AttentionSum, sl
         if cells:
             frames.append(draw.captioned(draw.grid(cells, cols=min(len(cells), 8)), f"step {i + 1}/{len(steps)}"))
     return save_gif(frames, path, ms) if frames else None
+
+
+def write_self_attention(path: str | Path, image: Image.Image, sa, image_index: int = 0) -> Path:
+    """self-attention.png: where the queried position (marked) looks, at each resolution of the UNet."""
+    from PIL import ImageDraw
+    big = draw.enlarge(image, 192)
+    fy, fx = sa.query
+    panels = []
+    for size in sorted(sa.sums, key=lambda s: -s[0] * s[1]):
+        panel = draw.overlay(big, draw.normalise(sa.mean(size)[image_index].numpy()))
+        d = ImageDraw.Draw(panel)
+        x, y = fx * (panel.width - 1), fy * (panel.height - 1)
+        d.line([(x - 7, y), (x + 7, y)], fill=(0, 255, 255), width=2)
+        d.line([(x, y - 7), (x, y + 7)], fill=(0, 255, 255), width=2)
+        panels.append(draw.captioned(panel, f"{size[0]}x{size[1]} ({sa.count[size]} layer calls)", 12))
+    return save_image(draw.titled(draw.grid(panels, cols=len(panels)), "self-attention of the marked position"),
+                      Path(path))

@@ -96,6 +96,20 @@ class AttentionSum:
 
 
 @dataclass
+class SelfAttentionSum:
+    """Self-attention of one queried image position: per resolution (h, w), the probabilities (B, h*w) over all
+    positions, averaged over heads, summed over layers and calls; `count[(h, w)]` layer calls."""
+
+    query: tuple[float, float]  # (y, x) as fractions of the image's height and width
+    sums: dict[tuple[int, int], Tensor] = field(default_factory=dict)
+    count: dict[tuple[int, int], int] = field(default_factory=dict)
+
+    def mean(self, size: tuple[int, int]) -> Tensor:
+        """(B, h, w): where the queried position looks at this resolution (sums to 1 over the map)."""
+        return (self.sums[size].cpu() / self.count[size]).reshape(-1, *size)
+
+
+@dataclass
 class Run:
     """One sampler run (one plan): its steps and its cross-attention per prompt text."""
 
@@ -103,6 +117,7 @@ class Run:
     steps: list[StepRecord] = field(default_factory=list)
     attention: dict[str, AttentionSum] = field(default_factory=dict)
     latent_size: tuple[int, int] | None = None  # (h, w) of the latents
+    self_attention: SelfAttentionSum | None = None  # with Capture(self_query=...)
     _last: tuple[float, dict] | None = field(default=None, repr=False)  # (sigma, parts) of the latest model call
 
     @property
@@ -128,10 +143,15 @@ class _Call:
 class Capture:
     """An `extend_plan` function that records steps, CFG parts and cross-attention of every plan it sees."""
 
-    def __init__(self, steps: bool = True, attention: bool = True, cfg: bool = True, per_step: bool = True):
+    def __init__(self, steps: bool = True, attention: bool = True, cfg: bool = True, per_step: bool = True,
+                 self_query: tuple[float, float] | None = None):
         """`steps`: keep each step's tensors; `attention`: cross-attention sums (`per_step`: also one small map
-        per step, for animations); `cfg`: the uncond/cond/guided parts of each step."""
+        per step, for animations); `cfg`: the uncond/cond/guided parts of each step; `self_query` (y, x) in
+        [0, 1]: also the self-attention of that image position."""
+        if self_query is not None and not all(0 <= v <= 1 for v in self_query):
+            raise ValueError(f"self_query is (y, x) as fractions of the image in [0, 1], got {self_query}")
         self.keep_steps, self.keep_attention, self.keep_cfg, self.per_step = steps, attention, cfg, per_step
+        self.self_query = self_query
         self.runs: list[Run] = []
         self._handles: list = []
         self._unets: set[int] = set()
@@ -141,8 +161,10 @@ class Capture:
     def __call__(self, plan, loaded):
         """Extend one plan: observe its steps and hook its guided denoiser (and the UNet's attention, once)."""
         run = Run(len(self.runs))
+        if self.self_query is not None:
+            run.self_attention = SelfAttentionSum(self.self_query)
         self.runs.append(run)
-        if self.keep_attention:
+        if self.keep_attention or self.self_query is not None:
             self._hook_attention(loaded.model.unet)
         for guided in _guided_denoisers(plan.denoiser):
             self._hook_guided(guided, run)
@@ -224,11 +246,14 @@ class Capture:
         for block in unet.modules():
             if isinstance(block, BasicTransformerBlock):
                 self._handles.append(block.attn2.register_forward_hook(self._on_attention, with_kwargs=True))
+                if self.self_query is not None:
+                    self._handles.append(block.attn1.register_forward_hook(self._on_self_attention,
+                                                                           with_kwargs=True))
 
     def _on_attention(self, module: CrossAttention, args, kwargs, out) -> None:
         """Add the cond rows' head-averaged attention probabilities of this layer call to the run's sums."""
         call = self._call
-        if call is None or call.rows is None:
+        if call is None or call.rows is None or not self.keep_attention:
             return
         x = args[0] if args else kwargs["x"]
         context = args[1] if len(args) > 1 else kwargs.get("context")
@@ -241,6 +266,21 @@ class Capture:
         sums.steps.add(call.step)
         if self.per_step:
             sums.add_step(call.step, size, probs, step_grid(call.size))
+
+    def _on_self_attention(self, module: CrossAttention, args, kwargs, out) -> None:
+        """Add where the queried position looks in this self-attention layer call (cond rows, head mean)."""
+        call = self._call
+        if call is None or call.rows is None or call.run.self_attention is None:
+            return
+        x = args[0] if args else kwargs["x"]
+        size = _query_size(x.shape[1], call.size)
+        fy, fx = call.run.self_attention.query
+        index = min(int(fy * size[0]), size[0] - 1) * size[1] + min(int(fx * size[1]), size[1] - 1)
+        rows = x[call.rows]
+        probs = attention_probs(module, rows[:, index:index + 1], rows)[:, 0]  # (B, h*w)
+        sums = call.run.self_attention
+        sums.sums[size] = sums.sums[size] + probs if size in sums.sums else probs.detach().float()
+        sums.count[size] = sums.count.get(size, 0) + 1
 
 
 SCORE_BYTES = 64 * 2**20  # heads go through the softmax in groups whose (B, heads, T, S) scores stay under this

@@ -22,6 +22,8 @@ def add_inspect_parsers(sub, cli) -> None:
     a = isub.add_parser("attention", help="per-token cross-attention heat maps over the image (DAAM)")
     a.add_argument("prompt", help="what to draw")
     add_generation_flags(a, HIRES_FLAGS, REFINER_FLAGS)
+    a.add_argument("--self-query", metavar="X,Y", help="also draw where the image position X,Y (pixels of the output "
+                   "image) looks through self-attention (self-attention.png)")
     a.set_defaults(func=cmd_attention, cli=cli, out="inspect-attention")
 
     t = isub.add_parser("tokens", help="the 77 token slots, BPE pieces, emphasis weights and text embeddings")
@@ -60,11 +62,15 @@ def load_pipeline(args: argparse.Namespace, req):
                       prediction=args.prediction)
 
 
-def captured_run(args: argparse.Namespace, **what):
-    """Generate one image with a Capture on and a progress bar: (pipeline, request, image result, capture)."""
+def captured_run(args: argparse.Namespace, self_point: tuple[float, float] | None = None, **what):
+    """Generate one image with a Capture on and a progress bar: (pipeline, request, image result, capture).
+    `self_point` (x, y): a pixel of the output image whose self-attention is captured too."""
     from easel.inspect.capture import Capture
+    from easel.pipelines.sizes import final_size
     req = one_image_request(args)
     pipe = load_pipeline(args, req)
+    if self_point is not None:  # the output's size is known once the model (its default size) is
+        what["self_query"] = query_fractions(self_point, final_size(req, pipe.config.default_size))
     with Capture(**what) as cap, args.cli.progress_bar(req) as cb:
         results = pipe.generate(req, callback=cb, extend_plan=cap)
     if not results or not cap.runs:
@@ -84,7 +90,8 @@ def cmd_attention(args: argparse.Namespace) -> int:
     from easel.inspect.attention import capture_maps, write_animation, write_attention, write_levels
     from easel.inspect.tokens import prompt_slots
     from easel.pipelines.common import embedding_library
-    pipe, req, result, cap = captured_run(args, steps=False, cfg=False)
+    point = parse_query(args.self_query) if args.self_query else None
+    pipe, req, result, cap = captured_run(args, steps=False, cfg=False, self_point=point)
     texts = _texts_by_weight(cap)
     if not texts:
         raise ValueError("no cross-attention was captured: this model's UNet has no cross-attention layers")
@@ -98,10 +105,30 @@ def cmd_attention(args: argparse.Namespace) -> int:
     first = next(r for r in cap.runs if text in r.attention).attention[text]  # the first (base) pass
     paths = [out / "image.png", out / "attention.png", write_levels(out / "levels.png", result.image, first, slots),
              write_animation(out / "attention.gif", result.image, first, slots), out / "attention.npz"]
+    if point is not None:
+        from easel.inspect.attention import write_self_attention
+        paths.append(write_self_attention(out / "self-attention.png", result.image, cap.runs[-1].self_attention))
     print("\n".join(str(p) for p in paths if p is not None))  # no animation when the prompt has no words
     print(f"{len(written['tokens'])} token maps in {out / 'tokens'}, {len(written['words'])} word maps in "
           f"{out / 'words'}")
     return 0
+
+
+def parse_query(text: str) -> tuple[float, float]:
+    """'X,Y' (pixels) -> (x, y); errors name the flag."""
+    try:
+        x, y = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--self-query takes X,Y in pixels of the image, e.g. 20,40 (got {text!r})") from None
+    return x, y
+
+
+def query_fractions(point: tuple[float, float], size: tuple[int, int]) -> tuple[float, float]:
+    """A pixel (x, y) of an image of `size` (w, h) -> (y, x) as fractions of its height and width."""
+    (x, y), (w, h) = point, size
+    if not (0 <= x < w and 0 <= y < h):
+        raise ValueError(f"--self-query {x:g},{y:g} lies outside the {w}x{h} image")
+    return y / h, x / w
 
 
 def _texts_by_weight(cap) -> list[str]:

@@ -237,3 +237,33 @@ def test_a_failing_model_call_leaves_no_call_in_flight(tmp_path):
         handle.remove()
         pipe.generate(GenerationRequest("a cat", steps=1, seed=1, batch_size=1), extend_plan=cap)
     assert cap.runs[-1].steps[0].guided is not None
+
+
+def test_self_attention_of_a_queried_position_equals_direct_computation(tmp_path):
+    loaded = make_tiny(tmp_path, "sd1", seed=2)
+    inputs = []
+    hooks = [b.attn1.register_forward_hook(lambda mod, args, out: inputs.append((mod, args[0])))
+             for b in loaded.model.unet.modules() if isinstance(b, BasicTransformerBlock)]
+    try:
+        with Capture(attention=False, self_query=(0.25, 0.75)) as cap:
+            Pipeline(loaded).generate(GenerationRequest("a cat", "a dog", steps=1, seed=3, batch_size=1,
+                                                        sampler="euler"), extend_plan=cap)
+    finally:
+        for h in hooks:
+            h.remove()
+    got = cap.runs[0].self_attention
+    assert cap.runs[0].attention == {}  # cross-attention not asked for
+    want: dict = {}
+    for mod, x in inputs:
+        size = _query_size(x.shape[1], cap.runs[0].latent_size)
+        index = int(0.25 * size[0]) * size[1] + int(0.75 * size[1])
+        q = mod.to_q(x[1:2, index:index + 1]).double().reshape(1, 1, mod.heads, -1).permute(0, 2, 1, 3)
+        k = mod.to_k(x[1:2]).double().reshape(1, x.shape[1], mod.heads, -1).permute(0, 2, 1, 3)
+        p = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1).mean(dim=1)[:, 0]  # (1, T)
+        want[size] = want.get(size, 0) + p
+    assert set(got.sums) == set(want) == {(16, 16), (8, 8)}
+    for size, p in want.items():
+        assert torch.allclose(got.sums[size].double(), p, atol=1e-5)
+        assert torch.allclose(got.mean(size).sum(), torch.tensor(1.0), atol=1e-5)
+    with pytest.raises(ValueError, match="fractions of the image"):
+        Capture(self_query=(0.5, 2.0))

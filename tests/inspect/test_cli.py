@@ -100,3 +100,13 @@ def test_attention_of_an_empty_prompt_maps_start_end_and_padding(tmp_path, capsy
     with np.load(out / "attention.npz") as npz:
         assert npz.files[:3] == ["0:<start>", "1:<end>", "2:<pad>"] and len(npz.files) == 77
     assert not (out / "attention.gif").exists() and "attention.gif" not in capsys.readouterr().out
+
+
+def test_self_query_draws_where_a_pixel_looks_and_checks_the_point(tmp_path, capsys):
+    out = tmp_path / "self"
+    assert main(["inspect", "attention", PROMPT, *FAST, "--self-query", "14,14", "-o", str(out)]) == 0
+    assert Image.open(out / "self-attention.png").width > 300  # one panel per resolution
+    assert main(["inspect", "attention", PROMPT, *FAST, "--self-query", "64,3", "-o", str(out)]) == 2
+    assert "--self-query 64,3 lies outside the 64x64 image" in capsys.readouterr().err
+    assert main(["inspect", "attention", PROMPT, "--self-query", "middle", "-o", str(out)]) == 2
+    assert "--self-query takes X,Y in pixels" in capsys.readouterr().err
