@@ -45,7 +45,8 @@ def _loop_flags(p: argparse.ArgumentParser) -> None:
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     """Register `train` with its sub-commands on an argparse sub-parsers object."""
-    train = subparsers.add_parser("train", help="train the ShapeWorld model from scratch")
+    train = subparsers.add_parser("train", help="train the ShapeWorld model from scratch, or a LoRA / embedding "
+                                                "on your own images")
     sub = train.add_subparsers(dest="stage", required=True)
     t = sub.add_parser("tokenizer", help="byte-level BPE on the ShapeWorld captions")
     _common(t)
