@@ -15,6 +15,7 @@ from easel.weights.model_io import LoadedModel, load_model, save_model
 
 
 log = logging.getLogger(__name__)
+_WARNED: set[tuple[str, tuple[str, ...]]] = set()  # (model hash, unknown words) already logged
 
 
 class Pipeline:
@@ -78,7 +79,7 @@ class Pipeline:
                                  f"{request.mode}: leave it empty")
             options["refiner"] = self.refiner(request.refiner_checkpoint)
         step = with_previews(self.loaded, request, callback, preview_sink)
-        ti_hashes, warnings = prompt_report(self.loaded, request)
+        ti_hashes, warnings = prompt_report(self.loaded, request, with_loras=bool(networks.request.loras))
 
         def finished(batch: list[GeneratedImage]) -> None:
             extra = networks.params()  # known once the networks are applied
@@ -111,9 +112,11 @@ class Pipeline:
         return save_model(self.loaded, dst, to, extra_metadata=extra)
 
 
-def prompt_report(loaded: LoadedModel, req: GenerationRequest) -> tuple[dict[str, str], list[str]]:
+def prompt_report(loaded: LoadedModel, req: GenerationRequest,
+                  with_loras: bool = False) -> tuple[dict[str, str], list[str]]:
     """({embedding name: A1111 short hash} of the embeddings the prompts use, warnings about the prompts): a word
-    the model never saw is named (and logged) rather than silently drawn as whatever its byte tokens mean."""
+    the model never saw is named (and logged, once per model and words) rather than silently drawn as whatever its
+    byte tokens mean. With LoRAs applied nothing is said: a LoRA may have taught the model those words."""
     from easel.weights.load import file_sha256
     texts = [t for p in (req.prompt, req.negative_prompt, req.hr_prompt or "", req.hr_negative_prompt or "")
              for t in conditioning.prompt_texts(p, req.steps)]
@@ -121,11 +124,13 @@ def prompt_report(loaded: LoadedModel, req: GenerationRequest) -> tuple[dict[str
     tokenizer = loaded.tokenizers[0]
     used = conditioning.embeddings_used(tokenizer, library, texts)
     warnings = []
-    unknown = conditioning.unknown_words(tokenizer, texts, known=set(used))
+    unknown = [] if with_loras else conditioning.unknown_words(tokenizer, texts, known=set(used))
     if unknown:
         warnings.append(f"the model {loaded.name!r} was never trained on these words, so they steer nothing it "
                         f"knows: {', '.join(unknown)}")
-        log.warning(warnings[-1])
+        if (loaded.hash, tuple(unknown)) not in _WARNED:  # a training run's sample prompts repeat every N steps
+            _WARNED.add((loaded.hash, tuple(unknown)))
+            log.warning(warnings[-1])
     # A1111's TI hash: the first 12 hex digits of the embedding file's sha256
     return {name: file_sha256(library.path(name))[:12] for name in used}, warnings
 

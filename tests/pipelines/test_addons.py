@@ -135,6 +135,14 @@ def test_words_a_closed_vocabulary_model_never_saw_are_named(caplog):
     assert out[0].warnings and "blurry, cat, photo" in out[0].warnings[0] and "blurry, cat, photo" in caplog.text
     assert pipe.generate(GenerationRequest("three red stars above a blue circle", steps=1, batch_size=1,
                                            seed=1))[0].warnings == []
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # the same words again: on the image, but logged only once
+        again = pipe.generate(GenerationRequest("a photo of a cat, (three red stars:1.2)", "blurry", steps=1,
+                                                batch_size=1, seed=2))
+    assert again[0].warnings == out[0].warnings and "never trained" not in caplog.text
+    from easel.pipelines.pipeline import prompt_report
+    req = GenerationRequest("a photo of a heart")
+    assert prompt_report(pipe.loaded, req)[1] and not prompt_report(pipe.loaded, req, with_loras=True)[1]
 
 
 # --- LoRA --------------------------------------------------------------------------------------------
