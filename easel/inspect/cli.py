@@ -12,11 +12,11 @@ from pathlib import Path
 
 
 def add_inspect_parsers(sub, cli) -> None:
-    """Register `easel inspect attention|tokens|steps`. `cli` is the `easel.cli` module, which passes itself so
+    """Register `easel inspect attention|tokens|steps|noise`. `cli` is the `easel.cli` module, which passes itself so
     that its flag tables and helpers (add_generation_flags, request_from_args, progress_bar) are reused without
     this module importing it back (an import cycle)."""
     HIRES_FLAGS, REFINER_FLAGS, add_generation_flags = cli.HIRES_FLAGS, cli.REFINER_FLAGS, cli.add_generation_flags
-    p = sub.add_parser("inspect", help="see inside: tokens, denoising steps, per-token cross-attention")
+    p = sub.add_parser("inspect", help="see inside: tokens, denoising steps, per-token cross-attention, forward diffusion")
     isub = p.add_subparsers(dest="inspect_command", required=True)
 
     a = isub.add_parser("attention", help="per-token cross-attention heat maps over the image (DAAM)")
@@ -41,6 +41,13 @@ def add_inspect_parsers(sub, cli) -> None:
     s.add_argument("--cfg-scales", metavar="S1,S2,...", help="also generate at these guidance scales and show their "
                    "x0 predictions side by side (e.g. 1,4,8; one more generation per scale)")
     s.set_defaults(func=cmd_steps, cli=cli, out="inspect-steps")
+
+    n = isub.add_parser("noise", help="forward diffusion: an image's latent noised at a row of timesteps, and the "
+                        "model's noise schedule (betas, alphas_cumprod, SNR, sigmas)")
+    n.add_argument("image", nargs="?", help="the image to noise (default: a ShapeWorld render)")
+    add_generation_flags(n)
+    n.add_argument("--count", type=int, default=6, help="timesteps in the row, 0 to the last (default 6)")
+    n.set_defaults(func=cmd_noise, cli=cli, out="inspect-noise", prompt="")
 
 
 def one_image_request(args: argparse.Namespace):
@@ -237,3 +244,34 @@ def cfg_scales(args, pipe, req, pics):
             result = pipe.generate(r, callback=cb, extend_plan=cap)[0]
         runs.append((scale, cap.runs[0], result.image))
     return cfg_scales_figure(pics, runs)
+
+
+def cmd_noise(args: argparse.Namespace) -> int:
+    """easel inspect noise [IMAGE] ..."""
+    from tqdm import tqdm
+    from easel.files import save_image
+    from easel.inspect import noise as nz
+    from easel.inspect.steps import StepPictures
+    from easel.pipelines import common
+    from easel.pipelines.sizes import final_size
+    req = one_image_request(args)
+    nz.row_timesteps(1000, args.count)  # a bad --count fails before the model loads
+    pipe = load_pipeline(args, req)
+    schedule = common.make_schedule(pipe.loaded.model)
+    timesteps = nz.row_timesteps(schedule.num_timesteps, args.count)
+    seed = max(req.seed, 0)  # the same figure every time unless a seed is given
+    size = final_size(req, pipe.config.default_size)
+    image = nz.open_image(args.image, size) if args.image else nz.default_image(size, seed)
+    latent = common.encode(pipe.loaded.model, [image])[0].cpu()
+    row = nz.noise_row(latent, schedule, timesteps, seed=seed)
+    pics = StepPictures(pipe.loaded)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tqdm(total=len(row), unit="timestep", file=sys.stderr, leave=False) as bar:  # VAE decodes: the slow part
+        figure = nz.noise_figure(pics, latent, row, on_column=lambda: bar.update(1))
+    cfg = pipe.loaded.model.config
+    label = f"{cfg.beta_schedule}, betas {cfg.beta_start:g}..{cfg.beta_end:g}, {schedule.num_timesteps} timesteps"
+    written = [save_image(image, out / "image.png"), save_image(figure, out / "noise.png"),
+               save_image(nz.schedule_figure(nz.schedule_series(schedule), label), out / "schedule.png")]
+    print("\n".join(str(p) for p in written))
+    return 0
