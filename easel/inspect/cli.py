@@ -12,11 +12,11 @@ from pathlib import Path
 
 
 def add_inspect_parsers(sub, cli) -> None:
-    """Register `easel inspect attention|tokens|steps|noise`. `cli` is the `easel.cli` module, which passes itself so
+    """Register `easel inspect attention|tokens|steps|noise|model`. `cli` is the `easel.cli` module, which passes itself so
     that its flag tables and helpers (add_generation_flags, request_from_args, progress_bar) are reused without
     this module importing it back (an import cycle)."""
     HIRES_FLAGS, REFINER_FLAGS, add_generation_flags = cli.HIRES_FLAGS, cli.REFINER_FLAGS, cli.add_generation_flags
-    p = sub.add_parser("inspect", help="see inside: tokens, denoising steps, per-token cross-attention, forward diffusion")
+    p = sub.add_parser("inspect", help="see inside: tokens, denoising steps, per-token cross-attention, forward diffusion, the architecture")
     isub = p.add_subparsers(dest="inspect_command", required=True)
 
     a = isub.add_parser("attention", help="per-token cross-attention heat maps over the image (DAAM)")
@@ -48,6 +48,12 @@ def add_inspect_parsers(sub, cli) -> None:
     add_generation_flags(n)
     n.add_argument("--count", type=int, default=6, help="timesteps in the row, 0 to the last (default 6)")
     n.set_defaults(func=cmd_noise, cli=cli, out="inspect-noise", prompt="")
+
+    m = isub.add_parser("model", help="the architecture: UNet blocks, resolutions, channels, cross-attention, "
+                        "parameters and FLOPs per block, tensor sizes from prompt to pixels")
+    add_generation_flags(m)
+    m.add_argument("--json", action="store_true", help="print the tables as JSON")
+    m.set_defaults(func=cmd_model, cli=cli, prompt="")
 
 
 def one_image_request(args: argparse.Namespace):
@@ -274,4 +280,18 @@ def cmd_noise(args: argparse.Namespace) -> int:
     written = [save_image(image, out / "image.png"), save_image(figure, out / "noise.png"),
                save_image(nz.schedule_figure(nz.schedule_series(schedule), label), out / "schedule.png")]
     print("\n".join(str(p) for p in written))
+    return 0
+
+
+def cmd_model(args: argparse.Namespace) -> int:
+    """easel inspect model ..."""
+    from tqdm import tqdm
+    from easel.inspect.model import describe, format_report
+    from easel.pipelines.sizes import final_size
+    req = one_image_request(args)
+    pipe = load_pipeline(args, req)
+    with tqdm(total=1, unit="UNet call", file=sys.stderr, leave=False) as bar:  # counting FLOPs runs the UNet once
+        info = describe(pipe.loaded.model, final_size(req, pipe.config.default_size))
+        bar.update(1)
+    print(json.dumps(info, indent=1) if args.json else format_report(info))
     return 0
