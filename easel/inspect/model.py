@@ -58,8 +58,9 @@ def _flop_counter():
 
 @torch.no_grad()
 def unet_table(model, size: tuple[int, int]) -> list[dict]:
-    """One row per UNet block for one call on a (1, C, h/f, w/f) latent of an image of `size` (w, h) with a 77-token context: name, kind,
-    layers, input and output shapes, cross-attention layers, parameters and FLOPs (FlopCounterMode)."""
+    """One row per UNet block for one call on a (1, C, h/f, w/f) latent of an image of `size` (w, h) with a
+    77-token context: name, kind, layers, input and output shapes, cross-attention layers, parameters and FLOPs
+    (FlopCounterMode)."""
     unet, cfg = model.unet, model.config
     f = latent_factor(model)
     if size[0] % f or size[1] % f:
@@ -116,7 +117,8 @@ def components(model) -> list[dict]:
     rows.append({"component": "UNet", "params": _params(model.unet)})
     vae_parts = _params(model.vae)
     encoder = sum(_params(m) for n, m in model.vae.named_children() if "enc" in n or n == "quant_conv")
-    rows += [{"component": "VAE encoder", "params": encoder}, {"component": "VAE decoder", "params": vae_parts - encoder}]
+    rows += [{"component": "VAE encoder", "params": encoder},
+             {"component": "VAE decoder", "params": vae_parts - encoder}]
     rest = _params(model) - sum(r["params"] for r in rows)
     if rest:
         rows.append({"component": "other", "params": rest})
@@ -138,7 +140,8 @@ def tensor_path(model, size: tuple[int, int]) -> list[dict]:
     latent = [1, cfg.vae.embed_dim, size[1] // f, size[0] // f]
     rows.append({"stage": "random latent (the sampler's start)", "shape": latent})
     if cfg.unet.in_channels != cfg.vae.embed_dim:
-        rows.append({"stage": "UNet input (latent + mask + masked image)", "shape": [1, cfg.unet.in_channels, *latent[2:]]})
+        rows.append({"stage": "UNet input (latent + mask + masked image)",
+                     "shape": [1, cfg.unet.in_channels, *latent[2:]]})
     rows.append({"stage": f"UNet output ({cfg.prediction} prediction), every step", "shape": [1, cfg.unet.out_channels,
                                                                                                *latent[2:]]})
     rows.append({"stage": "VAE decoder -> image", "shape": [1, cfg.vae.out_ch, size[1], size[0]]})
@@ -150,11 +153,16 @@ def describe(model, size: tuple[int, int] | None = None) -> dict:
     model's default size)."""
     size = size or (model.config.default_size,) * 2
     blocks = unet_table(model, size)
-    return {"model": model.config.name, "size": list(size), "total_params": _params(model), "components": components(model),
-            "unet_blocks": blocks, "unet_flops": sum(b["flops"] for b in blocks),
+    return {"model": model.config.name, "size": list(size), "total_params": _params(model),
+            "components": components(model), "unet_blocks": blocks, "unet_flops": sum(b["flops"] for b in blocks),
             "cross_attention_at": sorted({b["cross_attention_at"] for b in blocks if b["cross_attention"]},
                                          key=lambda r: -int(r.split("x")[0])),
             "tensors": tensor_path(model, size)}
+
+
+def _channels(shape: list[int] | None) -> str:
+    """The channel count of a recorded shape, or '-'."""
+    return str(shape[1]) if shape and len(shape) > 1 else "-"
 
 
 def _xattn(row: dict) -> str:
@@ -176,10 +184,11 @@ def format_report(info: dict) -> str:
     lines += [f"  {r['component']:<16} {_num(r['params']):>9}" for r in info["components"]]
     lines += ["", f"UNet, one call at {info['size'][0]}x{info['size'][1]} px: {_num(info['unet_flops'])}FLOPs; "
               f"cross-attention at {', '.join(info['cross_attention_at']) or 'no level'}", ""]
-    head = f"{'block':<17} {'kind':<8} {'res':>7} {'in -> out channels':>19} {'xattn':>10} {'params':>9} {'FLOPs':>9}  layers"
+    head = (f"{'block':<17} {'kind':<8} {'res':>7} {'in -> out channels':>19} {'xattn':>10} {'params':>9} "
+            f"{'FLOPs':>9}  layers")
     lines += [head, "-" * len(head)]
     for b in info["unet_blocks"]:
-        chans = f"{b['input'][1] if len(b.get('input', [])) > 1 else '-'} -> {b['output'][1] if len(b.get('output', [])) > 1 else '-'}"
+        chans = f"{_channels(b.get('input'))} -> {_channels(b.get('output'))}"
         lines.append(f"{b['block']:<17} {b['kind'].split()[0]:<8} {b['resolution']:>7} {chans:>19} "
                      f"{_xattn(b):>10} {_num(b['params']):>9} {_num(b['flops']):>9}  {b['layers']}")
     lines += ["", "tensor sizes, prompt to pixels:"]

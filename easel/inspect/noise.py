@@ -49,10 +49,12 @@ def noise_row(latent: torch.Tensor, schedule, timesteps: list[int], seed: int = 
 
 
 def default_image(size: tuple[int, int], seed: int = 0) -> Image.Image:
-    """A ShapeWorld render (the built-in model's world) at `size` (w, h)."""
+    """A ShapeWorld render (the built-in model's world) at `size` (w, h): square, its centre cut out if not."""
     from easel.world.render import render
     from easel.world.scenes import sample_scene
-    return render(sample_scene(seed), size=max(size)).resize(size, Image.LANCZOS)
+    side, (w, h) = max(size), size
+    return render(sample_scene(seed), size=side).crop(((side - w) // 2, (side - h) // 2, (side + w) // 2,
+                                                      (side + h) // 2))
 
 
 def open_image(path: str, size: tuple[int, int]) -> Image.Image:

@@ -57,6 +57,8 @@ def test_noise_command_writes_the_figures(tmp_path, capsys):
     assert capsys.readouterr().out.split() == [str(out / n) for n in ("image.png", "noise.png", "schedule.png")]
     assert Image.open(out / "image.png").size == (64, 64)  # a ShapeWorld render at the built-in model's size
     assert Image.open(out / "noise.png").width > 500
+    assert main(["inspect", "noise", "--count", "2", "--width", "96", "--height", "64", "-o", str(out)]) == 0
+    assert Image.open(out / "image.png").size == (96, 64)  # cut from a square render, not stretched
     Image.new("RGB", (40, 24), (200, 10, 10)).save(tmp_path / "mine.png")
     assert main(["inspect", "noise", str(tmp_path / "mine.png"), "--count", "2", "-o", str(out)]) == 0
 
