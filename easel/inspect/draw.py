@@ -98,3 +98,16 @@ def grid(images: list[Image.Image], cols: int, pad: int = 6) -> Image.Image:
 def titled(image: Image.Image, title: str, size: int = 16) -> Image.Image:
     """A figure with a title line above it."""
     return captioned(image, title, size)
+
+
+def plot_canvas(size: tuple[int, int], title: str, margins: tuple[int, int, int, int]):
+    """A blank plot: (image, its ImageDraw, the label font) with the title and the frame of the plot area drawn;
+    `margins` = (left, right, top, bottom) around that area."""
+    w, h = size
+    left, right, top, bottom = margins
+    img = Image.new("RGB", size, BACKGROUND)
+    d = ImageDraw.Draw(img)
+    f = font(12)
+    d.text((left, 6), title, fill=INK, font=f)
+    d.rectangle([left, top, w - right, h - bottom], outline=(160, 160, 160))
+    return img, d, f

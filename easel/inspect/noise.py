@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from easel.inspect import draw
 from easel.inspect.steps import SERIES_COLOURS, StepPictures, _labelled_grid
@@ -91,12 +91,8 @@ def line_plot(values: np.ndarray, title: str, log: bool, size: tuple[int, int] =
               colour: tuple[int, int, int] = SERIES_COLOURS[0]) -> Image.Image:
     """One series against the timestep index, linear or log10 y axis, with its range on the axis."""
     w, h = size
-    img = Image.new("RGB", size, draw.BACKGROUND)
-    d = ImageDraw.Draw(img)
-    f = draw.font(12)
     left, right, top, bottom = 64, 12, 26, 30
-    d.text((left, 6), title, fill=draw.INK, font=f)
-    d.rectangle([left, top, w - right, h - bottom], outline=(160, 160, 160))
+    img, d, f = draw.plot_canvas(size, title, (left, right, top, bottom))
     v = np.asarray(values, dtype=np.float64)
     y = np.log10(v) if log else v
     lo, hi = float(y.min()), float(y.max())

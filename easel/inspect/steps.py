@@ -145,12 +145,8 @@ def schedule_plot(series: dict[str, list[float]], title: str = "sigma per step (
     series = {k: [v for v in vals if v > 0] for k, vals in series.items()}
     values = [v for vals in series.values() for v in vals]
     w, h = size
-    img = Image.new("RGB", size, draw.BACKGROUND)
-    d = ImageDraw.Draw(img)
-    f = draw.font(12)
     left, right, top, bottom = 60, 16, 28, 36
-    d.text((left, 6), title, fill=draw.INK, font=f)
-    d.rectangle([left, top, w - right, h - bottom], outline=(160, 160, 160))
+    img, d, f = draw.plot_canvas(size, title, (left, right, top, bottom))
     if not values:
         return img
     lo, hi = np.log10(min(values)), np.log10(max(values))
