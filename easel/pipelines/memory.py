@@ -105,8 +105,8 @@ def pass_sizes(req: GenerationRequest) -> list[tuple[int, int]]:
 
 
 def req_tiled(req: GenerationRequest) -> bool | None:
-    """The request's tiled_vae choice (None = automatic; the field may not exist on older requests)."""
-    return getattr(req, "tiled_vae", None)
+    """The request's tiled_vae choice (None = automatic)."""
+    return req.tiled_vae
 
 
 def vae_elements(config: ModelConfig, batch: int, h: int, w: int, itemsize: int, encode: bool,

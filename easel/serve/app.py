@@ -80,12 +80,9 @@ def register_routers(app: FastAPI) -> list[str]:
     return added
 
 
-def default_max_memory() -> int | None:
-    """MEMORY_FRACTION of the memory available now (cgroup limit or MemAvailable); None without an estimator."""
-    try:
-        from easel.pipelines.memory import available_memory_bytes
-    except ImportError:
-        return None
+def default_max_memory() -> int:
+    """MEMORY_FRACTION of the memory available now (cgroup limit or MemAvailable)."""
+    from easel.pipelines.memory import available_memory_bytes
     return int(available_memory_bytes() * MEMORY_FRACTION)
 
 
