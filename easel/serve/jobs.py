@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import inspect
 import itertools
 import logging
 import math
@@ -421,24 +420,19 @@ class JobQueue:
         job._decoder = _preview_decoder(pipe, job.request.preview_mode)
         job._last_t = time.monotonic()
         # Pipeline.generate writes dtype/device into the request: give it a copy, keep the job's as sent.
-        return pipe.generate(dataclasses.replace(job.request), self._callback(job), **self._hooks(job, pipe))
+        return pipe.generate(dataclasses.replace(job.request), self._callback(job), on_batch=job._batches.extend,
+                             should_stop=self._should_stop(job))
 
-    def _hooks(self, job: Job, pipe) -> dict:
-        """on_batch / should_stop for a pipeline that takes them (older ones and test doubles may not)."""
-        try:
-            params = inspect.signature(pipe.generate).parameters
-        except (TypeError, ValueError):
-            return {}
-        takes = lambda name: name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())  # noqa: E731
-
+    @staticmethod
+    def _should_stop(job: Job):
+        """The pipeline's should_stop for a job: polled between VAE tiles."""
         def should_stop() -> bool:
             # Only a cancel cuts a VAE decode short: an interrupt stops sampling, and the batch it stopped is
             # still decoded from its last x0 prediction (A1111 returns the images as they stand).
             stop = "cancel" in job._flags
             job._stopped = job._stopped or stop
             return stop
-        hooks = {"on_batch": job._batches.extend, "should_stop": should_stop}
-        return {k: v for k, v in hooks.items() if takes(k)}
+        return should_stop
 
     def _fail(self, job: Job, e: Exception, pipe) -> None:
         """Record why a job failed: a limit (with its status), a bad input (400) or the server's fault (500)."""

@@ -88,13 +88,13 @@ class Gated:
     def __init__(self, pipe, batch: int, step: int):
         self.pipe, self.at, self.gate, self.reached = pipe, (batch, step), threading.Event(), threading.Event()
 
-    def generate(self, req, callback=None):
+    def generate(self, req, callback=None, **hooks):
         def cb(d):
             callback(d)  # progress first, then hold: a flag set meanwhile is seen at the next step
             if (d.get("batch", 0), d["i"]) == self.at:
                 self.reached.set()
                 assert self.gate.wait(30)
-        return self.pipe.generate(req, cb)
+        return self.pipe.generate(req, cb, **hooks)
 
     @property
     def loaded(self):

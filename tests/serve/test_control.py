@@ -114,7 +114,7 @@ def test_loading_phase_only_when_a_model_loads():
     seen = []
 
     class Watching:
-        def generate(self, req, callback=None):
+        def generate(self, req, callback=None, **hooks):
             seen.append(("generate", q.running().phase))
             callback({"i": 0})
             return [_Result(Image.new("RGB", (8, 8)), {})]
@@ -185,7 +185,7 @@ def test_openapi_lists_the_real_responses(start_server):
 
 def test_preview_every_sets_how_often_the_preview_changes():
     class Steps:
-        def generate(self, req, callback=None):
+        def generate(self, req, callback=None, **hooks):
             for i in range(6):
                 callback({"i": i, "denoised": torch.full((1, 4, 1, 1), float(i))})
                 seen.append(job.preview_step)
@@ -209,18 +209,6 @@ def test_native_job_list_has_what_reshows_a_job(start_server):
         assert len(jobs) == 1 and jobs[0]["state"] == "done" and jobs[0]["request"]["prompt"] == "a red star"
         assert jobs[0]["params"][0]["seed"] == 5 and c.get(jobs[0]["images"][0]).status_code == 200
         assert c.get("/api/v1/jobs", params={"state": "failed"}).json() == []
-
-
-@pytest.mark.parametrize("pipe_fn", [builtin_pipe])
-def test_builtin_pipeline_takes_the_hooks_when_it_can(pipe_fn):
-    """The real Pipeline.generate gets should_stop/on_batch once it accepts them (and runs without them before)."""
-    import inspect
-
-    from easel.serve.jobs import Job, JobQueue
-    q = JobQueue(loader=builtin_loader, model_names=lambda: [])
-    hooks = q._hooks(Job("x", GenerationRequest(), None), pipe_fn())
-    accepts = set(inspect.signature(pipe_fn().generate).parameters)
-    assert set(hooks) == {"on_batch", "should_stop"} & accepts
 
 
 def test_a1111_names_go_through_the_one_resolver():

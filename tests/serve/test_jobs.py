@@ -33,7 +33,7 @@ class FakePipeline:
         self.name, self.gate, self.hold_at, self.fail = name, gate, hold_at, fail
         self.ran: list[str] = []  # prompts, in the order they ran
 
-    def generate(self, req, callback=None):
+    def generate(self, req, callback=None, **hooks):
         self.ran.append(req.prompt)
         if self.fail:
             raise ValueError(self.fail)
@@ -214,7 +214,7 @@ class Raising:
     def __init__(self, make):
         self.make = make
 
-    def generate(self, req, callback=None):
+    def generate(self, req, callback=None, **hooks):
         self.make()
 
 

@@ -83,7 +83,7 @@ class Held:
     def __init__(self):
         self.gate, self.started, self.fail = threading.Event(), threading.Event(), None
 
-    def generate(self, req, callback=None):
+    def generate(self, req, callback=None, **hooks):
         self.started.set()
         assert self.gate.wait(30)
         if self.fail:

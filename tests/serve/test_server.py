@@ -184,7 +184,7 @@ class Checking:
     """The built-in pipeline, after the LoRA look-up a pipeline makes (easel's find_lora: a missing LoRA raises
     LoraNotFound from easel code); the prompt "crash" raises an unexpected error instead."""
 
-    def generate(self, req, callback=None):
+    def generate(self, req, callback=None, **hooks):
         from easel.text.prompt import extract_extra_networks
         from easel.weights.lora import find_lora
         if req.prompt == "crash":

@@ -38,7 +38,7 @@ class _Result:
 class FakePipeline:
     """Returns one 8x8 image per request with the request's prompt in its parameters."""
 
-    def generate(self, req, callback=None):
+    def generate(self, req, callback=None, **hooks):
         return [_Result(Image.new("RGB", (8, 8)), dict(PARAMS, prompt=req.prompt))]
 
 
