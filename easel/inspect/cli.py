@@ -56,6 +56,12 @@ def add_inspect_parsers(sub, cli) -> None:
     m.add_argument("--json", action="store_true", help="print the tables as JSON")
     m.set_defaults(func=cmd_model, cli=cli, prompt="")
 
+    c = isub.add_parser("clip", help="CLIP space: the similarity matrix of ShapeWorld captions, their paraphrases "
+                        "and hard negatives (colours/shapes swapped, relation flipped, count changed), top-1 retrieval")
+    add_generation_flags(c)
+    c.add_argument("--count", type=int, default=8, help="captions in the matrix (default 8)")
+    c.set_defaults(func=cmd_clip, cli=cli, out="inspect-clip", prompt="")
+
 
 def one_image_request(args: argparse.Namespace):
     """The request of the flags, as one image (the first of `easel generate ... -n 1`), checked."""
@@ -295,4 +301,28 @@ def cmd_model(args: argparse.Namespace) -> int:
         info = describe(pipe.loaded.model, final_size(req, pipe.config.default_size))
         bar.update(1)
     print(json.dumps(info, indent=1) if args.json else format_report(info))
+    return 0
+
+
+def cmd_clip(args: argparse.Namespace) -> int:
+    """easel inspect clip ..."""
+    from tqdm import tqdm
+    from easel.files import save_image
+    from easel.inspect import clip as cl
+    req = one_image_request(args)
+    captions, columns = cl.caption_batch(args.count, max(req.seed, 0))  # a bad --count fails before the model loads
+    pipe = load_pipeline(args, req)
+    encoder, tok = pipe.loaded.model.text_encoders[0], pipe.loaded.tokenizers[0]
+    with tqdm(total=1, unit="text batch", file=sys.stderr, leave=False) as bar:
+        sims = cl.similarity_matrix(encoder, tok, captions, columns)
+        bar.update(1)
+    scores = cl.retrieval(sims, columns)
+    print(cl.format_scores(scores, len(captions)))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    title = (f"text-text CLIP similarity ({len(captions)} captions; this model ships no image tower): top-1 "
+             f"{scores['top1']:.0%}, with hard negatives {scores['top1_with_negatives']:.0%}")
+    cl.write_npz(out / "clip.npz", sims, captions, columns)
+    print("\n".join(str(p) for p in (save_image(cl.matrix_figure(sims, captions, columns, title), out / "clip.png"),
+                                       out / "clip.npz")))
     return 0
