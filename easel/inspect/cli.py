@@ -17,7 +17,7 @@ def add_inspect_parsers(sub, cli) -> None:
     without this module importing it back (an import cycle)."""
     HIRES_FLAGS, REFINER_FLAGS, add_generation_flags = cli.HIRES_FLAGS, cli.REFINER_FLAGS, cli.add_generation_flags
     p = sub.add_parser("inspect", help="see inside: tokens, denoising steps, per-token cross-attention, forward "
-                       "diffusion, the architecture")
+                       "diffusion, the architecture, CLIP space")
     isub = p.add_subparsers(dest="inspect_command", required=True)
 
     a = isub.add_parser("attention", help="per-token cross-attention heat maps over the image (DAAM)")
