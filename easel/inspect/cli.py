@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 def add_inspect_parsers(sub, cli) -> None:
-    """Register `easel inspect attention|tokens|steps|noise|model`. `cli` is the `easel.cli` module, which passes
+    """Register `easel inspect attention|tokens|steps|noise|model|clip|report`. `cli` is the `easel.cli` module, which passes
     itself so that its flag tables and helpers (add_generation_flags, request_from_args, progress_bar) are reused
     without this module importing it back (an import cycle)."""
     HIRES_FLAGS, REFINER_FLAGS, add_generation_flags = cli.HIRES_FLAGS, cli.REFINER_FLAGS, cli.add_generation_flags
@@ -61,6 +61,13 @@ def add_inspect_parsers(sub, cli) -> None:
     add_generation_flags(c)
     c.add_argument("--count", type=int, default=8, help="captions in the matrix (default 8)")
     c.set_defaults(func=cmd_clip, cli=cli, out="inspect-clip", prompt="")
+
+    r = isub.add_parser("report", help="one offline HTML page (index.html in --out) telling the whole story of one "
+                        "image: prompt, tokens, embeddings, steps, attention, VAE decode, forward diffusion, CLIP")
+    r.add_argument("prompt", help="what to draw")
+    add_generation_flags(r, HIRES_FLAGS, REFINER_FLAGS)
+    r.add_argument("--lang", default="en", help="language of the captions: en or zh (default en)")
+    r.set_defaults(func=cmd_report, cli=cli, out="inspect-report")
 
 
 def one_image_request(args: argparse.Namespace):
@@ -325,4 +332,12 @@ def cmd_clip(args: argparse.Namespace) -> int:
     cl.write_npz(out / "clip.npz", sims, captions, columns)
     print("\n".join(str(p) for p in (save_image(cl.matrix_figure(sims, captions, columns, title), out / "clip.png"),
                                        out / "clip.npz")))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """easel inspect report PROMPT ..."""
+    from easel.inspect.report import captions, write_report
+    captions(args.lang)  # a bad --lang fails before the model loads
+    print(write_report(args))
     return 0
