@@ -48,3 +48,36 @@ def test_bad_lang_is_a_one_line_error(tmp_path, capsys):
     assert main(["inspect", "report", PROMPT, "--lang", "fr", "-o", str(tmp_path / "r")]) == 2
     assert capsys.readouterr().err.strip() == "easel: error: --lang must be one of en, zh (got 'fr')"
     assert not (tmp_path / "r").exists()
+
+
+def chromium() -> str | None:
+    """A Chromium binary ($EASEL_CHROMIUM or the first on PATH), as tests/serve/test_ui_browser.py finds it."""
+    import os
+    import shutil
+    candidates = [os.environ.get("EASEL_CHROMIUM"), *(shutil.which(n) for n in ("chromium", "chromium-browser",
+                                                                             "google-chrome", "google-chrome-stable"))]
+    return next((c for c in candidates if c and os.path.exists(c)), None)
+
+
+@pytest.mark.slow
+def test_the_page_opens_offline_in_a_browser_without_errors(tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    binary = chromium()
+    if binary is None:
+        pytest.skip("no chromium found: `apt-get install chromium` (or set EASEL_CHROMIUM)")
+    import os
+    _, out = make_page(tmp_path)
+    errors, requests = [], []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=binary, args=["--disable-dev-shm-usage"] + (
+            ["--no-sandbox"] if os.geteuid() == 0 else []))
+        page = browser.new_page()
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto((out / "index.html").as_uri())
+        page.wait_for_load_state("load")
+        broken = page.evaluate("[...document.images].filter(i => !i.complete || i.naturalWidth === 0).length")
+        browser.close()
+    assert errors == [] and broken == 0
+    assert requests and all(u.startswith("file://") for u in requests), requests
