@@ -59,7 +59,7 @@ CAPTIONS = {
 
 STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222;background:#fff}
 h1{font-size:1.6em}h2{font-size:1.25em;margin-top:1.6em;border-bottom:1px solid #ddd}
-figure{margin:0.8em 0}img{max-width:100%;height:auto;border:1px solid #eee}
+figure{margin:0.8em 0}img{max-width:100%;height:auto;border:1px solid #eee}img.small{image-rendering:pixelated}
 figcaption,p.caption{color:#444;margin:0.3em 0}pre{background:#f6f6f6;padding:0.6em;overflow-x:auto;font-size:0.85em}
 dl{display:grid;grid-template-columns:max-content auto;gap:0.2em 1em}dt{font-weight:bold}footer{margin-top:2em;color:#777}"""
 
@@ -71,9 +71,10 @@ def captions(lang: str) -> dict:
     return CAPTIONS[lang]
 
 
-def figure(src: str, alt: str) -> str:
-    """An <img> of a file in the page's folder, referenced relatively."""
-    return f'<figure><img src="{html.escape(src)}" alt="{html.escape(alt)}"></figure>'
+def figure(src: str, alt: str, width: int | None = None) -> str:
+    """An <img> of a file in the page's folder, referenced relatively; `width` enlarges a small image (pixelated)."""
+    size = f' class="small" width="{width}"' if width else ""
+    return f'<figure><img src="{html.escape(src)}" alt="{html.escape(alt)}"{size}></figure>'
 
 
 def section(key: str, text: dict, body: str, head: str | None = None) -> str:
@@ -127,7 +128,7 @@ def write_report(args) -> Path:
     parts.append(attention_section(out, text, pipe, cap, result, library, capture_maps, write_attention,
                                    prompt_slots))
     parts.append(decode_section(out, text, st.StepPictures(pipe.loaded), cap))
-    parts.append(section("image", text, figure("image.png", text["image"][0])))
+    parts.append(section("image", text, figure("image.png", text["image"][0], width=max(256, result.image.width))))
     parts.append(noise_section(out, text, pipe, result, max(req.seed, 0)))
     parts.append(clip_section(out, text, pipe, max(req.seed, 0)))
     index = out / "index.html"
