@@ -12,9 +12,9 @@ from pathlib import Path
 
 
 def add_inspect_parsers(sub, cli) -> None:
-    """Register `easel inspect attention|tokens|steps|noise|model|clip|report`. `cli` is the `easel.cli` module, which passes
-    itself so that its flag tables and helpers (add_generation_flags, request_from_args, progress_bar) are reused
-    without this module importing it back (an import cycle)."""
+    """Register `easel inspect attention|tokens|steps|noise|model|clip|report`. `cli` is the `easel.cli` module, which
+    passes itself so that its flag tables and helpers (add_generation_flags, request_from_args, progress_bar) are
+    reused without this module importing it back (an import cycle)."""
     HIRES_FLAGS, REFINER_FLAGS, add_generation_flags = cli.HIRES_FLAGS, cli.REFINER_FLAGS, cli.add_generation_flags
     p = sub.add_parser("inspect", help="see inside: tokens, denoising steps, per-token cross-attention, forward "
                        "diffusion, the architecture, CLIP space")

@@ -60,8 +60,10 @@ CAPTIONS = {
 STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222;background:#fff}
 h1{font-size:1.6em}h2{font-size:1.25em;margin-top:1.6em;border-bottom:1px solid #ddd}
 figure{margin:0.8em 0}img{max-width:100%;height:auto;border:1px solid #eee}img.small{image-rendering:pixelated}
-figcaption,p.caption{color:#444;margin:0.3em 0}pre{background:#f6f6f6;padding:0.6em;overflow-x:auto;font-size:0.85em}
-dl{display:grid;grid-template-columns:max-content auto;gap:0.2em 1em}dt{font-weight:bold}footer{margin-top:2em;color:#777}"""
+p.caption{color:#444;margin:0.3em 0}
+pre{background:#f6f6f6;padding:0.6em;overflow-x:auto;font-size:0.85em}
+dl{display:grid;grid-template-columns:max-content auto;gap:0.2em 1em}
+dt{font-weight:bold}footer{margin-top:2em;color:#777}"""
 
 
 def captions(lang: str) -> dict:
