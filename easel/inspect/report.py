@@ -109,7 +109,7 @@ def params_list(params: dict) -> str:
 def write_report(args) -> Path:
     """Generate once with a Capture, draw every figure from that run into args.out, write index.html; its path."""
     from easel.files import save_image
-    from easel.inspect import cli as icli
+    from easel.inspect import run as icli
     from easel.inspect import steps as st
     from easel.inspect.attention import capture_maps, write_attention
     from easel.inspect.tokens import format_table, prompt_slots, token_table, tokens_figure
@@ -167,8 +167,8 @@ def steps_section(out: Path, text: dict, pipe, cap, result) -> str:
 def attention_section(out: Path, text: dict, pipe, cap, result, library, capture_maps, write_attention,
                       prompt_slots) -> str:
     """The per-word cross-attention overlays of the text used longest (attention.png)."""
-    from easel.inspect.cli import _texts_by_weight
-    texts = _texts_by_weight(cap)
+    from easel.inspect.run import texts_by_weight
+    texts = texts_by_weight(cap)
     if not texts:
         return section("attention", text, "<p>(this model's UNet has no cross-attention layers)</p>")
     slots = prompt_slots(pipe.loaded, texts[0], library)
