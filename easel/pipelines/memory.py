@@ -16,6 +16,7 @@ from pathlib import Path
 from easel.models import vae as vae_mod
 from easel.models.configs import ModelConfig, UNetConfig
 from easel.pipelines.request import GenerationRequest
+from easel.pipelines.sizes import final_size
 
 ITEMSIZE = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 # Multiplies the counted activations: covers allocator fragmentation and the temporaries of conv/GroupNorm
@@ -93,15 +94,10 @@ def pass_sizes(req: GenerationRequest) -> list[tuple[int, int]]:
     w, h = req.width, req.height
     if w is None or h is None:
         raise ValueError("estimate_peak_bytes needs a resolved request (width and height set): call resolved() first")
+    final = final_size(req, w)  # the size arithmetic the modes use
     if req.mode == "outpaint":
-        from easel.pipelines.outpaint import margins
-        left, right, up, down = margins(req)
-        return [(w + left + right, h + up + down)]
-    sizes = [(w, h)]
-    if req.enable_hr:
-        from easel.pipelines.hires import hires_size
-        sizes.append(hires_size(req))
-    return sizes
+        return [final]  # the canvas is all that samples
+    return [(w, h), final] if req.enable_hr and req.mode == "txt2img" else [(w, h)]
 
 
 def req_tiled(req: GenerationRequest) -> bool | None:
