@@ -147,3 +147,10 @@ def test_an_interrupted_batch_comes_out_as_it_stood(tiny_sd1):
     seen.clear()
     hires = Pipeline(tiny_sd1).generate(dataclasses.replace(req, enable_hr=True, hr_scale=2), interrupt_at_step_1)
     assert len(hires) == 1 and hires[0].image.size == (32, 32) and {d["phase"] for d in seen} == {"base"}
+
+
+def test_upscaler_choices_and_labels_name_the_same_upscalers():
+    """request.HR_UPSCALERS (the UI's choices, kept torch-free) and names.UPSCALER_LABELS list one set, in order."""
+    from easel.pipelines.names import UPSCALER_LABELS
+    from easel.pipelines.request import HR_UPSCALERS
+    assert tuple(UPSCALER_LABELS) == HR_UPSCALERS
