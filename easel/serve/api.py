@@ -40,8 +40,9 @@ def router(app: FastAPI) -> APIRouter:
     @r.post("/jobs", status_code=202, summary="Queue a generation request", responses=GENERATION_RESPONSES)
     def submit(body: JobBody) -> JSONResponse:
         data = decode_body_images(body.model_dump(exclude_unset=True), app.state.settings.input_pixels())
+        inspect = bool(data.pop("inspect", False))
         req, model = request_from_body(data)
-        job = enqueue(app, req, model)
+        job = enqueue(app, req, model, inspect=inspect)
         return JSONResponse(job_summary(job, queue), status_code=202,
                             headers={"Location": f"{PREFIX}/jobs/{job.id}"})
 
@@ -106,9 +107,53 @@ def router(app: FastAPI) -> APIRouter:
         job = queue.skip()
         return {"id": job.id if job else None}
 
+    _add_inside(r, find)
     _add_session(r, app)
     _add_lists(r, queue)
     return r
+
+
+GONE = {410: {"description": "The job's capture is no longer kept (or could not be drawn); the message says why",
+              "content": {"application/json": {"schema": ERROR_SCHEMA}}}}
+INSIDE_SCHEMA = {"type": "object", "description": "A job's capture: its passes (schedule and film strip), the token "
+                 "table, the per-token and per-word attention maps", "additionalProperties": True,
+                 "properties": {"passes": {"type": "array"}, "tokens": {"type": "array"},
+                                "attention": {"type": ["object", "null"]}}}
+
+
+def _add_inside(r: APIRouter, find) -> None:
+    """GET /jobs/{id}/inside (the capture of a job submitted with inspect: true) and its pictures."""
+
+    def inside_of(job_id: str):
+        job = find(job_id)
+        if not job.inspect:
+            raise HTTPException(404, f"job {job_id} was not asked to look inside: submit the request with "
+                                     '"inspect": true')
+        if job.state not in FINISHED:
+            raise HTTPException(409, f"job {job_id} is {job.state}; its capture is ready when it is done")
+        if job.inside is None:
+            raise HTTPException(410, f"job {job_id} has no capture: {job.inside_error or job.error or job.state}")
+        return job
+
+    @r.get("/jobs/{job_id}/inside", summary="What happened inside a job submitted with inspect: true: per step "
+           "sigma, x0, latent preview and predicted noise (PNG URLs), the schedule, the token table, one "
+           "cross-attention map per token and per word", responses={200: {"content": {"application/json": {
+               "schema": INSIDE_SCHEMA}}}} | NOT_FOUND | CONFLICT | GONE)
+    def inside(job_id: str, raw: bool = Query(False, description="add each token map's values: rows of floats at the "
+                                                                  "latent's resolution (sums to 1 over all tokens)"),
+               embed: bool = Query(False, description="pictures as data: URLs instead of URLs to fetch")) -> dict:
+        job = inside_of(job_id)
+        out = job.inside.to_dict(f"{PREFIX}/jobs/{job.id}/inside/", raw=raw, embed=embed)
+        return {"id": job.id, "image": f"{PREFIX}/jobs/{job.id}/images/0.png", **out}
+
+    @r.get("/jobs/{job_id}/inside/{name}.png", summary="One picture of a job's capture (named in its inside JSON)",
+           response_class=Response, responses={200: {"content": {"image/png": {
+               "schema": {"type": "string", "format": "binary"}}}}} | NOT_FOUND | CONFLICT | GONE)
+    def inside_picture(job_id: str, name: str) -> Response:
+        files = inside_of(job_id).inside.files
+        if name not in files:
+            raise HTTPException(404, f"job {job_id}'s capture has no picture {name!r}: GET .../inside names them")
+        return Response(files[name], media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
 
 def _add_session(r: APIRouter, app: FastAPI) -> None:
@@ -161,6 +206,7 @@ def job_summary(job: Job, queue) -> dict:
     d = job.to_dict()
     d["position"] = queue.position(job)
     d["images"] = [f"{PREFIX}/jobs/{job.id}/images/{i}.png" for i in range(len(job.results))]
+    d["inside"] = f"{PREFIX}/jobs/{job.id}/inside" if job.inside is not None else None
     return d
 
 

@@ -40,7 +40,8 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
     queue = queue or JobQueue(max_queued=settings.max_queue, default_model=settings.model, dtype=settings.dtype,
                               devices=(settings.device,), keep_finished=settings.keep_finished)
     queue.metrics = queue.metrics or Metrics()
-    queue.admit = lambda req, config: admit(req, settings, config)  # again in the worker, with the model's defaults
+    # again in the worker, with the model's defaults
+    queue.admit = lambda req, config, inspect=False: admit(req, settings, config, inspect)
     redact_access_log()
 
     @asynccontextmanager

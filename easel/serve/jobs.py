@@ -31,7 +31,8 @@ from easel.pipelines.common import Interrupted, Skipped
 from easel.pipelines.request import GenerationRequest
 from easel.serve.models import Loader, ModelCache, builtin_name, default_loader, registry_names
 
-Admit = Callable[[GenerationRequest, object], None]  # (request, model config) -> None, raising when over a limit
+# (request, model config[, inspect]) -> None, raising when over a limit (inspect: the capture's memory counted too)
+Admit = Callable[..., None]
 
 log = logging.getLogger("easel.serve")
 
@@ -41,6 +42,7 @@ FINISHED = (DONE, FAILED, CANCELLED, INTERRUPTED)
 # Job.phase while running: what the worker does now, so that a progress bar can say "loading the model" only
 # when it really loads one.
 LOADING, PREPARING, SAMPLING = "loading_model", "preparing", "sampling"
+INSPECTING = "inspecting"  # after sampling, a job submitted with inspect=True draws its capture (easel.serve.inside)
 GENERATE, LOAD = "generate", "load"  # Job.kind: a generation, or a model load asked for by a settings change
 USER_ERROR, SERVER_ERROR = "user", "server"  # Job.error_kind of a failed job
 _EASEL_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # .../easel/
@@ -74,6 +76,9 @@ class Job:
     kind: str = GENERATE
     results: list = field(default_factory=list)
     runs: int = 0  # how many times a worker took it (always 0 or 1; tests hold us to that)
+    inspect: bool = False  # capture what happens inside (steps, attention, tokens): see easel.serve.inside
+    inside: object | None = None  # the drawn capture (an easel.serve.inside.Inside) once the job is finished
+    inside_error: str | None = None  # why a job submitted with inspect has no capture (failed, or dropped)
     device: str | None = None
     version: int = 0  # bumped on every change so watchers (server-sent events) know when to send
     _flags: set = field(default_factory=set, repr=False)
@@ -141,7 +146,8 @@ class Job:
                 "started": self.started, "finished": self.finished, "step": self.step, "total": self.total,
                 "progress": round(self.step / self.total, 4) if self.total else (1.0 if self.state == DONE else 0.0),
                 "eta_s": self.eta_s(), "error": self.error, "error_kind": self.error_kind, "n_images": len(self.results),
-                "params": [r.params for r in self.results], "request": self.request.to_dict(images="marker")}
+                "params": [r.params for r in self.results], "request": self.request.to_dict(images="marker"),
+                "inspect": self.inspect, "inside_error": self.inside_error}
 
 
 def estimate_steps(req: GenerationRequest) -> int:
@@ -155,10 +161,12 @@ class JobQueue:
 
     def __init__(self, max_queued: int = 16, loader: Loader | None = None, default_model: str | None = None,
                  devices: Sequence[str] = ("cpu",), keep_finished: int = 200, metrics=None,
-                 model_names: Callable[[], list[str]] | None = None, dtype: str = "fp32"):
+                 model_names: Callable[[], list[str]] | None = None, dtype: str = "fp32", keep_inside: int = 16):
         if max_queued < 1:
             raise ValueError(f"max_queued must be at least 1 (got {max_queued})")
         self.max_queued, self.devices, self.keep_finished = max_queued, list(devices), keep_finished
+        self.keep_inside = keep_inside  # finished jobs whose capture (inspect) is kept: the newest ones
+        self._inside: collections.deque[Job] = collections.deque()
         self._known: dict[str, str] = {}  # models the server was started with: name -> path or spec
         self._loader = loader or default_loader(self._known, dtype)
         self._model_names = model_names or registry_names
@@ -245,15 +253,16 @@ class JobQueue:
         return self._enqueue(Job(self._new_id(), GenerationRequest(), model, kind=LOAD, total=0))
 
     # -- submitting and looking up ------------------------------------------------------------------------
-    def submit(self, req: GenerationRequest, model: str | None = None) -> Job:
+    def submit(self, req: GenerationRequest, model: str | None = None, inspect: bool = False) -> Job:
         """Queue a request (checked first: ValueError names the field); QueueFull when the queue has no room.
-        model None runs the default model of the moment the job is queued."""
+        model None runs the default model of the moment the job is queued; `inspect`: also capture and draw what
+        happens inside (Job.inside)."""
         req.check()
         model = self.check_model(model)
         if model is None:
             model = self.default_model
         draw_seeds(req)
-        job = self._enqueue(Job(self._new_id(), req, model, total=estimate_steps(req)))
+        job = self._enqueue(Job(self._new_id(), req, model, total=estimate_steps(req), inspect=inspect))
         log.info("job queued", extra={"event": "job_queued", "job": job.id, "model": model, "mode": req.mode})
         return job
 
@@ -416,12 +425,50 @@ class JobQueue:
         """Run the job's request on `pipe`, after the server's limits with the model's own defaults."""
         config = self._configs.get(job.model)
         if self.admit is not None and config is not None:
-            self.admit(job.request, config)
+            if job.inspect:  # the capture's memory counts too
+                self.admit(job.request, config, True)
+            else:
+                self.admit(job.request, config)
         job._decoder = _preview_decoder(pipe, job.request.preview_mode)
         job._last_t = time.monotonic()
-        # Pipeline.generate writes dtype/device into the request: give it a copy, keep the job's as sent.
-        return pipe.generate(dataclasses.replace(job.request), self._callback(job), on_batch=job._batches.extend,
-                             should_stop=self._should_stop(job))
+        capture = None
+        hooks = {}
+        if job.inspect:
+            from easel.serve.inside import JobCapture
+            capture = hooks["extend_plan"] = JobCapture()
+        try:
+            # Pipeline.generate writes dtype/device into the request: give it a copy, keep the job's as sent.
+            results = pipe.generate(dataclasses.replace(job.request), self._callback(job),
+                                    on_batch=job._batches.extend, should_stop=self._should_stop(job), **hooks)
+        finally:
+            if capture is not None:
+                capture.close()  # the hooks leave the model before any other job runs on it
+        if capture is not None:
+            self._draw_inside(job, capture, results)
+        return results
+
+    def _draw_inside(self, job: Job, capture, results: list) -> None:
+        """Draw a job's capture (Job.inside), keeping the drawings of the newest `keep_inside` jobs only. A
+        drawing that fails costs the job nothing but its capture (Job.inside_error says why)."""
+        from easel.serve.inside import draw_inside
+        if not results:
+            job.inside_error = "the job made no image to look inside (stopped before its first batch finished)"
+            return
+        job.phase = INSPECTING
+        job.version += 1
+        try:
+            job.inside = draw_inside(capture, results, job.request)
+        except Exception as e:
+            job.inside_error = f"the capture could not be drawn: {describe_error(e, SERVER_ERROR)}"
+            log.exception("capture failed", extra={"event": "inside_error", "job": job.id})
+            return
+        with self._cond:
+            self._inside.append(job)
+            while len(self._inside) > self.keep_inside:
+                old = self._inside.popleft()
+                old.inside = None
+                old.inside_error = (f"the capture was dropped: the server keeps those of the last {self.keep_inside} "
+                                    "inspected jobs; submit the request again with inspect: true")
 
     @staticmethod
     def _should_stop(job: Job):

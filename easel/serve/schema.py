@@ -35,6 +35,9 @@ JobBody = create_model(
     "JobBody", __config__=ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra={"example": {
         "prompt": "a red star above a blue circle", "steps": 20, "seed": 42, "model": None}}),
     model=(str | None, Field(None, description="a name from GET /api/v1/models (default: the server's model)")),
+    inspect=(bool, Field(False, description="also capture what happens inside (per-step x0, latent and noise, the "
+                         "schedule, per-token cross-attention maps, the token table): GET /api/v1/jobs/{id}/inside "
+                         "once the job is done. The images are the same as without it.")),
     **_body_fields())
 JobBody.__doc__ = "A generation request: the fields of easel's GenerationRequest (images as base64 text)."
 

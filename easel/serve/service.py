@@ -16,24 +16,27 @@ from easel.serve.schema import MemoryLimit, base_size, check_limits
 from easel.serve.trust import check_names
 
 
-def enqueue(app, req: GenerationRequest, model: str | None = None) -> Job:
-    """Check names, limits and memory, then queue (ValueError / LimitError -> 4xx, QueueFull -> 503)."""
+def enqueue(app, req: GenerationRequest, model: str | None = None, inspect: bool = False) -> Job:
+    """Check names, limits and memory, then queue (ValueError / LimitError -> 4xx, QueueFull -> 503); `inspect`:
+    the job also captures what happens inside (easel.serve.inside)."""
     queue, settings = app.state.queue, app.state.settings
     model = queue.check_model(model)
     check_names(req, queue)
-    admit(req, settings, queue.model_config(model))
-    return queue.submit(req, model)
+    admit(req, settings, queue.model_config(model), inspect)
+    return queue.submit(req, model, inspect=inspect)
 
 
-def admit(req: GenerationRequest, settings, config=None) -> None:
-    """The server's limits on a request, and its memory estimate once the model's config is known."""
+def admit(req: GenerationRequest, settings, config=None, inspect: bool = False) -> None:
+    """The server's limits on a request, and its memory estimate (with the capture's, for `inspect`) once the
+    model's config is known."""
     check_limits(req, settings, config)
     if config is not None:
-        check_memory(req, settings, config)
+        check_memory(req, settings, config, inspect)
 
 
-def check_memory(req: GenerationRequest, settings, config) -> None:
-    """MemoryLimit (413) when the request's estimated peak memory on this model is over settings.max_memory_bytes."""
+def check_memory(req: GenerationRequest, settings, config, inspect: bool = False) -> None:
+    """MemoryLimit (413) when the request's estimated peak memory on this model (plus what its capture holds, for
+    `inspect`) is over settings.max_memory_bytes."""
     if not settings.max_memory_bytes:
         return
     from easel.pipelines.memory import MemoryLimitError, check_fits, estimate_peak_bytes
@@ -43,12 +46,17 @@ def check_memory(req: GenerationRequest, settings, config) -> None:
     # A refiner is counted as a second model of the base's size: an SDXL refiner (one text encoder, a smaller
     # UNet) is smaller than its base, so this bounds it without loading it first.
     refiner = config if req.refiner_checkpoint else None
+    extra = 0
+    if inspect:
+        from easel.serve.inside import capture_bytes
+        extra = capture_bytes(config, resolved)
     try:
-        check_fits(config, resolved, settings.max_memory_bytes, refiner)
+        check_fits(config, resolved, settings.max_memory_bytes - extra, refiner)
     except MemoryLimitError as e:
-        raise MemoryLimit(f"{e} (this server's max_memory is {settings.max_memory_bytes} bytes; "
+        counted = f", less {extra} bytes for the capture of \"inspect\": true" if extra else ""
+        raise MemoryLimit(f"{e} (this server's max_memory is {settings.max_memory_bytes} bytes{counted}; "
                           "start it with a higher --max-memory to allow more)",
-                          estimate_peak_bytes(config, resolved, refiner), settings.max_memory_bytes) from None
+                          estimate_peak_bytes(config, resolved, refiner) + extra, settings.max_memory_bytes) from None
 
 
 def failure(job: Job) -> tuple[int, str]:
