@@ -260,7 +260,7 @@ def run_and_save(args: argparse.Namespace, req: GenerationRequest, model: str | 
     req.check()  # fail before the (slow) model load
     requested_networks(req)  # an unknown LoRA too (the error lists the LoRAs there are)
     pipe = easel.load(model, dtype=args.dtype, device=args.device, vae=args.vae, tokenizer=args.tokenizer,
-                      prediction=args.prediction)
+                      prediction=args.prediction, compile=getattr(args, "compile", False))
     out = Path(args.out)
     sink = preview_sink(out, req)
     with progress_bar(req) as cb:
@@ -389,6 +389,68 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    """easel batch FILE: every line's images, compatible lines batched, resumable, sharded by torchrun's RANK."""
+    import easel
+    from easel.pipelines.batch_run import BatchFileError, pending_groups, read_batch_file, run_batch, shard
+    from easel.pipelines.networks import requested_networks
+    if args.seed is not None and args.seed < 0:
+        raise ValueError("easel batch needs a fixed --seed (0 or more): a resumed or sharded run must draw the same "
+                         "seeds; leave it out for 0")
+    lines = read_batch_file(args.file, batch_defaults(args), args.seed or 0)
+    errors = []
+    for line in lines:  # an unknown LoRA fails now, before the model load, naming its line
+        try:
+            requested_networks(line.request)
+        except (ValueError, OSError) as e:
+            errors.append(f"line {line.number}: {error_line(e)}")
+    if errors:
+        raise BatchFileError(args.file, errors)
+    rank, world = shard()
+    todo, skipped = pending_groups(lines, args.out, args.max_batch, rank, world)
+    shard_text = f" (process {rank + 1} of {world})" if world > 1 else ""
+    written = []
+    if todo:  # a finished run (or shard) needs no model
+        pipe = easel.load(args.model, dtype=args.dtype, device=args.device, vae=args.vae, tokenizer=args.tokenizer,
+                          prediction=args.prediction, compile=args.compile)
+        written = run_batch(pipe, todo, args.out, on_image=lambda p: print(p, flush=True),
+                            desc=f"batch {rank + 1}/{world}" if world > 1 else "batch")
+    print(f"batch{shard_text}: {len(written)} images written, {skipped} already there, in {args.out}",
+          file=sys.stderr)
+    return 0
+
+
+def batch_defaults(args: argparse.Namespace) -> dict:
+    """The request fields given as flags to `easel batch` (every line's defaults; its own fields win)."""
+    fields = {name: getattr(args, name) for name in ALL_FLAGS if getattr(args, name, None) is not None}
+    fields.pop("seed", None)  # --seed is the first line's seed; later lines count up from it
+    if args.loras:
+        fields["loras"] = list(args.loras)
+    if args.seed_resize_from:
+        fields["seed_resize_from_w"], fields["seed_resize_from_h"] = parse_size(args.seed_resize_from,
+                                                                                "--seed-resize-from")
+    return fields
+
+
+def add_batch_parser(sub) -> None:
+    """The `batch` sub-command."""
+    b = sub.add_parser("batch", help="many images from a file: one prompt or JSON request per line, resumable, "
+                                     "shardable with torchrun")
+    b.add_argument("file", help="text file: one prompt per line, or one JSON object of request fields per line "
+                                "(e.g. {\"prompt\": \"a red star\", \"steps\": 8}); blank and # lines skipped")
+    add_generation_flags(b, HIRES_FLAGS)
+    b.add_argument("--max-batch", type=int, default=4, help="images sampled together in one model batch, joining "
+                   "consecutive lines of the same size, steps and sampler (default 4)")
+    add_compile_flag(b)
+    b.set_defaults(func=cmd_batch)
+
+
+def add_compile_flag(p: argparse.ArgumentParser) -> None:
+    """--compile: the UNet through torch.compile, compiled code cached on disk."""
+    p.add_argument("--compile", action="store_true", help="run the UNet through torch.compile (slow first run; "
+                   "the compiled code is cached on disk for the next ones)")
+
+
 def add_generation_flags(p: argparse.ArgumentParser, *tables: dict) -> None:
     """The request flags every generating command takes, the given mode tables, model flags and --out."""
     add_request_flags(p)
@@ -432,8 +494,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", nargs="?", help="what to draw")
     add_generation_flags(g, HIRES_FLAGS, REFINER_FLAGS)
     g.add_argument("--from", dest="from_image", help="reproduce the image whose parameters this PNG carries")
+    add_compile_flag(g)
     g.set_defaults(func=cmd_generate)
     add_edit_parsers(sub)
+    add_batch_parser(sub)
 
     i = sub.add_parser("info", help="print the generation parameters stored in a PNG")
     i.add_argument("image")
