@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 from easel.inspect.run import (captured_run, first_text, load_pipeline, one_image_request, save_result,
@@ -63,6 +64,9 @@ def add_inspect_parsers(sub, cli) -> None:
                         "and hard negatives (colours/shapes swapped, relation flipped, count changed), top-1 retrieval")
     add_generation_flags(c)
     c.add_argument("--count", type=int, default=8, help="captions in the matrix (default 8)")
+    c.add_argument("--image-tower", default=None, help="a CLIP image tower fitted to this model's text encoder "
+                   "(python3 -m easel.training.clip_image_tower); the built-in model ships its own")
+    c.add_argument("--text-only", action="store_true", help="the text-text matrix even where an image tower exists")
     c.set_defaults(func=cmd_clip, cli=cli, out="inspect-clip", prompt="")
 
     r = isub.add_parser("report", help="one offline HTML page (index.html in --out) telling the whole story of one "
@@ -249,25 +253,16 @@ def cmd_model(args: argparse.Namespace) -> int:
 
 def cmd_clip(args: argparse.Namespace) -> int:
     """easel inspect clip ..."""
-    from tqdm import tqdm
-    from easel.files import save_image
-    from easel.inspect import clip as cl
     req = one_image_request(args)
-    captions, columns = cl.caption_batch(args.count, max(req.seed, 0))  # a bad --count fails before the model loads
+    from easel.inspect import clip as cl
+    cl.caption_batch(args.count, 0)  # a bad --count fails before the model loads
     pipe = load_pipeline(args, req)
-    encoder, tok = pipe.loaded.model.text_encoders[0], pipe.loaded.tokenizers[0]
-    with tqdm(total=1, unit="text batch", file=sys.stderr, leave=False) as bar:
-        sims = cl.similarity_matrix(encoder, tok, captions, columns)
-        bar.update(1)
-    scores = cl.retrieval(sims, columns)
-    print(cl.format_scores(scores, len(captions)))
+    tower = None if args.text_only else cl.image_tower(args.image_tower, pipe.loaded)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    title = (f"text-text CLIP similarity ({len(captions)} captions; this model ships no image tower): top-1 "
-             f"{scores['top1']:.0%}, with hard negatives {scores['top1_with_negatives']:.0%}")
-    cl.write_npz(out / "clip.npz", sims, captions, columns)
-    print("\n".join(str(p) for p in (save_image(cl.matrix_figure(sims, captions, columns, title), out / "clip.png"),
-                                       out / "clip.npz")))
+    write = cl.write_text_text if tower is None else partial(cl.write_image_text, tower=tower)
+    paths, lines = write(pipe.loaded, args.count, max(req.seed, 0), out)
+    print("\n".join(lines + [str(p) for p in paths]))
     return 0
 
 

@@ -6,7 +6,7 @@ import html
 from pathlib import Path
 
 # The page's order is the story's: from the prompt to the image, then how the UNet was trained, then CLIP.
-SECTIONS = ("prompt", "tokens", "embeddings", "steps", "attention", "decode", "image", "noise", "clip")
+SECTIONS = ("prompt", "tokens", "embeddings", "steps", "attention", "decode", "image", "judge", "noise", "clip")
 
 CAPTIONS = {
     "en": {
@@ -27,6 +27,9 @@ CAPTIONS = {
         "decode": ("VAE decode", "The UNet works on a small latent (its channels, left); the VAE decoder turns the "
                    "final latent into pixels (right)."),
         "image": ("The image", "The result, saved with the parameters that reproduce it."),
+        "judge": ("Did it follow the prompt?", "The ShapeWorld judge finds the objects in the image and checks the "
+                  "prompt word by word. Each word's attention map is framed green if the image follows it, red if "
+                  "not."),
         "noise": ("Forward diffusion: how it was trained", "Training adds noise to an image's latent at random "
                   "timesteps and teaches the UNet to predict that noise. This row noises this image's latent from "
                   "timestep 0 to the last."),
@@ -34,6 +37,13 @@ CAPTIONS = {
                            "SNR) and the matching sigmas."),
         "clip": ("CLIP", "The text encoder comes from CLIP, trained so that matching captions and images lie close "
                  "together. Similarity of captions, their paraphrases and hard negatives (brighter is closer)."),
+        "clip_images": ("CLIP", "The text encoder comes from CLIP, trained so that matching images and captions lie "
+                        "close together and mismatched ones apart. Rows: images; columns: their captions and hard "
+                        "negatives (colours or shapes swapped, relation flipped, count changed); brighter is closer."),
+        "nearest": ("Nearest captions", "The captions CLIP puts closest to each image (green: the image's own)."),
+        "passed": "The judge: the image follows the prompt.",
+        "failed": "The judge: the image does not follow the prompt",
+        "seen": "Objects found",
         "footer": "Made by easel inspect report. Every figure was drawn from this run.",
     },
     "zh": {
@@ -53,6 +63,14 @@ CAPTIONS = {
         "noise_schedule": ("训练噪声调度", "每个时间步剩余多少信号（alphas_cumprod、信噪比）以及对应的 sigma。"),
         "clip": ("CLIP", "文本编码器来自 CLIP，它被训练成让匹配的文字和图像彼此靠近。图中是描述、其改写和困难负例之间的相似度"
                  "（越亮越接近）。"),
+        "clip_images": ("CLIP", "文本编码器来自 CLIP，它被训练成让匹配的图像和文字彼此靠近、不匹配的彼此远离。行：图像；列：它们的描述"
+                        "和困难负例（颜色或形状互换、关系颠倒、数量改变）；越亮越接近。"),
+        "nearest": ("最接近的描述", "CLIP 认为与每张图像最接近的描述（绿色：图像自己的描述）。"),
+        "judge": ("图像是否遵循了提示词？", "ShapeWorld 评判器找出图像中的物体，逐词检查提示词。图像遵循了的词，其注意力图加绿框；"
+                  "没有遵循的加红框。"),
+        "passed": "评判结果：图像遵循了提示词。",
+        "failed": "评判结果：图像没有遵循提示词",
+        "seen": "找到的物体",
         "footer": "由 easel inspect report 生成。所有图都来自这一次运行。",
     },
 }
@@ -63,7 +81,10 @@ figure{margin:0.8em 0}img{max-width:100%;height:auto;border:1px solid #eee}img.s
 p.caption{color:#444;margin:0.3em 0}
 pre{background:#f6f6f6;padding:0.6em;overflow-x:auto;font-size:0.85em}
 dl{display:grid;grid-template-columns:max-content auto;gap:0.2em 1em}
-dt{font-weight:bold}footer{margin-top:2em;color:#777}"""
+dt{font-weight:bold}footer{margin-top:2em;color:#777}
+.words{display:flex;flex-wrap:wrap;gap:0.8em}.word{width:200px}.word img{border:4px solid;width:100%}
+.ok img{border-color:#1a7f37}.miss img{border-color:#c62828}.word p{margin:0.2em 0;font-size:0.85em}
+.ok b{color:#1a7f37}.miss b{color:#c62828}"""
 
 
 def captions(lang: str) -> dict:
@@ -127,10 +148,13 @@ def write_report(args) -> Path:
     save_image(tokens_figure(pipe.loaded, first, req.clip_skip, library), out / "tokens.png")
     parts.append(section("embeddings", text, figure("tokens.png", text["embeddings"][0])))
     parts.append(steps_section(out, text, pipe, cap, result))
-    parts.append(attention_section(out, text, pipe, cap, result, library, capture_maps, write_attention,
-                                   prompt_slots))
+    attention, word_files = attention_section(out, text, pipe, cap, result, library, capture_maps, write_attention,
+                                              prompt_slots)
+    parts.append(attention)
     parts.append(decode_section(out, text, st.StepPictures(pipe.loaded), cap))
     parts.append(section("image", text, figure("image.png", text["image"][0], width=max(256, result.image.width))))
+    if is_builtin(pipe.loaded):
+        parts.append(judge_section(text, first, result.image, word_files))
     parts.append(noise_section(out, text, pipe, result, max(req.seed, 0)))
     parts.append(clip_section(out, text, pipe, max(req.seed, 0)))
     index = out / "index.html"
@@ -165,15 +189,41 @@ def steps_section(out: Path, text: dict, pipe, cap, result) -> str:
 
 
 def attention_section(out: Path, text: dict, pipe, cap, result, library, capture_maps, write_attention,
-                      prompt_slots) -> str:
-    """The per-word cross-attention overlays of the text used longest (attention.png)."""
+                      prompt_slots) -> tuple[str, list[Path]]:
+    """The per-word cross-attention overlays of the text used longest (attention.png), and each word's own
+    overlay file (words/NN-word.png, in the prompt's order)."""
     from easel.inspect.run import texts_by_weight
     texts = texts_by_weight(cap)
     if not texts:
-        return section("attention", text, "<p>(this model's UNet has no cross-attention layers)</p>")
+        return section("attention", text, "<p>(this model's UNet has no cross-attention layers)</p>"), []
     slots = prompt_slots(pipe.loaded, texts[0], library)
-    write_attention(out, result.image, capture_maps(cap, texts[0])[0], slots)
-    return section("attention", text, figure("attention.png", text["attention"][0]))
+    written = write_attention(out, result.image, capture_maps(cap, texts[0])[0], slots)
+    return section("attention", text, figure("attention.png", text["attention"][0])), written["words"]
+
+
+def is_builtin(loaded) -> bool:
+    """Whether the model is the shipped ShapeWorld one (the judge only reads ShapeWorld images)."""
+    from easel.weights.registry import BUILTIN_FILE
+    return bool(loaded.source) and Path(loaded.source).resolve() == BUILTIN_FILE.resolve()
+
+
+def judge_section(text: dict, prompt: str, image, word_files: list[Path]) -> str:
+    """The judge's verdict, and each judged word's attention map framed green (followed) or red (not)."""
+    from easel.inspect.judged import judge_prompt
+    judged = judge_prompt(prompt, image)
+    if judged is None:
+        return section("judge", text, "<p>(the prompt is not in the ShapeWorld caption grammar: nothing to judge)</p>")
+    head = (f"<p><b>{html.escape(text['passed'])}</b></p>" if judged.passed else
+            f"<p><b>{html.escape(text['failed'])}</b>: {html.escape(judged.reason)}</p>")
+    head += f"<p>{html.escape(text['seen'])}: {html.escape(judged.seen)}</p>"
+    cards = []
+    for w in judged.words:
+        src = next((p for p in word_files if p.stem.split("-", 1)[-1] == w.word), None)
+        img = f'<img src="words/{html.escape(src.name)}" alt="{html.escape(w.word)}">' if src else ""
+        mark = "&#10003;" if w.followed else "&#10007;"
+        cards.append(f'<div class="word {"ok" if w.followed else "miss"}">{img}<p><b>{mark} {html.escape(w.word)}</b> '
+                     f"({w.kind}): {html.escape(w.reason)}</p></div>")
+    return section("judge", text, head + f'<div class="words">{"".join(cards)}</div>')
 
 
 def decode_section(out: Path, text: dict, pics, cap) -> str:
@@ -205,13 +255,13 @@ def noise_section(out: Path, text: dict, pipe, result, seed: int) -> str:
 
 
 def clip_section(out: Path, text: dict, pipe, seed: int) -> str:
-    """The text-text CLIP similarity matrix of ShapeWorld captions (the built-in model ships no image tower)."""
-    from easel.files import save_image
-    from easel.inspect import clip as cl
-    captions_, columns = cl.caption_batch(8, seed)
-    sims = cl.similarity_matrix(pipe.loaded.model.text_encoders[0], pipe.loaded.tokenizers[0], captions_, columns)
-    scores = cl.retrieval(sims, columns)
-    title = (f"text-text CLIP similarity ({len(captions_)} captions): top-1 {scores['top1']:.0%}, with hard "
-             f"negatives {scores['top1_with_negatives']:.0%}")
-    save_image(cl.matrix_figure(sims, captions_, columns, title), out / "clip.png")
-    return section("clip", text, figure("clip.png", text["clip"][0]))
+    """The image-text CLIP matrix and nearest captions where the model has an image tower, else the text-text
+    matrix of ShapeWorld captions."""
+    from easel.inspect.clip import image_tower, write_image_text, write_text_text
+    tower = image_tower(None, pipe.loaded)
+    if tower is None:
+        write_text_text(pipe.loaded, 8, seed, out)
+        return section("clip", text, figure("clip.png", text["clip"][0]))
+    write_image_text(pipe.loaded, 8, seed, out, tower)
+    return section("clip", text, figure("clip.png", text["clip_images"][0])
+                   + sub("nearest", text, figure("nearest.png", text["nearest"][0])), head="clip_images")

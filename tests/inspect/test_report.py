@@ -10,7 +10,7 @@ from easel.cli import main
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT = "a red star above a blue circle"
 FAST = ["--steps", "2", "--seed", "7", "--sampler", "euler"]
-SECTIONS = ("prompt", "tokens", "embeddings", "steps", "attention", "decode", "image", "noise", "clip")
+SECTIONS = ("prompt", "tokens", "embeddings", "steps", "attention", "decode", "image", "judge", "noise", "clip")
 
 
 @pytest.fixture(autouse=True)
@@ -34,7 +34,8 @@ def test_the_page_has_every_section_in_order_and_only_local_files(tmp_path, caps
     sources = re.findall(r'(?:src|href)="([^"]+)"', page)
     assert len(sources) >= len(SECTIONS)
     for src in sources:
-        assert "/" not in src and (out / src).is_file(), src  # beside the page, and written
+        assert not src.startswith(("/", "..")) and ":" not in src and (out / src).is_file(), src  # inside the folder
+    assert "Did it follow the prompt?" in page and ("&#10003; red" in page or "&#10007; red" in page)
     assert "Cross-attention per word" in page and "red star" in page
 
 
