@@ -1,6 +1,7 @@
 """Screenshots of every tab of the web UI, taken in headless chromium against a real server on the built-in model.
 
     python scripts/ui_screenshots.py                 # writes docs/ui/{desktop,queue,lightbox,img2img,...}.png
+    python scripts/ui_screenshots.py --only inside   # just the Inside tab: docs/ui/inside.png, inside-phone.png
     python scripts/ui_screenshots.py --out /tmp/shots --chromium /usr/bin/chromium
 
 Needs `pip install playwright` and a chromium binary (Debian: `apt-get install chromium`); no browser download.
@@ -129,6 +130,25 @@ def take_tabs(page, out: Path, steps: int) -> None:
     shoot(page, out, "pnginfo")
 
 
+def take_inside(page, out: Path, steps: int, name: str = "inside", full_page: bool = True) -> None:
+    """The Inside tab after a generation with "Capture inside": the film strip a third of the way, "star"'s map."""
+    set_fields(page, prompt=PROMPT, steps=steps, seed=3, batch_size=1)
+    page.check("#inspect")
+    generate(page)
+    job = page.get_attribute("body", "data-finished")
+    page.wait_for_function("id => document.body.dataset.inside === id", arg=job)
+    page.click("#tab-inside")
+    page.focus("#inside-step")
+    page.keyboard.press("Home")
+    for _ in range(int(page.get_attribute("#inside-step", "max")) // 3):  # a third of the way: the shapes emerge
+        page.keyboard.press("ArrowRight")
+    page.click("#inside-tokens .token:text-is('star')")
+    page.wait_for_function("[...document.querySelectorAll('#inside-view img')].every((i) => i.complete)")
+    page.evaluate("document.activeElement && document.activeElement.blur(); window.scrollTo(0, 0)")
+    page.screenshot(path=str(out / f"{name}.png"), full_page=full_page)
+    print(f"wrote {out / f'{name}.png'}")
+
+
 def open_page(browser, url: str, viewport: dict, scale: int, scheme: str):
     """A fresh browser context (no saved form) on the UI, ready to use."""
     context = browser.new_context(viewport=viewport, device_scale_factor=scale, color_scheme=scheme)
@@ -138,8 +158,18 @@ def open_page(browser, url: str, viewport: dict, scale: int, scheme: str):
     return context, page
 
 
+def take_inside_views(browser, url: str, out: Path, steps: int) -> None:
+    """inside.png (desktop, dark) and inside-phone.png (390 px, light)."""
+    for name, viewport, scale, scheme in (("inside", {"width": 1280, "height": 900}, 1, "dark"),
+                                          ("inside-phone", {"width": 390, "height": 844}, 2, "light")):
+        context, page = open_page(browser, url, viewport, scale, scheme)
+        take_inside(page, out, steps, name, full_page=name == "inside")  # the phone: what the first screen shows
+        context.close()
+
+
 def take_all(browser, url: str, out: Path, steps: int) -> None:
-    """Every picture of the README's web UI section: desktop, queue, full-size view, tabs, phone (dark, light)."""
+    """Every picture of the README's web UI section: desktop, queue, full-size view, tabs, phone (dark, light),
+    the Inside tab."""
     desktop = {"width": 1280, "height": 1000}
     for take in (take_queue_and_full_view, take_tabs):
         context, page = open_page(browser, url, desktop, 1, "dark")
@@ -151,6 +181,7 @@ def take_all(browser, url: str, out: Path, steps: int) -> None:
         generate(page)
         shoot(page, out, f"phone-{scheme}")
         context.close()
+    take_inside_views(browser, url, out, steps)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chromium", default=os.environ.get("EASEL_CHROMIUM") or shutil.which("chromium"),
                     help="chromium or chrome binary (default: chromium on PATH)")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--only", choices=["inside"], help="take only these pictures")
     args = ap.parse_args(argv)
     if not args.chromium:
         sys.exit("no chromium found: apt-get install chromium, or pass --chromium PATH")
@@ -170,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=args.chromium,
                                         args=["--disable-dev-shm-usage"] + (["--no-sandbox"] if os.geteuid() == 0 else []))
-            take_all(browser, url, args.out, args.steps)
+            (take_inside_views if args.only == "inside" else take_all)(browser, url, args.out, args.steps)
             browser.close()
     finally:
         server.should_exit = True

@@ -126,6 +126,7 @@ def draw_inside(cap: JobCapture, results: list, req) -> Inside:
     inside.data["passes"] = [_draw_pass(inside, loaded, run, sigmas, n, image.width)
                              for n, (run, sigmas) in enumerate(cap.passes)]
     inside.data["tokens"] = _token_rows(loaded, text, req.clip_skip)
+    inside.data["slots_per_chunk"] = min(e.max_position_embeddings for e in loaded.model.config.text_encoders)
     inside.data["attention"] = _draw_attention(inside, cap, text, image) if texts else None
     return inside
 

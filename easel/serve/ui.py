@@ -28,7 +28,8 @@ from easel.serve.settings import TOKEN_COOKIE
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 # The only files /ui/<name> serves (a fixed list, so no request can reach outside the folder).
 ASSETS = {"ui.css": "text/css", "ui.js": "text/javascript", "canvas.js": "text/javascript",
-          "gallery.js": "text/javascript", "form.js": "text/javascript", "jobs.js": "text/javascript"}
+          "gallery.js": "text/javascript", "form.js": "text/javascript", "jobs.js": "text/javascript",
+          "inside.js": "text/javascript"}
 PROMPT_CHARS = 200  # of each job's prompt in the queue list (the full prompt is in its images' parameters)
 UNREADABLE = {400: {"description": "No image, not an image, or one over the server's input pixel limit",
                     "content": {"application/json": {"schema": ERROR_SCHEMA}}}}
@@ -94,7 +95,8 @@ def ui_job(job, queue, full: bool = False) -> dict:
     out = {"id": job.id, "state": job.state, "mode": job.request.mode, "prompt": job.request.prompt[:PROMPT_CHARS],
            "step": job.step, "total": job.total, "eta_s": job.eta_s(), "position": queue.position(job),
            "created": job.created, "started": job.started, "finished": job.finished, "error": job.error,
-           "n_images": len(job.results)}
+           "n_images": len(job.results), "inspect": job.inspect,
+           "inside": f"{PREFIX}/jobs/{job.id}/inside" if job.inside is not None else None}
     if full:
         from easel.pipelines.metadata import infotext
         out.update(images=[f"{PREFIX}/jobs/{job.id}/images/{i}.png" for i in range(len(job.results))],

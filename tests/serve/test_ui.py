@@ -222,8 +222,10 @@ def test_every_import_between_scripts_exists():
 def test_form_fields_are_request_fields():
     fields = dict(re.findall(r'id="([\w-]+)" data-field="(\w+)"', HTML))
     assert all(k == v for k, v in fields.items())  # the id is the field name (the scripts rely on it)
-    schema = {f.name for f in dataclasses.fields(GenerationRequest)}
+    schema = {f.name for f in dataclasses.fields(GenerationRequest)} | {"inspect"}  # inspect: a job option
     assert set(fields.values()) <= schema
+    from easel.serve.schema import JobBody
+    assert set(fields.values()) <= set(JobBody.model_fields)  # the page posts them to /api/v1/jobs
     wanted = {"prompt", "negative_prompt", "sampler", "scheduler", "steps", "cfg_scale", "seed", "width", "height",
               "batch_size", "n_iter", "denoising_strength", "enable_hr", "hr_scale", "hr_upscaler",
               "hr_second_pass_steps", "hr_denoising_strength", "mask_blur", "inpainting_fill", "outpaint_left",

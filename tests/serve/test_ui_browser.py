@@ -88,7 +88,8 @@ def sample_png(path) -> str:
 
 def test_txt2img_generates_and_shows_parameters(ui):
     page, server = ui
-    assert page.locator("#tabs [role=tab]").all_inner_texts() == ["txt2img", "img2img", "Inpaint", "Outpaint", "PNG info"]
+    assert page.locator("#tabs [role=tab]").all_inner_texts() == ["txt2img", "img2img", "Inpaint", "Outpaint", "PNG info",
+                                                                 "Inside"]
     assert "Euler a" in page.locator("#sampler option").all_inner_texts()  # lists come from the server
     assert "Karras" in page.locator("#scheduler option").all_inner_texts()
     assert page.input_value("#width") == "64"  # the built-in model's own size, read from its file header
@@ -411,9 +412,9 @@ def test_tabs_follow_the_arrow_keys(ui):
         return on[0]
 
     page.focus("#tab-txt2img")
-    for key, want in [("ArrowRight", "img2img"), ("ArrowRight", "inpaint"), ("End", "pnginfo"),
-                      ("ArrowRight", "txt2img"), ("ArrowLeft", "pnginfo"), ("Home", "txt2img"),
-                      ("ArrowLeft", "pnginfo"), ("ArrowLeft", "outpaint")]:
+    for key, want in [("ArrowRight", "img2img"), ("ArrowRight", "inpaint"), ("End", "inside"),
+                      ("ArrowRight", "txt2img"), ("ArrowLeft", "inside"), ("Home", "txt2img"),
+                      ("ArrowLeft", "inside"), ("ArrowLeft", "pnginfo"), ("ArrowLeft", "outpaint")]:
         page.keyboard.press(key)
         assert selected() == want, key
     assert page.is_visible("#outpaint_left") and page.get_attribute("#generate-view", "aria-labelledby") == "tab-outpaint"
@@ -438,14 +439,15 @@ def test_phone_layout(browser, start_server):
 
     def assert_fits():
         assert page.evaluate("document.documentElement.scrollWidth") <= width
-        for box in (page.locator("#tabs [role=tab]").nth(i).bounding_box() for i in range(5)):
+        for box in (page.locator("#tabs [role=tab]").nth(i).bounding_box() for i in range(6)):
             assert box["x"] >= 0 and box["x"] + box["width"] <= width, box
 
     assert_fits()
     page.fill("#prompt", PROMPT)
     page.fill("#steps", "2")
     page.fill("#batch_size", "2")
-    generate(page)
+    page.check("#inspect")
+    job_id = generate(page)
     page.wait_for_function("document.getElementById('selected-image').naturalWidth === 64")
     assert_fits()
     button, image = page.locator("#generate").bounding_box(), page.locator("#selected-image").bounding_box()
@@ -453,12 +455,70 @@ def test_phone_layout(browser, start_server):
     style = "([id, p]) => getComputedStyle(document.getElementById(id))[p]"
     colour = lambda i, prop: rgb(page.evaluate(style, [i, prop]))  # noqa: E731
     assert contrast(colour("generate", "color"), colour("generate", "backgroundColor")) >= 4.5
-    for tab in ("inpaint", "outpaint", "pnginfo"):
+    for tab in ("inpaint", "outpaint", "pnginfo", "inside"):
         page.click(f"#tab-{tab}")
         assert_fits()
+    page.wait_for_function("id => document.body.dataset.inside === id", arg=job_id)
+    assert_fits()  # the Inside tab's film strip, maps and token table in one column (the table scrolls by itself)
+    film, tokens = page.locator(".film").bounding_box(), page.locator("#inside-tokens").bounding_box()
+    assert tokens["y"] > film["y"] + film["height"]
     page.click("#tab-inpaint")
     page.click("#generate")  # no image: an error shows
     assert colour("output", "backgroundColor") == "#ffffff"  # light scheme
     assert contrast(colour("error", "color"), colour("output", "backgroundColor")) >= 4.5
     context.close()
     assert not errors, errors
+
+
+def test_inside_tab_after_a_captured_generation(ui):
+    """Generate with "Capture inside": the Inside tab shows the run's film strip (the slider moves by keyboard
+    and mouse, sigma follows the schedule), a click on a token shows its map, and the token table."""
+    page, server = ui
+    page.click("#tab-inside")
+    assert page.is_visible("#inside-empty") and page.is_hidden("#inside-content")
+    page.click("#tab-txt2img")
+    page.fill("#prompt", PROMPT)
+    page.fill("#steps", "6")
+    page.fill("#seed", "3")
+    page.fill("#batch_size", "1")
+    page.check("#inspect")
+    job_id = generate(page)
+    page.wait_for_function("id => document.body.dataset.inside === id", arg=job_id)
+    job = server.queue.get(job_id)
+    assert job.inspect and job.inside is not None
+    sigmas = job.inside.data["passes"][0]["sigmas"]
+
+    page.click("#tab-inside")
+    assert page.is_visible("#inside-content") and page.is_hidden("#inside-empty")
+    assert page.get_attribute("#inside-step", "max") == "5"
+    assert page.inner_text("#inside-step-text") == f"6/6 \u00b7 sigma {sigmas[5]:.3g}"  # the last step first
+    page.focus("#inside-step")
+    page.keyboard.press("Home")
+    assert page.inner_text("#inside-step-text") == f"1/6 \u00b7 sigma {sigmas[0]:.3g}"
+    page.keyboard.press("ArrowRight")
+    assert page.inner_text("#inside-step-text").startswith("2/6")
+    assert page.get_attribute("#inside-x0", "src").endswith("/inside/pass0-step1-x0.png")
+    page.wait_for_function("['x0', 'latent', 'noise'].every((k) => document.getElementById('inside-' + k)"
+                           ".naturalWidth > 0)")
+    marker = page.locator("#inside-schedule .now")
+    assert marker.get_attribute("cx") == page.locator("#inside-schedule .dot").nth(1).get_attribute("cx")
+    box = page.locator("#inside-step").bounding_box()  # a click at the right end: the last step
+    page.mouse.click(box["x"] + box["width"] - 2, box["y"] + box["height"] / 2)
+    assert page.inner_text("#inside-step-text").startswith("6/6")
+    page.click("#inside-strip .frame >> nth=2")  # a frame of the strip
+    assert page.inner_text("#inside-step-text").startswith("3/6")
+
+    red = page.locator("#inside-tokens .token[data-key='2']")
+    assert red.inner_text().split() == ["2", "red"]
+    red.click()
+    assert red.get_attribute("aria-pressed") == "true"
+    assert page.get_attribute("#inside-map", "src").endswith("/inside/token-2.png")
+    assert "token 2: red" in page.inner_text("#inside-map-caption")
+    page.wait_for_function("document.getElementById('inside-map').naturalWidth > 0")
+    page.keyboard.press("Tab")  # the next token takes focus; Enter shows it
+    page.keyboard.press("Enter")
+    assert page.get_attribute("#inside-map", "src").endswith("/inside/token-3.png")
+    rows = page.locator("#inside-table tbody tr")
+    assert rows.count() == len(job.inside.data["tokens"])
+    assert rows.nth(2).locator("td").all_inner_texts()[:4] == ["2", "549", "red", "red"]
+    assert rows.last.locator("td").nth(2).inner_text() == "<pad> \u00d768"

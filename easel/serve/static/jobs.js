@@ -3,6 +3,7 @@
 // polled, so that a queue of many jobs holds one connection, not one each.
 import { $, api } from "./form.js";
 import { addJobResults, clearPreview, setProgressText, showJob, showPreview, showProgress } from "./gallery.js";
+import { addInsideJobs } from "./inside.js";
 
 let FINISHED = ["done", "failed", "cancelled", "interrupted"];  // the server's list replaces it (config)
 const POLL_MS = 1000;
@@ -26,6 +27,7 @@ export async function loadJobs(showError, finishedStates) {
     if (isFinished(job)) shown.add(job.id);
   }
   addJobResults(list.filter(isFinished));
+  addInsideJobs(list.filter(isFinished));
   render();
   track();
 }
@@ -131,6 +133,7 @@ async function finished(summary) {
     describeEnd(job);
   }
   addJobResults([job], isFollowed || !followed);
+  addInsideJobs([job]);
   render();
   track();
   document.body.dataset.finished = job.id;  // tests (and scripts) wait on this

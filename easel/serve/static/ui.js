@@ -4,6 +4,7 @@ import { clearSource, hasSource, initMaskBrush, maskDataUrl, maskEmpty, render, 
          sourceDataUrl } from "./canvas.js";
 import { initGallery, lastResult, selectedResult, setProgressText } from "./gallery.js";
 import { cancelJob, currentJob, loadJobs, submitted } from "./jobs.js";
+import { initInside } from "./inside.js";
 
 const EDIT_MODES = ["img2img", "inpaint", "outpaint"];
 const SENT_PARAMS = ["prompt", "negative_prompt", "sampler", "scheduler", "steps", "cfg_scale"];
@@ -27,9 +28,11 @@ function setMode(next) {
     tab.tabIndex = on ? 0 : -1;
   }
   document.body.dataset.mode = next;
+  const own = ["pnginfo", "inside"];  // tabs with a view of their own; the others share the generate view
   $("pnginfo-view").hidden = next !== "pnginfo";
-  $("generate-view").hidden = next === "pnginfo";
-  if (next === "pnginfo") return;
+  $("inside-view").hidden = next !== "inside";
+  $("generate-view").hidden = own.includes(next);
+  if (own.includes(next)) return;
   $("generate-view").setAttribute("aria-labelledby", `tab-${next}`);
   for (const element of document.querySelectorAll("#generate-view [data-modes]")) {
     element.hidden = !element.dataset.modes.split(" ").includes(next);
@@ -193,6 +196,7 @@ function wire() {
   for (const side of ["left", "right", "up", "down"]) $(`outpaint_${side}`).addEventListener("input", () => render(mode));
   initMaskBrush();
   initGallery(sendTo);
+  initInside();
   $("pnginfo-file").addEventListener("change", (e) => { if (e.target.files[0]) readPngInfo(e.target.files[0]); });
   fileDrop($("pnginfo-drop"), readPngInfo);
   fileDrop($("pnginfo-image"), readPngInfo);
