@@ -122,8 +122,8 @@ def write_levels(path: str | Path, image: Image.Image, attn: AttentionSum, slots
 
 def write_animation(path: str | Path, image: Image.Image, attn: AttentionSum, slots: list[Slot],
                     image_index: int = 0, ms: int = 300) -> Path | None:
-    """attention.gif: the words' maps step by step (each step's own layer calls), over the final image."""
-    from easel.inspect.steps import save_gif
+    """attention.gif (.webp, .mp4): the words' maps step by step (each step's own layer calls), over the final image."""
+    from easel.animation import save_animation
     frames = []
     big = draw.enlarge(image, 128).resize((128, 128 * image.height // image.width), Image.LANCZOS)
     steps = attn.step_maps()
@@ -133,7 +133,7 @@ def write_animation(path: str | Path, image: Image.Image, attn: AttentionSum, sl
         cells = [draw.captioned(draw.overlay(big, draw.normalise(m)), w, 11) for w, m, _ in word_maps(maps, labels)]
         if cells:
             frames.append(draw.captioned(draw.grid(cells, cols=min(len(cells), 8)), f"step {i + 1}/{len(steps)}"))
-    return save_gif(frames, path, ms) if frames else None
+    return save_animation(frames, path, ms) if frames else None
 
 
 def write_self_attention(path: str | Path, image: Image.Image, sa, image_index: int = 0) -> Path:

@@ -29,6 +29,7 @@ def add_inspect_parsers(sub, cli) -> None:
     add_generation_flags(a, HIRES_FLAGS, REFINER_FLAGS)
     a.add_argument("--self-query", metavar="X,Y", help="also draw where the image position X,Y (pixels of the output "
                    "image) looks through self-attention (self-attention.png)")
+    add_animation_flag(a, "attention")
     a.set_defaults(func=cmd_attention, cli=cli, out="inspect-attention")
 
     t = isub.add_parser("tokens", help="the 77 token slots, BPE pieces, emphasis weights and text embeddings")
@@ -40,11 +41,12 @@ def add_inspect_parsers(sub, cli) -> None:
     s = isub.add_parser("steps", help="the denoising film strip: latent, preview, x0, noise and sigma per step")
     s.add_argument("prompt", help="what to draw")
     add_generation_flags(s, HIRES_FLAGS, REFINER_FLAGS)
-    s.add_argument("--frames", type=int, default=8, help="steps shown in the grid (default 8; the GIF has all)")
+    s.add_argument("--frames", type=int, default=8, help="steps shown in the grid (default 8; the animation has all)")
     s.add_argument("--schedules", metavar="A,B,...", help="also plot these schedules' sigmas side by side "
                    "(e.g. karras,exponential,normal) for the same steps")
     s.add_argument("--cfg-scales", metavar="S1,S2,...", help="also generate at these guidance scales and show their "
                    "x0 predictions side by side (e.g. 1,4,8; one more generation per scale)")
+    add_animation_flag(s, "steps")
     s.set_defaults(func=cmd_steps, cli=cli, out="inspect-steps")
 
     n = isub.add_parser("noise", help="forward diffusion: an image's latent noised at a row of timesteps, and the "
@@ -77,12 +79,25 @@ def add_inspect_parsers(sub, cli) -> None:
     r.set_defaults(func=cmd_report, cli=cli, out="inspect-report")
 
 
+def add_animation_flag(parser: argparse.ArgumentParser, name: str) -> None:
+    """--animation gif,webp,mp4: the formats of the step-by-step animation."""
+    parser.add_argument("--animation", default="gif", metavar="FORMATS", help=f"formats of {name}.(gif|webp|mp4), "
+                        "comma-separated (default gif; mp4 needs PyAV: pip install av)")
+
+
+def animation_formats(text: str) -> list[str]:
+    """The --animation formats, checked (an unknown one, or mp4 without PyAV, fails before the model loads)."""
+    from easel.animation import check_format
+    return list(dict.fromkeys(check_format(f.strip()) for f in text.split(",") if f.strip())) or ["gif"]
+
+
 def cmd_attention(args: argparse.Namespace) -> int:
     """easel inspect attention PROMPT ..."""
     from easel.inspect.attention import capture_maps, write_animation, write_attention, write_levels
     from easel.inspect.tokens import prompt_slots
     from easel.pipelines.common import embedding_library
     point = parse_query(args.self_query) if args.self_query else None
+    formats = animation_formats(args.animation)
     pipe, req, result, cap = captured_run(args, steps=False, cfg=False, self_point=point)
     texts = texts_by_weight(cap)
     if not texts:
@@ -96,7 +111,8 @@ def cmd_attention(args: argparse.Namespace) -> int:
     written = write_attention(out, result.image, capture_maps(cap, text)[0], slots)
     first = next(r for r in cap.runs if text in r.attention).attention[text]  # the first (base) pass
     paths = [out / "image.png", out / "attention.png", write_levels(out / "levels.png", result.image, first, slots),
-             write_animation(out / "attention.gif", result.image, first, slots), out / "attention.npz"]
+             *(write_animation(out / f"attention.{f}", result.image, first, slots) for f in formats),
+             out / "attention.npz"]
     if point is not None:
         from easel.inspect.attention import write_self_attention
         paths.append(write_self_attention(out / "self-attention.png", result.image, cap.runs[-1].self_attention))
@@ -139,12 +155,14 @@ def cmd_tokens(args: argparse.Namespace) -> int:
 
 def cmd_steps(args: argparse.Namespace) -> int:
     """easel inspect steps PROMPT ..."""
+    from easel.animation import save_animation
     from easel.files import save_image
     from easel.inspect import steps as st
     if args.frames < 2:
         raise ValueError(f"--frames must be at least 2 (got {args.frames})")
     if args.cfg_scales:
         parse_floats(args.cfg_scales, "--cfg-scales")  # a typo fails before the model loads
+    formats = animation_formats(args.animation)
     pipe, req, result, cap = captured_run(args, attention=False)
     out = Path(args.out)
     save_result(out, result)
@@ -156,7 +174,8 @@ def cmd_steps(args: argparse.Namespace) -> int:
         cfg = st.cfg_strip(pics, run, args.frames)
         if cfg is not None:
             written.append(save_image(cfg, out / f"cfg{tag}.png"))
-        written.append(st.save_gif(st.animation_frames(pics, run), out / f"steps{tag}.gif"))
+        frames = st.animation_frames(pics, run)
+        written += [save_animation(frames, out / f"steps{tag}.{f}") for f in formats]
         label = f"{result.params.get('sampler')}, {result.params.get('scheduler')}"
         written.append(save_image(st.schedule_plot({label: [s.sigma for s in run.steps]},
                                                    f"sigma per step, log scale ({label})"), out / f"schedule{tag}.png"))

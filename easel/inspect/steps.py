@@ -2,13 +2,11 @@
 and the predicted noise, with sigma; classifier-free guidance's parts side by side; the schedule."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from easel.files import atomic_path
 from easel.inspect import draw
 from easel.inspect.capture import Run, StepRecord
 
@@ -124,15 +122,6 @@ def animation_frames(pics: StepPictures, run: Run, image: int = 0) -> list[Image
         row = draw.grid(cells, cols=3)
         frames.append(draw.captioned(row, f"step {rec.i + 1}/{len(run.steps)}  sigma {rec.sigma:.3f}   x | x0 | noise"))
     return frames
-
-
-def save_gif(frames: list[Image.Image], path: str | Path, ms: int = 250) -> Path:
-    """An endlessly looping GIF (the last frame held three times as long), written atomically."""
-    path = Path(path)
-    durations = [ms] * (len(frames) - 1) + [ms * 3]
-    with atomic_path(path) as tmp:
-        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
-    return path
 
 
 SERIES_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]

@@ -63,16 +63,18 @@ def test_tokens_prints_the_slots_and_draws_them(tmp_path, capsys):
 
 def test_steps_writes_the_strip_the_cfg_parts_the_animation_and_the_schedule(tmp_path):
     out = tmp_path / "steps"
-    assert main(["inspect", "steps", PROMPT, "--steps", "3", "--seed", "1", "-o", str(out)]) == 0
-    for name in ("image.png", "steps.png", "cfg.png", "schedule.png", "steps.gif"):
+    assert main(["inspect", "steps", PROMPT, "--steps", "3", "--seed", "1", "-o", str(out), "--animation", "gif,webp"]) == 0
+    for name in ("image.png", "steps.png", "cfg.png", "schedule.png", "steps.gif", "steps.webp"):
         assert (out / name).is_file(), name
-    gif = Image.open(out / "steps.gif")
-    assert gif.n_frames == 3
+    assert Image.open(out / "steps.gif").n_frames == 3 and Image.open(out / "steps.webp").n_frames == 3
 
 
 def test_bad_flags_are_one_line_errors(tmp_path, capsys):
     assert main(["inspect", "steps", PROMPT, "--frames", "1", "-o", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == "easel: error: --frames must be at least 2 (got 1)"
+    assert main(["inspect", "attention", PROMPT, "--animation", "gif,avi", "-o", str(tmp_path / "a")]) == 2
+    assert "unknown animation format 'avi'; choose one of gif, webp, mp4" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
     assert main(["inspect", "attention", PROMPT, "--sampler", "nonsense", "-o", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("easel: error:") and "nonsense" in err and "\n" not in err
