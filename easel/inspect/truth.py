@@ -1,10 +1,14 @@
 """Do the attention maps point at the right objects? DAAM's test, on ShapeWorld, with the judge's masks.
 
-For two-object prompts ("a red star above a blue circle") the built-in model draws the scene; the ShapeWorld
-judge's colour segmentation gives each object's mask (the image is skipped unless each named colour is exactly
-one blob). Each colour and shape word's map (BPE pieces merged, upsampled to the image) is scored against its
-own object: IoU of the map thresholded at 0.4 of its range (DAAM's tau; Tang et al. 2022 report mIoU ~0.6 on
-generated COCO images) and the share of the map's mass that lies on its own object rather than on the other.
+Two kinds of prompt alternate: two objects in a relation ("a red star above a blue circle") and a counted group
+beside one object ("three red stars and a blue circle"). The built-in model draws the scene; the ShapeWorld
+judge's colour segmentation gives each named group's mask (the image is skipped unless each named colour is
+exactly as many blobs as the prompt says). Each word's map (BPE pieces merged, upsampled to the image) is scored
+against its own group: IoU of the map thresholded at 0.4 of its range (DAAM's tau; Tang et al. 2022 report mIoU
+~0.6 on generated COCO images) and the share of the map's mass that lies on its own group rather than on the
+other. Colour and shape words are scored against their object, count words against their counted group; a
+relation word ("left", "above", ...) names no object of its own, so it is scored against both objects together
+(IoU), and its share is the mass on the first object (the one the relation is about) against the second.
 
     python3 -m easel.inspect.truth --prompts 64 --steps 20
 """
@@ -21,31 +25,40 @@ TAU = 0.4  # DAAM's threshold on the normalised map
 
 
 def two_object_prompts(n: int, seed: int = 0) -> list[dict]:
-    """n prompts 'a C1 S1 <relation> a C2 S2' with two different colours (so the masks can be told apart)."""
-    from easel.world.captions import RELATION_PHRASES
+    """n prompts, alternately 'a C1 S1 <relation> a C2 S2' and 'N C1 S1s and a C2 S2' (N 2..3), two different
+    colours (so the masks can be told apart). `groups`: (colour, shape, count) per named group."""
+    from easel.world.captions import NUMBERS, PLURALS, RELATION_PHRASES
     from easel.world.scenes import COLOURS, SHAPES
     rng = np.random.default_rng(seed)
     colours, phrases = list(COLOURS), [p for ps in RELATION_PHRASES.values() for p in ps]
     out = []
-    for _ in range(n):
-        c1, c2 = rng.choice(colours, 2, replace=False)
-        s1, s2 = rng.choice(SHAPES), rng.choice(SHAPES)
-        phrase = phrases[rng.integers(len(phrases))]
-        out.append({"prompt": f"a {c1} {s1} {phrase} a {c2} {s2}", "objects": [(str(c1), str(s1)), (str(c2), str(s2))]})
+    for i in range(n):
+        c1, c2 = (str(c) for c in rng.choice(colours, 2, replace=False))
+        s1, s2 = str(rng.choice(SHAPES)), str(rng.choice(SHAPES))
+        a1, a2 = ("an" if c[0] in "aeiou" else "a" for c in (c1, c2))
+        if i % 2 == 0:
+            phrase = phrases[rng.integers(len(phrases))]
+            out.append({"prompt": f"{a1} {c1} {s1} {phrase} {a2} {c2} {s2}", "groups": [(c1, s1, 1), (c2, s2, 1)]})
+        else:
+            k = int(rng.integers(2, 4))
+            out.append({"prompt": f"{NUMBERS[k]} {c1} {PLURALS[s1]} and {a2} {c2} {s2}", "groups": [(c1, s1, k),
+                                                                                               (c2, s2, 1)]})
     return out
 
 
-def object_masks(image: Image.Image, colours: list[str]) -> list[np.ndarray] | None:
-    """Each colour's blob mask (H, W) from the judge's segmentation, or None unless each colour is exactly one blob."""
+def object_masks(image: Image.Image, colours: list[str], counts: list[int] | None = None) -> list[np.ndarray] | None:
+    """Each colour's mask (H, W): the union of its blobs from the judge's segmentation, or None unless each colour
+    is exactly `counts[i]` blobs (default one each)."""
     from easel.world.segment import find_blobs
     blobs = find_blobs(image)
     masks = []
-    for colour in colours:
+    for colour, count in zip(colours, counts or [1] * len(colours)):
         mine = [b for b in blobs if b.colour == colour]
-        if len(mine) != 1:
+        if len(mine) != count:
             return None
         mask = np.zeros((image.height, image.width), dtype=bool)
-        mask[mine[0].ys, mine[0].xs] = True
+        for b in mine:
+            mask[b.ys, b.xs] = True
         masks.append(mask)
     return masks
 
@@ -69,20 +82,31 @@ def own_share(heat: np.ndarray, own: np.ndarray, other: np.ndarray) -> float:
     return a / (a + b) if a + b > 0 else 0.5
 
 
-def score_image(image: Image.Image, maps: np.ndarray, slots, objects: list[tuple[str, str]]) -> list[dict] | None:
-    """Rows {word, class, iou, share} for each object's colour and shape word; None if the masks are not clear."""
+def scored_words(words: list[str]) -> list[tuple[int, str, int]]:
+    """(word index, class, own group) of the words scored in a prompt of `two_object_prompts`; group -1 for a
+    relation word (both objects)."""
+    from easel.inspect.judged import RELATION_WORDS
+    picks = [(0, "count", 0)] if words[0] not in ("a", "an") else []
+    picks += [(1, "colour", 0), (2, "shape", 0), (len(words) - 2, "colour", 1), (len(words) - 1, "shape", 1)]
+    picks += [(i, "relation", -1) for i, w in enumerate(words) if w in RELATION_WORDS]
+    return sorted(picks)
+
+
+def score_image(image: Image.Image, maps: np.ndarray, slots, groups: list[tuple]) -> list[dict] | None:
+    """Rows {word, class, iou, share} for each scored word; None if the masks are not clear. `groups`:
+    (colour, shape[, count]) per named group, in the prompt's order."""
     from easel.inspect.attention import slot_labels, word_maps
-    masks = object_masks(image, [c for c, _ in objects])
+    masks = object_masks(image, [g[0] for g in groups], [g[2] if len(g) > 2 else 1 for g in groups])
     if masks is None:
         return None
     by_word = word_maps(maps, slot_labels(slots, maps.shape[0]))
-    # words: a, C1, S1, <relation words>, a, C2, S2
-    picks = [(by_word[1], "colour", 0), (by_word[2], "shape", 0), (by_word[-2], "colour", 1), (by_word[-1], "shape", 1)]
     rows = []
-    for (word, m, _), kind, k in picks:
+    for i, kind, k in scored_words([w for w, _, _ in by_word]):
+        word, m, _ = by_word[i]
         heat = upsample(m, image.size)
-        rows.append({"word": word, "class": kind, "iou": iou(heat, masks[k]),
-                     "share": own_share(heat, masks[k], masks[1 - k])})
+        own, other = (masks[0] | masks[1], None) if k < 0 else (masks[k], masks[1 - k])
+        share = own_share(heat, masks[0], masks[1]) if k < 0 else own_share(heat, own, other)
+        rows.append({"word": word, "class": kind, "iou": iou(heat, own), "share": share})
     return rows
 
 
@@ -105,7 +129,7 @@ def run(pipe, n: int, steps: int, seed: int = 0, progress=None, levels: str = "a
             result = pipe.generate(GenerationRequest(p["prompt"], seed=seed + i, steps=steps, batch_size=1),
                                    extend_plan=cap)[0]
         maps = capture_maps(cap, p["prompt"])[0].numpy() if levels == "all" else finest_maps(cap, p["prompt"])
-        scored = score_image(result.image, maps, prompt_slots(pipe.loaded, p["prompt"]), p["objects"])
+        scored = score_image(result.image, maps, prompt_slots(pipe.loaded, p["prompt"]), p["groups"])
         if scored is None:
             skipped += 1
         else:
@@ -116,7 +140,8 @@ def run(pipe, n: int, steps: int, seed: int = 0, progress=None, levels: str = "a
 
 
 def summarise(rows: list[dict]) -> dict:
-    """Per word class: mIoU, mean share on the own object, fraction with most mass on the own object, count."""
+    """Per word class: mIoU, mean share on the own object (relation words: on the first object), fraction with most
+    mass there, count."""
     out = {}
     for kind in sorted({r["class"] for r in rows}):
         mine = [r for r in rows if r["class"] == kind]
@@ -143,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     with tqdm(total=args.prompts, unit="prompt", file=sys.stderr, leave=False) as bar:
         report = run(pipe, args.prompts, args.steps, args.seed, progress=lambda k: bar.update(k - bar.n),
                      levels=args.levels)
-    print(f"{args.prompts} two-object prompts, {args.steps} steps, seeds {args.seed}.., maps of {args.levels} levels; "
-          f"{report['skipped']} images skipped (a named colour not exactly one blob)")
+    print(f"{args.prompts} prompts (relations and counts alternating), {args.steps} steps, seeds {args.seed}.., maps of "
+          f"{args.levels} levels; {report['skipped']} images skipped (a named colour not as many blobs as named)")
     print(f"{'class':<8} {'mIoU':>6} {'share on own':>13} {'most on own':>12} {'n':>4}")
     for kind, s in report["summary"].items():
         print(f"{kind:<8} {s['miou']:>6.3f} {s['share']:>13.3f} {s['most_on_own']:>12.1%} {s['n']:>4}")
