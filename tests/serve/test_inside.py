@@ -176,3 +176,14 @@ def test_capture_keeps_one_image_and_few_frames():
     run = cap.capture.runs[0]
     assert len(run.steps) == MAX_FRAMES and all(s.x.shape[0] == s.x0.shape[0] == 1 for s in run.steps)
     assert all(s.x._base is None for s in run.steps)  # copies, not views of the whole batch
+
+
+def test_openapi_documents_the_field_and_the_routes(client):
+    schema = client.get("/openapi.json").json()
+    body = schema["components"]["schemas"]["JobBody"]["properties"]["inspect"]
+    assert body["type"] == "boolean" and body["default"] is False and "inside" in body["description"]
+    inside = schema["paths"]["/api/v1/jobs/{job_id}/inside"]["get"]
+    assert {"200", "404", "409", "410"} <= set(inside["responses"])
+    assert {p["name"] for p in inside["parameters"]} == {"job_id", "raw", "embed"}
+    picture = schema["paths"]["/api/v1/jobs/{job_id}/inside/{name}.png"]["get"]
+    assert "image/png" in picture["responses"]["200"]["content"]
