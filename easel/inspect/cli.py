@@ -60,7 +60,7 @@ def add_inspect_parsers(sub, cli) -> None:
                         "parameters and FLOPs per block, tensor sizes from prompt to pixels")
     add_generation_flags(m)
     m.add_argument("--json", action="store_true", help="print the tables as JSON")
-    m.set_defaults(func=cmd_model, cli=cli, prompt="")
+    m.set_defaults(func=cmd_model, cli=cli, prompt="", out="inspect-model")
 
     c = isub.add_parser("clip", help="CLIP space: the similarity matrix of ShapeWorld captions, their paraphrases "
                         "and hard negatives (colours/shapes swapped, relation flipped, count changed), top-1 retrieval")
@@ -259,7 +259,9 @@ def cmd_noise(args: argparse.Namespace) -> int:
 def cmd_model(args: argparse.Namespace) -> int:
     """easel inspect model ..."""
     from tqdm import tqdm
+    from easel.files import save_image
     from easel.inspect.model import describe, format_report
+    from easel.inspect.model_figure import model_figure
     from easel.pipelines.sizes import final_size
     req = one_image_request(args)
     pipe = load_pipeline(args, req)
@@ -267,6 +269,7 @@ def cmd_model(args: argparse.Namespace) -> int:
         info = describe(pipe.loaded.model, final_size(req, pipe.config.default_size))
         bar.update(1)
     print(json.dumps(info, indent=1) if args.json else format_report(info))
+    print(save_image(model_figure(info), Path(args.out) / "model.png"), file=sys.stderr if args.json else sys.stdout)
     return 0
 
 

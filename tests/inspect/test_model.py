@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from PIL import Image
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -60,15 +61,30 @@ def test_tiny_sdxl_lists_its_vector_embedding_and_attention_only_below_the_top(t
 
 def test_builtin_model_table_and_json(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("EASEL_CACHE", str(tmp_path / "cache"))
-    assert main(["inspect", "model", "--json"]) == 0
+    assert main(["inspect", "model", "--json", "-o", str(tmp_path / "m")]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["cross_attention_at"] == ["8x8", "4x4"]  # the built-in UNet: transformer_depth (0, 1, 1)
     assert sum(b["params"] for b in info["unet_blocks"]) == next(
         c["params"] for c in info["components"] if c["component"] == "UNet")
     assert sum(c["params"] for c in info["components"]) == info["total_params"]
-    assert main(["inspect", "model"]) == 0
+    assert main(["inspect", "model", "-o", str(tmp_path / "m")]) == 0
     text = capsys.readouterr().out
     assert "middle_block" in text and "1 x 3 x 64 x 64" in text
+    assert str(tmp_path / "m" / "model.png") in text and Image.open(tmp_path / "m" / "model.png").width > 600
     assert main(["inspect", "model", "--width", "100", "--height", "64"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("easel: error:") and "\n" not in err
+
+
+def test_figure_draws_a_box_per_block_at_its_resolution():
+    """model.png: one box per block that runs on a feature map, orange exactly where cross-attention sits."""
+    import numpy as np
+    import easel
+    from easel.inspect.model_figure import XATTN, _level_rows, _res, model_figure
+    info = mi.describe(easel.load(None).loaded.model, (64, 64))
+    blocks = [b for b in info["unet_blocks"] if _res(b)]
+    assert _level_rows(blocks) == {16: 0, 8: 1, 4: 2}  # the built-in latent: 16x16, then two halvings
+    pixels = np.asarray(model_figure(info))
+    assert np.all(pixels == XATTN, axis=-1).sum() > 0 and any(b["cross_attention"] for b in blocks)
+    info["unet_blocks"] = [{**b, "cross_attention": 0} for b in info["unet_blocks"]]
+    assert not np.all(np.asarray(model_figure(info)) == XATTN, axis=-1).any()  # orange only where attention is
