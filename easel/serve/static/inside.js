@@ -80,7 +80,10 @@ function showStep(k) {
     img.src = s[kind];
     img.alt = `${kind === "x0" ? "x0 prediction" : kind === "latent" ? "noisy latent" : "predicted noise"} at ${where}`;
   }
-  [...$("inside-strip").children].forEach((b, j) => b.setAttribute("aria-pressed", String(j === k)));
+  const strip = $("inside-strip");
+  [...strip.children].forEach((b, j) => b.setAttribute("aria-pressed", String(j === k)));
+  const frame = strip.children[k];  // kept in view (horizontally only: the page does not jump)
+  if (frame) strip.scrollLeft = Math.max(0, frame.offsetLeft - (strip.clientWidth - frame.offsetWidth) / 2);
   const marker = document.querySelector("#inside-schedule .now");
   if (marker) {
     marker.setAttribute("cx", marker.dataset[`x${s.i}`] || 0);
