@@ -125,15 +125,17 @@ def _add_inside(r: APIRouter, find) -> None:
     """GET /jobs/{id}/inside (the capture of a job submitted with inspect: true) and its pictures."""
 
     def inside_of(job_id: str):
+        """The drawn capture of a finished inspected job (read once: a newer job may drop it meanwhile)."""
         job = find(job_id)
         if not job.inspect:
             raise HTTPException(404, f"job {job_id} was not asked to look inside: submit the request with "
                                      '"inspect": true')
         if job.state not in FINISHED:
             raise HTTPException(409, f"job {job_id} is {job.state}; its capture is ready when it is done")
-        if job.inside is None:
+        inside = job.inside
+        if inside is None:
             raise HTTPException(410, f"job {job_id} has no capture: {job.inside_error or job.error or job.state}")
-        return job
+        return inside
 
     @r.get("/jobs/{job_id}/inside", summary="What happened inside a job submitted with inspect: true: per step "
            "sigma, x0, latent preview and predicted noise (PNG URLs), the schedule, the token table, one "
@@ -142,15 +144,14 @@ def _add_inside(r: APIRouter, find) -> None:
     def inside(job_id: str, raw: bool = Query(False, description="add each token map's values: rows of floats at the "
                                                                   "latent's resolution (sums to 1 over all tokens)"),
                embed: bool = Query(False, description="pictures as data: URLs instead of URLs to fetch")) -> dict:
-        job = inside_of(job_id)
-        out = job.inside.to_dict(f"{PREFIX}/jobs/{job.id}/inside/", raw=raw, embed=embed)
-        return {"id": job.id, "image": f"{PREFIX}/jobs/{job.id}/images/0.png", **out}
+        out = inside_of(job_id).to_dict(f"{PREFIX}/jobs/{job_id}/inside/", raw=raw, embed=embed)
+        return {"id": job_id, "image": f"{PREFIX}/jobs/{job_id}/images/0.png", **out}
 
     @r.get("/jobs/{job_id}/inside/{name}.png", summary="One picture of a job's capture (named in its inside JSON)",
            response_class=Response, responses={200: {"content": {"image/png": {
                "schema": {"type": "string", "format": "binary"}}}}} | NOT_FOUND | CONFLICT | GONE)
     def inside_picture(job_id: str, name: str) -> Response:
-        files = inside_of(job_id).inside.files
+        files = inside_of(job_id).files
         if name not in files:
             raise HTTPException(404, f"job {job_id}'s capture has no picture {name!r}: GET .../inside names them")
         return Response(files[name], media_type="image/png", headers={"Cache-Control": "max-age=3600"})

@@ -187,3 +187,22 @@ def test_openapi_documents_the_field_and_the_routes(client):
     assert {p["name"] for p in inside["parameters"]} == {"job_id", "raw", "embed"}
     picture = schema["paths"]["/api/v1/jobs/{job_id}/inside/{name}.png"]["get"]
     assert "image/png" in picture["responses"]["200"]["content"]
+
+
+def test_drawing_is_a_phase_and_its_failure_costs_only_the_capture(server, client, monkeypatch):
+    import easel.serve.inside as inside
+    phases, real = [], inside.draw_inside
+
+    def spy(*args):
+        phases.append(server.queue.running().phase)  # what progress events and the page show meanwhile
+        if len(phases) == 2:
+            raise RuntimeError("boom")
+        return real(*args)
+    monkeypatch.setattr(inside, "draw_inside", spy)
+    run_job(client, {**FAST, "inspect": True})
+    job = run_job(client, {**FAST, "inspect": True})  # the drawing fails: the job is still done, with its image
+    assert phases == ["inspecting", "inspecting"]
+    assert job["inside"] is None and "could not be drawn: RuntimeError: boom" in job["inside_error"]
+    assert pixels(client, job["images"][0]).shape == (64, 64, 3)
+    r = client.get(f"/api/v1/jobs/{job['id']}/inside")
+    assert r.status_code == 410 and "boom" in r.json()["error"]

@@ -21,6 +21,7 @@ export function showProgress(p) {
   let text;
   if (p.state === "queued") text = p.position ? `Queued: ${p.position} job(s) ahead` : "Queued: next";
   else if (p.state === "running" && !p.step) text = "Starting\u2026";
+  else if (p.state === "running" && p.phase === "inspecting") text = "Drawing what happened inside\u2026";
   else if (p.state === "running") {
     text = `Step ${p.step}/${p.total}`;
     if (p.eta_s != null) text += ` \u00b7 ETA ${formatSeconds(p.eta_s)}`;
