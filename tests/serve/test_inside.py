@@ -48,17 +48,17 @@ def pixels(client: httpx.Client, url: str) -> np.ndarray:
 def test_inside_round_trip(client):
     from easel.inspect.tokens import token_table
     from easel.pipelines.common import embedding_library
-    job = run_job(client, {**FAST, "inspect": True, "steps": 30})
+    job = run_job(client, {**FAST, "inspect": True, "steps": 26})
     assert job["inspect"] is True and job["inside"] == f"/api/v1/jobs/{job['id']}/inside"
     inside = client.get(job["inside"]).json()
     assert inside["id"] == job["id"] and inside["image"] == job["images"][0]
     assert inside["text"] == FAST["prompt"] and (inside["width"], inside["height"]) == (64, 64)
 
     (p,) = inside["passes"]  # txt2img: one pass
-    assert p["total_steps"] == 30 and len(p["sigmas"]) == 31 and p["sigmas"][-1] == 0.0
+    assert p["total_steps"] == 26 and len(p["sigmas"]) == 27 and p["sigmas"][-1] == 0.0
     assert p["sigmas"] == sorted(p["sigmas"], reverse=True)
     steps = p["steps"]
-    assert len(steps) == 24 and steps[0]["i"] == 0 and steps[-1]["i"] == 29  # at most MAX_FRAMES, ends kept
+    assert len(steps) == 24 and steps[0]["i"] == 0 and steps[-1]["i"] == 25  # at most MAX_FRAMES, ends kept
     for s in steps:  # each kept step's sigma is the schedule's
         assert s["sigma"] == pytest.approx(p["sigmas"][s["i"]]) and s["sigma_next"] == pytest.approx(p["sigmas"][s["i"] + 1])
     last = steps[-1]
@@ -92,9 +92,19 @@ def test_inside_raw_maps_and_embedded_pictures(client):
     assert Image.open(io.BytesIO(base64.b64decode(png.split(",", 1)[1]))).size == (64, 64)
 
 
-@pytest.mark.parametrize("extra", [{}, {"sampler": "dpmpp_2m", "enable_hr": True, "hr_scale": 1.5, "batch_size": 2}])
+def small_png() -> str:
+    """A 64x64 init image as base64."""
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.mark.parametrize("extra", [{}, {"sampler": "dpmpp_2m", "enable_hr": True, "hr_scale": 1.5, "batch_size": 2},
+                                   {"init_images": "PNG", "denoising_strength": 0.6, "sampler": "heun"}])
 def test_capture_gives_the_same_images(client, extra):
     body = {**FAST, **extra}
+    if body.get("init_images") == "PNG":  # img2img
+        body["init_images"] = [small_png()]
     plain = run_job(client, body)
     inspected = run_job(client, {**body, "inspect": True})
     assert len(plain["images"]) == len(inspected["images"]) >= 1
@@ -168,7 +178,7 @@ def test_capture_keeps_one_image_and_few_frames():
     from easel.serve.inside import MAX_FRAMES, JobCapture
     cap = JobCapture()
     try:
-        builtin_pipe().generate(GenerationRequest("two green squares", steps=40, seed=1, batch_size=3, n_iter=2),
+        builtin_pipe().generate(GenerationRequest("two green squares", steps=26, seed=1, batch_size=2, n_iter=2),
                                 extend_plan=cap)
     finally:
         cap.close()
