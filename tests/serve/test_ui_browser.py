@@ -522,3 +522,8 @@ def test_inside_tab_after_a_captured_generation(ui):
     assert rows.count() == len(job.inside.data["tokens"])
     assert rows.nth(2).locator("td").all_inner_texts()[:4] == ["2", "549", "red", "red"]
     assert rows.last.locator("td").nth(2).inner_text() == "<pad> \u00d768"
+    reload(page)  # the capture is the server's: a reload shows it again
+    page.wait_for_function("id => document.body.dataset.inside === id", arg=job_id)
+    page.click("#tab-inside")
+    assert page.input_value("#inside-job") == job_id and page.is_visible("#inside-content")
+    assert page.is_checked("#inspect")  # the option is part of the form a reload keeps
