@@ -18,6 +18,7 @@ The request-level denoiser stack that uses these is built in `easel.pipelines.pl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -249,12 +250,59 @@ def embeddings_used(tokenizer: CLIPTokenizer, library, texts: list[str]) -> list
     return sorted(found)
 
 
-def unknown_words(tokenizer: CLIPTokenizer, texts: list[str], known: set[str] = frozenset()) -> list[str]:
-    """Words of the texts that a closed-vocabulary tokenizer never saw in training (none for open ones)."""
+def unknown_words(tokenizer: CLIPTokenizer, texts: list[str], known: set[str] = frozenset(),
+                  vocabulary: dict[str, list[str]] | None = None) -> list[str]:
+    """Words of the texts that a model never saw in training. With the model's `vocabulary` (its metadata's
+    {"en": words, "zh": words}): every word outside it, Chinese cut into words by longest match over the Chinese
+    list ("一只猫" -> 一 known, 只猫 unknown). Without one, a closed-vocabulary tokenizer's guess: words it cannot
+    spell as one token (none for open vocabularies such as CLIP's)."""
+    if vocabulary is not None:
+        return _outside_vocabulary(texts, vocabulary, {k.lower() for k in known})
     if len(tokenizer.vocab) >= CLOSED_VOCABULARY:
         return []
     words = {w.lower() for text in texts for w in _WORD.findall(text)} - {k.lower() for k in known}
     return sorted(w for w in words if len(tokenizer.encode(w)) != 1)
+
+
+def _outside_vocabulary(texts: list[str], vocabulary: dict[str, list[str]], known: set[str]) -> list[str]:
+    """Words of the texts in neither language's list (nor in `known`), sorted."""
+    from easel.world.captions import segment_zh
+    english = {w.lower() for w in vocabulary.get("en", [])} | known
+    chinese = set(vocabulary.get("zh", [])) | known
+    out: set[str] = set()
+    for text in texts:
+        for word in _WORD.findall(text.lower()):
+            if _HAN.search(word):
+                out.update(piece for piece, _ in segment_zh(_NOT_HAN.sub(" ", word), chinese) if piece not in chinese)
+                out.update(w for w in _NOT_HAN.findall(word) if w not in english)
+            elif word not in english:
+                out.add(word)
+    return sorted(out)
+
+
+_HAN = regex.compile(r"\p{Han}")
+_NOT_HAN = regex.compile(r"[^\p{Han}]+")  # the non-Chinese runs of a mixed word ("red星星")
+
+
+def model_vocabulary(source: str) -> dict[str, list[str]] | None:
+    """The training vocabulary a model file lists in its metadata (`easel.vocabulary`), or None."""
+    import os
+    if not source or not source.endswith(".safetensors") or not os.path.isfile(source):
+        return None
+    return _read_vocabulary(source, os.path.getmtime(source))
+
+
+@functools.lru_cache(maxsize=8)
+def _read_vocabulary(path: str, mtime: float) -> dict[str, list[str]] | None:
+    import json
+
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        text = (f.metadata() or {}).get(VOCABULARY_KEY)
+    return json.loads(text) if text else None
+
+
+VOCABULARY_KEY = "easel.vocabulary"  # model metadata written by `easel train all`: {"en": [...], "zh": [...]}
 
 
 # --- the UNet's extra vector (SDXL base and refiner) -------------------------------------------------

@@ -124,7 +124,8 @@ def prompt_report(loaded: LoadedModel, req: GenerationRequest,
     tokenizer = loaded.tokenizers[0]
     used = conditioning.embeddings_used(tokenizer, library, texts)
     warnings = []
-    unknown = [] if with_loras else conditioning.unknown_words(tokenizer, texts, known=set(used))
+    vocabulary = conditioning.model_vocabulary(loaded.source)
+    unknown = [] if with_loras else conditioning.unknown_words(tokenizer, texts, known=set(used), vocabulary=vocabulary)
     if unknown:
         warnings.append(f"the model {loaded.name!r} was never trained on these words, so they steer nothing it "
                         f"knows: {', '.join(unknown)}")

@@ -25,7 +25,9 @@ only in the pad token: `<|endoftext|>` for "clip-l", `!` (id 0) for "openclip".
    the network unless `HF_HUB_OFFLINE` is set; only when `huggingface_hub` is installed.
 
 The pad token comes from the folder's `tokenizer_config.json` / `special_tokens_map.json` when it names
-one (steps 1-2), otherwise from `kind`. Nothing found raises `TokenizerNotFound` saying how to supply one.
+one (steps 1-2), otherwise from `kind`. easel's own extension, `"easel_split_cjk": true` in
+`tokenizer_config.json` (the built-in bilingual model's tokenizer), makes every Chinese character its own word
+before step 3, as BERT does: Chinese has no spaces, so without it a whole sentence would be one BPE word. Nothing found raises `TokenizerNotFound` saying how to supply one.
 """
 from __future__ import annotations
 
@@ -54,6 +56,8 @@ CLIP_PATTERN = regex.compile(
 # a special-token literal that was not cut out as a special token (e.g. "<|ENDOFTEXT|>", lower-cased
 # later): it becomes "<|", "endoftext", "|>".
 GPT2_PATTERN = regex.compile(rf"'s|'t|'re|'ve|'m|'ll|'d|\p{{L}}+|\p{{N}}+|[^{_WS}\p{{L}}\p{{N}}]+")
+_CJK_CHAR = regex.compile(r"[\p{Han}\u3000-\u303f\uff00-\uffef]")  # Han characters and CJK punctuation (、，)
+SPLIT_CJK_KEY = "easel_split_cjk"
 
 
 class TokenizerNotFound(FileNotFoundError):
@@ -77,6 +81,17 @@ def _read_merges(path: str | os.PathLike) -> list[tuple[str, str]]:
     if lines and lines[0].startswith("#version"):
         lines = lines[1:]
     return [tuple(line.split()) for line in lines if line.strip()]
+
+
+def _split_cjk_from_config(folder: Path) -> bool:
+    """True when the folder's tokenizer_config.json asks for easel's one-word-per-Chinese-character split."""
+    path = folder / "tokenizer_config.json"
+    return path.is_file() and json.loads(path.read_text(encoding="utf-8")).get(SPLIT_CJK_KEY) is True
+
+
+def split_cjk(text: str) -> str:
+    """Spaces around every Chinese character and CJK punctuation mark (one BPE word each)."""
+    return _CJK_CHAR.sub(lambda m: f" {m.group()} ", text)
 
 
 def _pad_from_config(folder: Path) -> str | None:
@@ -109,13 +124,14 @@ class CLIPTokenizer:
     """CLIP byte-level BPE tokenizer: text -> ids, ids -> text, and padded (B, 77) batches."""
 
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], pad_token: str = EOS,
-                 bos_token: str = BOS, eos_token: str = EOS, unk_token: str = EOS):
+                 bos_token: str = BOS, eos_token: str = EOS, unk_token: str = EOS, split_cjk: bool = False):
         for token in (bos_token, eos_token, pad_token, unk_token):
             if token not in vocab:
                 raise ValueError(f"special token {token!r} is not in the vocabulary")
         self.vocab = dict(vocab)
         self.merges = [tuple(m) for m in merges]
         self.bos_token, self.eos_token, self.pad_token, self.unk_token = bos_token, eos_token, pad_token, unk_token
+        self.split_cjk = split_cjk
         self._id_to_token = {i: t for t, i in self.vocab.items()}
         self._ranks = {pair: rank for rank, pair in enumerate(self.merges)}
         self._byte_encoder = bytes_to_unicode()
@@ -127,10 +143,10 @@ class CLIPTokenizer:
     # --- constructors -------------------------------------------------------------------------
     @classmethod
     def from_files(cls, vocab_json: str | os.PathLike, merges_txt: str | os.PathLike,
-                   pad_token: str = EOS) -> "CLIPTokenizer":
+                   pad_token: str = EOS, split_cjk: bool = False) -> "CLIPTokenizer":
         """Read a HF-format vocab.json + merges.txt pair."""
         vocab = json.loads(Path(vocab_json).read_text(encoding="utf-8"))
-        return cls(vocab, _read_merges(merges_txt), pad_token=pad_token)
+        return cls(vocab, _read_merges(merges_txt), pad_token=pad_token, split_cjk=split_cjk)
 
     @classmethod
     def from_bpe_gz(cls, path: str | os.PathLike, pad_token: str = EOS) -> "CLIPTokenizer":
@@ -150,7 +166,8 @@ class CLIPTokenizer:
         if not (folder / "vocab.json").is_file() or not (folder / "merges.txt").is_file():
             raise TokenizerNotFound(f"{folder} has no vocab.json + merges.txt")
         pad = pad_token or _pad_from_config(folder) or EOS
-        return cls.from_files(folder / "vocab.json", folder / "merges.txt", pad_token=pad)
+        return cls.from_files(folder / "vocab.json", folder / "merges.txt", pad_token=pad,
+                              split_cjk=_split_cjk_from_config(folder))
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write vocab.json, merges.txt and tokenizer_config.json in the format HF reads."""
@@ -161,6 +178,8 @@ class CLIPTokenizer:
         (folder / "merges.txt").write_text("#version: 0.2\n" + merges, encoding="utf-8")
         config = {"tokenizer_class": "CLIPTokenizer", "bos_token": self.bos_token, "eos_token": self.eos_token,
                   "pad_token": self.pad_token, "unk_token": self.unk_token, "model_max_length": 77}
+        if self.split_cjk:
+            config[SPLIT_CJK_KEY] = True
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
         return folder
 
@@ -197,7 +216,8 @@ class CLIPTokenizer:
         return out + self._tokenize_plain(text[start:])
 
     def _tokenize_plain(self, text: str) -> list[str]:
-        text = _WS_RUN.sub(" ", unicodedata.normalize("NFC", text))
+        text = unicodedata.normalize("NFC", text)
+        text = _WS_RUN.sub(" ", split_cjk(text) if self.split_cjk else text)
         # Character by character, like `tokenizers`: str.lower() would turn a final sigma into "ς".
         text = "".join(c.lower() for c in text)
         tokens = []

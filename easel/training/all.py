@@ -9,10 +9,16 @@ Layout of the output folder (default runs/shapeworld/):
 
 A stage is skipped when its done.json exists and records the same inputs (file digests) as now: a
 retrained VAE therefore re-runs the UNet stage (and re-encodes its latent cache) by itself.
+
+Captions are bilingual (English and Chinese, `easel.world.captions`). `--init-from MODEL` warm-starts every
+stage from a trained model instead of from scratch: its tokenizer extended with the Chinese characters (English
+ids unchanged), its text encoder (new rows for the new tokens) and, when `clip_vision.safetensors` lies beside
+it, its CLIP image tower; its VAE copied as is (pixels have no language); its UNet continued.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
 from pathlib import Path
@@ -21,6 +27,7 @@ import torch
 
 from easel.models.configs import ModelConfig
 from easel.models.sd import StableDiffusion
+from easel.pipelines.conditioning import VOCABULARY_KEY
 from easel.text.tokenizer import CLIPTokenizer
 from easel.training import presets
 from easel.training.common import DistInfo, LoopConfig, TrainingError, barrier, resume_if_same_inputs, write_json
@@ -35,15 +42,25 @@ DEFAULT_LOOPS = {
     "vae": LoopConfig(batch_size=32, lr=1e-3, warmup=100, ema_decay=0.995, bf16=True, ckpt_every=200),
     "unet": LoopConfig(batch_size=32, lr=1e-3, warmup=200, ema_decay=0.995, ckpt_every=250),
 }
+# A warm start (--init-from) continues trained weights: gentler peaks, shorter warm-ups.
+INIT_LOOPS = {
+    "clip": LoopConfig(batch_size=64, lr=3e-4, warmup=50, ema_decay=0.99, ckpt_every=100),
+    "unet": LoopConfig(batch_size=32, lr=5e-4, warmup=100, ema_decay=0.995, ckpt_every=250),
+}
+INIT_TEXT_LR_SCALE = 0.3  # the warm-started text tower moves slower than the image tower (the UNet reads it)
 MODEL_NAME = "shapeworld.safetensors"
+TOWER_FILE = "clip_vision.safetensors"  # the CLIP image tower beside a model (vision.*, text_projection, logit_scale)
+LANGS = ("en", "zh")
+RELATION_SHARE = 0.4  # UNet and CLIP scenes drawn as relation scenes (the world's own mix has 25%)
 MAX_MODEL_MB = 30
 
 
 @dataclasses.dataclass
 class Layout:
-    """Where each stage reads and writes under the run folder."""
+    """Where each stage reads and writes under the run folder, and the model every stage starts from (if any)."""
 
     root: Path
+    init: Path | None = None
 
     def stage(self, name: str) -> Path:
         """Folder of a stage."""
@@ -81,7 +98,15 @@ def stage_inputs(layout: Layout, stage: str) -> dict[str, str]:
     """Digests of the files a stage consumes (a change makes the stage stale)."""
     tok = [layout.tokenizer / "vocab.json", layout.tokenizer / "merges.txt"]
     need = {"tokenizer": [], "clip": tok, "vae": [], "unet": tok + [layout.text_encoder, layout.vae]}[stage]
-    return {str(p.relative_to(layout.root)): file_digest(p) for p in need if p.exists()}
+    inputs = {str(p.relative_to(layout.root)): file_digest(p) for p in need if p.exists()}
+    if layout.init is not None:
+        inputs["init"] = _init_digest(layout.init)
+    return inputs
+
+
+@functools.lru_cache(maxsize=4)
+def _init_digest(path: Path) -> str:
+    return file_digest(path)
 
 
 def is_done(layout: Layout, stage: str) -> bool:
@@ -110,12 +135,69 @@ def stage_tokenizer(layout: Layout, n_captions: int = 20000, info: DistInfo | No
     info = info or DistInfo()
     metrics = {}
     if info.main:
-        tok = train_tokenizer(layout.tokenizer, n_captions)
+        if layout.init is not None:
+            tok = _extend_init_tokenizer(layout)
+        else:
+            tok = train_tokenizer(layout.tokenizer, n_captions)
+        zh_chars = sorted(set("".join(vocabulary("zh"))))
         metrics = {"vocab_size": tok.vocab_size, "merges": len(tok.merges),
-                   "multi_token_words": check_single_tokens(tok, vocabulary())}
+                   "multi_token_words": check_single_tokens(tok, vocabulary()),
+                   "multi_token_zh_chars": check_single_tokens(tok, zh_chars)}
         mark_done(layout, "tokenizer", metrics)
     barrier(info)
     return metrics
+
+
+def _extend_init_tokenizer(layout: Layout) -> CLIPTokenizer:
+    """The init model's tokenizer with the Chinese characters appended, saved as this run's tokenizer."""
+    from easel.files import atomic_folder
+    from easel.training.tokenizer import extend_tokenizer
+    from easel.world.captions import vocabulary
+    tok, _ = extend_tokenizer(init_model(layout).tokenizers[0], vocabulary("zh"))
+    with atomic_folder(layout.tokenizer, replace=True) as tmp:
+        tok.save(tmp)
+    return tok
+
+
+@functools.lru_cache(maxsize=2)
+def _load_init(path: Path) -> LoadedModel:
+    from easel.weights.model_io import load_model
+    return load_model(path)
+
+
+def init_model(layout: Layout) -> LoadedModel:
+    """The model the run warm-starts from (loaded once)."""
+    if layout.init is None or not Path(layout.init).is_file():
+        raise TrainingError(f"--init-from {layout.init}: no such model file")
+    return _load_init(Path(layout.init))
+
+
+def remap_token_rows(weights: dict[str, torch.Tensor], old: CLIPTokenizer, new: CLIPTokenizer,
+                     seed: int = 0) -> dict[str, torch.Tensor]:
+    """A text encoder's weights for a larger vocabulary: each old token's embedding row moves to its new id, rows
+    of new tokens are drawn from the old rows' per-dimension mean and spread."""
+    key = next(k for k in weights if k.endswith("token_embedding.weight"))
+    rows = weights[key]  # (V_old, D)
+    if rows.shape[0] != old.vocab_size:
+        raise TrainingError(f"the init text encoder has {rows.shape[0]} token rows, its tokenizer {old.vocab_size}")
+    gen = torch.Generator().manual_seed(seed)
+    out = rows.mean(0) + rows.std(0) * torch.randn(new.vocab_size, rows.shape[1], generator=gen)  # (V_new, D)
+    for token, i in old.vocab.items():
+        out[new.vocab[token]] = rows[i]
+    return {**weights, key: out.to(rows.dtype)}
+
+
+def _init_clip_weights(layout: Layout) -> dict[str, torch.Tensor]:
+    """ContrastiveCLIP weights from the init model: its text encoder (rows remapped) and its image tower if any."""
+    from safetensors.torch import load_file
+    loaded = init_model(layout)
+    new = CLIPTokenizer.from_dir(layout.tokenizer)
+    text = remap_token_rows(loaded.model.text_encoders[0].state_dict(), loaded.tokenizers[0], new)
+    weights = {f"text.{k}": v.float() for k, v in text.items()}
+    tower = Path(layout.init).parent / TOWER_FILE
+    if tower.is_file():
+        weights.update({k: v for k, v in load_file(str(tower)).items() if not k.startswith("text.")})
+    return weights
 
 
 def _vocab_size(layout: Layout) -> int:
@@ -125,13 +207,16 @@ def _vocab_size(layout: Layout) -> int:
 def stage_clip(layout: Layout, base: ModelConfig, loop: LoopConfig, info: DistInfo | None = None,
                vision=None) -> dict:
     """Contrastive training of the text encoder against a ViT."""
-    from easel.training.clip import ClipRun, train_clip
+    from easel.training.clip import BILINGUAL_MIX, ClipRun, train_clip
     text = presets.text_config_for(base.text_encoders[0], _vocab_size(layout))
     vision = vision or presets.VISION_PRESETS["tiny" if base.name == presets.TINY.name else "shapeworld"]
     vision = dataclasses.replace(vision, image_size=base.default_size)
     info = info or DistInfo()
     loop = guard_resume(layout, "clip", loop, info)
-    metrics = train_clip(ClipRun(layout.stage("clip"), layout.tokenizer, text, vision, loop), info)
+    init = _init_clip_weights(layout) if layout.init is not None else None
+    run = ClipRun(layout.stage("clip"), layout.tokenizer, text, vision, loop, mix=BILINGUAL_MIX, init=init, langs=LANGS,
+                  lr_scale={"text.": INIT_TEXT_LR_SCALE} if init is not None else None)
+    metrics = train_clip(run, info)
     if info.main:
         mark_done(layout, "clip", metrics)
     return metrics
@@ -139,8 +224,17 @@ def stage_clip(layout: Layout, base: ModelConfig, loop: LoopConfig, info: DistIn
 
 def stage_vae(layout: Layout, base: ModelConfig, loop: LoopConfig, info: DistInfo | None = None) -> dict:
     """VAE training with object-weighted reconstruction, then latent standardisation."""
-    from easel.training.vae import VaeRun, train_vae
+    from easel.training.vae import VaeRun, save_vae, train_vae
     info = info or DistInfo()
+    if layout.init is not None:  # pixels have no language: the init model's VAE as it is
+        metrics = {}
+        if info.main:
+            vae = init_model(layout).model.vae
+            save_vae(vae, vae.config, layout.vae)
+            metrics = {"copied_from": str(layout.init)}
+            mark_done(layout, "vae", metrics)
+        barrier(info)
+        return metrics
     loop = guard_resume(layout, "vae", loop, info)
     metrics = train_vae(VaeRun(layout.stage("vae"), base.vae, loop, image_size=base.default_size), info)
     if info.main:
@@ -160,13 +254,16 @@ def stage_unet(layout: Layout, base: ModelConfig, loop: LoopConfig, info: DistIn
     cfg = presets.shapeworld_config(tok.vocab_size, vae_cfg.scale_factor, base)
     text = load_text_encoder(_require(layout.text_encoder, "clip", layout.root), cfg.text_encoders[0])
     cache_path = layout.stage("unet") / "latents.pt"
+    cache = lambda: load_or_build_cache(cache_path, layout.vae, layout.tokenizer, n_latents, n_val,  # noqa: E731
+                                        base.default_size, langs=LANGS, relation_share=RELATION_SHARE)
     if info.main:
-        load_or_build_cache(cache_path, layout.vae, layout.tokenizer, n_latents, n_val, base.default_size)
+        cache()
     barrier(info)
-    data = load_or_build_cache(cache_path, layout.vae, layout.tokenizer, n_latents, n_val, base.default_size)
+    data = cache()
     empty = tok([""], max_length=77)[0]
     loop = guard_resume(layout, "unet", loop, info)
-    run = UnetRun(layout.stage("unet"), cfg, text, empty, data, loop)
+    init = init_model(layout).model.unet.state_dict() if layout.init is not None else None
+    run = UnetRun(layout.stage("unet"), cfg, text, empty, data, loop, init=init)
     metrics = train_unet(run, info)
     if info.main:
         mark_done(layout, "unet", metrics)
@@ -229,12 +326,40 @@ def choose_unet(layout: Layout, base: ModelConfig, use_judge: bool = True) -> tu
     return metrics.get("chosen_by_val_loss", variants[0]), report
 
 
+def vocabulary_metadata() -> dict[str, str]:
+    """The model metadata entry listing every word the captions were made of, per language."""
+    from easel.world.captions import vocabulary
+    return {VOCABULARY_KEY: json.dumps({lang: vocabulary(lang) for lang in LANGS}, ensure_ascii=False)}
+
+
+def write_tower(layout: Layout, model_path: Path, base: ModelConfig) -> Path | None:
+    """The CLIP stage's image tower beside the model (`clip_vision.safetensors`), tagged with the model's hash."""
+    from safetensors.torch import load_file
+
+    from easel.training.clip_image_tower import KIND
+    from easel.weights.load import write_safetensors
+    from easel.weights.load import file_hash
+    src = layout.stage("clip") / "clip.safetensors"
+    if not src.is_file():
+        return None
+    vision = presets.VISION_PRESETS["tiny" if base.name == presets.TINY.name else "shapeworld"]
+    vision = dataclasses.replace(vision, image_size=base.default_size)
+    metrics_file = layout.stage("clip") / "metrics.json"
+    meta = {"kind": KIND, "text_model_hash": file_hash(model_path), "vision_config": json.dumps(dataclasses.asdict(vision)),
+            "metrics": metrics_file.read_text() if metrics_file.is_file() else "{}"}
+    tower = {k: v for k, v in load_file(str(src)).items() if not k.startswith("text.")}
+    path = model_path.parent / TOWER_FILE
+    write_safetensors(tower, path, metadata=meta)
+    return path
+
+
 def assemble(layout: Layout, base: ModelConfig = presets.SHAPEWORLD, use_judge: bool = True) -> Path:
     """Write shapeworld.safetensors (+ shapeworld.tokenizer/) from the trained stages; -> its path."""
     from easel.weights.model_io import save_model
     variant, report = choose_unet(layout, base, use_judge)
     loaded = build_model(layout, base, variant)
-    path = save_model(loaded, layout.model)
+    path = save_model(loaded, layout.model, extra_metadata=vocabulary_metadata())
+    write_tower(layout, path, base)
     mb = path.stat().st_size / 2**20
     write_json(layout.root / "model.json", {"unet": variant, "size_mb": round(mb, 2), **report})
     if mb > MAX_MODEL_MB:

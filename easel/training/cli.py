@@ -72,6 +72,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="continue unfinished stages from their checkpoints (default: yes)")
     a.add_argument("--captions", type=int, default=20000, help="tokenizer corpus size")
     a.add_argument("--latents", type=int, default=60000, help="training images encoded for the UNet")
+    a.add_argument("--init-from", metavar="MODEL",
+                   help="warm-start every stage from a trained model (e.g. the built-in one: easel/assets/shapeworld/"
+                        "shapeworld.safetensors): its tokenizer extended, text encoder, image tower, VAE and UNet")
     a.add_argument("--no-judge", dest="judge", action="store_false",
                    help="choose raw vs EMA UNet by validation loss only (skip the benchmark)")
     from easel.training.lcm_cli import add_lcm_parser
@@ -91,10 +94,12 @@ def loop_from_args(stage: str, args: argparse.Namespace) -> LoopConfig:
 
 def all_loops(args: argparse.Namespace) -> dict[str, LoopConfig]:
     """Per-stage LoopConfigs for `train all`: defaults, scaled by --minutes, overridden per stage."""
-    from easel.training.all import DEFAULT_LOOPS, DEFAULT_MINUTES
+    from easel.training.all import DEFAULT_LOOPS, DEFAULT_MINUTES, INIT_LOOPS
     scale = args.minutes / sum(DEFAULT_MINUTES.values()) if args.minutes else 1.0
     loops = {}
     for stage, base in DEFAULT_LOOPS.items():
+        if getattr(args, "init_from", None):
+            base = INIT_LOOPS.get(stage, base)
         minutes = getattr(args, f"{stage}_minutes") or DEFAULT_MINUTES[stage] * scale
         steps = getattr(args, f"{stage}_steps")
         cfg = dataclasses.replace(base, minutes=None if steps else minutes, steps=steps or base.steps,
@@ -119,7 +124,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from easel.training.presets import MODEL_PRESETS
     _threads(args)
     info = setup_distributed(args.device)
-    layout = stages.Layout(Path(args.out))
+    init = getattr(args, "init_from", None)
+    layout = stages.Layout(Path(args.out), Path(init) if init else None)
     try:
         if args.stage == "tokenizer":
             print(stages.stage_tokenizer(layout, args.captions, info))

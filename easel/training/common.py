@@ -194,6 +194,16 @@ class EMA:
         return {k: (self.shadow[k].to(v.dtype) if k in self.shadow else v).clone() for k, v in out.items()}
 
 
+def warm_start(model: nn.Module, weights: dict, what: str) -> list[str]:
+    """Load `weights` into `model` where shapes match; -> the model's keys left at their fresh initialisation."""
+    own = model.state_dict()
+    bad = [k for k, v in weights.items() if k not in own or own[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"{what}: the warm-start weights do not fit the model: {bad[:5]}")
+    model.load_state_dict(weights, strict=False)
+    return sorted(set(own) - set(weights))
+
+
 # --- files ------------------------------------------------------------------------------------
 
 def save_atomic(obj: object, path: Path) -> None:
@@ -268,13 +278,20 @@ class Trainer:
     CALIBRATE_STEPS = (3, 15)  # time steps 3..15 to turn --minutes into a step budget
 
     def __init__(self, name: str, out_dir: str | os.PathLike, model: nn.Module, cfg: LoopConfig,
-                 info: DistInfo | None = None):
+                 info: DistInfo | None = None, lr_scale: dict[str, float] | None = None):
         self.name, self.out, self.model, self.cfg = name, Path(out_dir), model, cfg
         self.info = info or DistInfo()
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
         # No weight decay on biases, norms and scalars (the temperature): it would only pull them to 0.
-        groups = [{"params": [p for p in self.params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-                  {"params": [p for p in self.params if p.ndim < 2], "weight_decay": 0.0}]
+        # `lr_scale` {name prefix: factor}: e.g. a warm-started tower learns slower than a fresh one.
+        scale = lambda n: next((f for prefix, f in (lr_scale or {}).items() if n.startswith(prefix)), 1.0)  # noqa: E731
+        groups = []
+        for factor in sorted({scale(n) for n, _ in named}):
+            for decay, test in ((cfg.weight_decay, lambda p: p.ndim >= 2), (0.0, lambda p: p.ndim < 2)):
+                params = [p for n, p in named if scale(n) == factor and test(p)]
+                if params:
+                    groups.append({"params": params, "weight_decay": decay, "lr_scale": factor})
         self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
         self.ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
         self.step = 0
@@ -356,7 +373,7 @@ class Trainer:
 
     def _one_step(self, loss_fn, lr: float) -> dict:
         for group in self.opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         self.opt.zero_grad(set_to_none=True)
         with autocast(self.cfg.bf16, self.info.device):
             loss, metrics = loss_fn(self.step)

@@ -10,7 +10,7 @@ import dataclasses
 
 import numpy as np
 
-from easel.world.captions import Mention, ParsedCaption, describe, parse_caption
+from easel.world.captions import Mention, ParsedCaption, describe, is_chinese, parse_caption
 from easel.world.scenes import COLOURS, SHAPES
 
 NEGATIVE_KINDS = ("colour", "shape", "relation", "count")
@@ -62,7 +62,7 @@ def _recount(mentions: list[Mention], rng: np.random.Generator) -> list[Mention]
 
 
 def negative(text: str, kind: str, rng: np.random.Generator) -> str | None:
-    """One hard negative of `kind` for a caption, or None when that kind does not apply."""
+    """One hard negative of `kind` for a caption (in the caption's language), or None when that kind does not apply."""
     parsed = parse_caption(text)
     mentions, rel = list(parsed.mentions), parsed.relation
     if kind in ("colour", "shape"):
@@ -81,7 +81,7 @@ def negative(text: str, kind: str, rng: np.random.Generator) -> str | None:
         raise ValueError(f"unknown negative kind {kind!r}: choose from {NEGATIVE_KINDS}")
     if changed is None:
         return None
-    out = describe(changed, rel, rng)
+    out = describe(changed, rel, rng, "zh" if is_chinese(text) else "en")
     return out if caption_key(parse_caption(out)) != caption_key(parsed) else None
 
 

@@ -6,6 +6,10 @@ runs on the fly (no grad): it is small, and a cache of 77 x 128 states per capti
 
 Objective: eps-prediction (or v) with min-SNR-5 loss weights (Hang et al. 2023), uniform integer
 timesteps, 10% empty captions so that classifier-free guidance works (Ho & Salimans 2022).
+
+Bilingual caches hold each scene's caption in every language of `langs` (paraphrase r is in langs[r % len]), and
+can draw relation scenes more often than the world does (`relation_share`): relations are learnt last.
+A warm start (`UnetRun.init`) continues from another model's UNet instead of fresh weights.
 """
 from __future__ import annotations
 
@@ -25,10 +29,10 @@ from easel.models.unet import UNetModel
 from easel.samplers.denoisers import DiscreteSchedule, EpsDenoiser, VDenoiser, make_alphas_cumprod
 from easel.text.tokenizer import CLIPTokenizer
 from easel.training.common import (DistInfo, LoopConfig, Trainer, TrainingError, load_checkpoint, save_atomic,
-                                   step_generator, write_json)
-from easel.world.dataset import TRAIN_SEEDS, eval_seeds, render_batch
+                                   step_generator, warm_start, write_json)
+from easel.world.dataset import TRAIN_SEEDS, eval_seeds
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def file_digest(*paths: Path) -> str:
@@ -41,19 +45,23 @@ def file_digest(*paths: Path) -> str:
 
 @torch.no_grad()
 def encode_dataset(vae, tok: CLIPTokenizer, seeds: list[int], size: int = 64, captions_per_image: int = 2,
-                   chunk: int = 256, progress: bool = True) -> dict:
+                   chunk: int = 256, progress: bool = True, langs: tuple[str, ...] = ("en",),
+                   relation_share: float = 0.0) -> dict:
     """Render and encode scenes: latents (N, C, h, w) fp16 (scaled), token ids (N, R, 77) int32, captions."""
     from tqdm import tqdm
 
     from easel.world.captions import caption
-    from easel.world.scenes import sample_scene
+    from easel.world.dataset import mixed_scene, to_tensor
+    from easel.world.render import render_array
     latents, ids, captions = [], [], []
     for i in tqdm(range(0, len(seeds), chunk), desc="encode latents", disable=not progress, file=sys.stderr):
         batch = seeds[i:i + chunk]
-        x, _ = render_batch(batch, size)
+        scenes = [mixed_scene(s, relation_share) for s in batch]
+        x = torch.stack([to_tensor(render_array(scene, size)) for scene in scenes])  # (b, 3, H, W)
         latents.append(vae.encode_latents(x).half())
         # Paraphrase r of a scene is the caption of seed + r * TRAIN_SEEDS (as ShapeWorldDataset rounds).
-        caps = [[caption(sample_scene(s), s + r * TRAIN_SEEDS) for r in range(captions_per_image)] for s in batch]
+        caps = [[caption(scene, s + r * TRAIN_SEEDS, langs[r % len(langs)]) for r in range(captions_per_image)]
+                for scene, s in zip(scenes, batch)]
         flat = [c for row in caps for c in row]
         ids.append(tok(flat, max_length=77).to(torch.int32).view(len(batch), captions_per_image, 77))
         captions += caps
@@ -61,12 +69,12 @@ def encode_dataset(vae, tok: CLIPTokenizer, seeds: list[int], size: int = 64, ca
 
 
 def load_or_build_cache(path: Path, vae_path: Path, tok_dir: Path, n_train: int, n_val: int, size: int,
-                        progress: bool = True) -> dict:
-    """The latent cache at `path`, rebuilt when missing or made with another VAE/tokenizer/size."""
+                        progress: bool = True, langs: tuple[str, ...] = ("en",), relation_share: float = 0.0) -> dict:
+    """The latent cache at `path`, rebuilt when missing or made with another VAE/tokenizer/size/caption mix."""
     from easel.training.vae import load_vae
     key = {"version": CACHE_VERSION, "vae": file_digest(vae_path),
            "tokenizer": file_digest(tok_dir / "vocab.json", tok_dir / "merges.txt"),
-           "n_train": n_train, "n_val": n_val, "size": size}
+           "n_train": n_train, "n_val": n_val, "size": size, "langs": list(langs), "relation_share": relation_share}
     if path.exists():
         cache = load_checkpoint(path)
         if cache.get("key") == key:
@@ -74,7 +82,8 @@ def load_or_build_cache(path: Path, vae_path: Path, tok_dir: Path, n_train: int,
         print(f"[unet] latent cache {path} is stale (VAE, tokenizer or size changed): re-encoding", file=sys.stderr)
     vae, tok = load_vae(vae_path), CLIPTokenizer.from_dir(tok_dir)
     cache = {"key": key, "scale_factor": vae.config.scale_factor,
-             "train": encode_dataset(vae, tok, list(range(n_train)), size, progress=progress),
+             "train": encode_dataset(vae, tok, list(range(n_train)), size, captions_per_image=max(2, len(langs)),
+                                     progress=progress, langs=langs, relation_share=relation_share),
              "val": encode_dataset(vae, tok, eval_seeds(n_val), size, captions_per_image=1, progress=progress)}
     save_atomic(cache, path)
     return cache
@@ -120,6 +129,7 @@ class UnetRun:
     loop: LoopConfig = field(default_factory=LoopConfig)
     caption_dropout: float = 0.1
     min_snr_gamma: float | None = 5.0
+    init: dict | None = None  # UNet weights to start from; a grown UNet's extra blocks keep their (identity) init
 
 
 def sample_inputs(run: UnetRun, step: int, batches: LatentBatches, schedule: DiscreteSchedule):
@@ -179,6 +189,10 @@ def train_unet(run: UnetRun, info: DistInfo | None = None) -> dict:
                             f"{run.text_encoder.config.hidden_size}")
     torch.manual_seed(run.loop.seed)
     unet = UNetModel(run.model.unet).to(info.device)
+    if run.init is not None:
+        fresh = warm_start(unet, run.init, "UNet")
+        if info.main and fresh:
+            print(f"[unet] warm start: {len(fresh)} tensors start fresh ({fresh[0]} ...)", file=sys.stderr)
     run.text_encoder.to(info.device).eval().requires_grad_(False)
     denoiser = make_denoiser(unet, run.model)
     batches = LatentBatches(run.data["train"], run.loop.batch_size, run.loop.seed)

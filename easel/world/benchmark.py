@@ -13,6 +13,7 @@ relation triples that no training scene contains). `overall` is the mean of the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -20,7 +21,7 @@ from typing import Callable, Iterable
 import numpy as np
 from PIL import Image, ImageFilter
 
-from .captions import Mention, describe
+from .captions import Mention, check_lang, describe
 from .judge import Detected, parse
 from .render import render
 from .scenes import (BACKGROUND_RANGE, COLOURS, HELD_OUT_PAIRS, HELD_OUT_RELATIONS, RELATIONS,
@@ -137,8 +138,21 @@ def _make_unseen(i: int, rng: np.random.Generator) -> Prompt:
     return _prompt("unseen_binding", [Mention(ca, a), Mention(cb, b)], cs, rng, (rel, 0, 1))
 
 
-def make_prompts(seed: int = 0, per_category: int = 32, categories: Iterable[str] = CATEGORIES) -> list[Prompt]:
-    """The benchmark prompts (distinct texts within a category), deterministic in the seed."""
+def translate(prompt: Prompt, lang: str) -> Prompt:
+    """The same prompt (objects, relation, requirements) worded in another language of the grammar."""
+    if check_lang(lang) == "en":
+        return prompt
+    rng = np.random.default_rng([0x7A, *map(ord, prompt.text)])  # a paraphrase fixed by the English text
+    return dataclasses.replace(prompt, text=describe(list(prompt.mentions), prompt.relation, rng, lang))
+
+
+def make_prompts(seed: int = 0, per_category: int = 32, categories: Iterable[str] = CATEGORIES,
+                 lang: str = "en") -> list[Prompt]:
+    """The benchmark prompts (distinct texts within a category), deterministic in the seed; with lang="zh" the
+    same prompts in Chinese (so `--lang zh` and `--lang en` scores compare the languages, nothing else)."""
+    check_lang(lang)
+    if lang != "en":
+        return [translate(p, lang) for p in make_prompts(seed, per_category, categories)]
     rng = np.random.default_rng([seed, 0xBE7C])
     prompts = []
     for category in categories:

@@ -21,7 +21,7 @@ from .render import render_array
 from .scenes import Scene, sample_scene
 
 __all__ = ["ShapeWorldDataset", "ShapeWorldStream", "render_batch", "eval_seeds", "eval_scenes",
-           "to_tensor", "sample_grid", "vocabulary", "caption_corpus", "TRAIN_SEEDS", "EVAL_SEED_BASE"]
+           "to_tensor", "sample_grid", "mixed_scene", "scene_language", "vocabulary", "caption_corpus", "TRAIN_SEEDS", "EVAL_SEED_BASE"]
 
 TRAIN_SEEDS = 2**31
 EVAL_SEED_BASE = 2**40
@@ -46,6 +46,18 @@ def eval_scenes(n: int, seed: int = 0) -> list[tuple[Scene, str]]:
     """A fixed evaluation set of (scene, caption), from seeds no training index ever maps to."""
     scenes = [(s, sample_scene(s)) for s in eval_seeds(n, seed)]
     return [(scene, caption(scene, s)) for s, scene in scenes]
+
+
+def mixed_scene(seed: int, relation_share: float) -> Scene:
+    """The scene of a training seed, drawn as a relation scene with probability `relation_share`."""
+    if relation_share > 0 and np.random.default_rng([seed, 0x4E1]).random() < relation_share:
+        return sample_scene(seed, "relation")
+    return sample_scene(seed)
+
+
+def scene_language(seed: int, zh_share: float) -> str:
+    """The language of a seed's caption: Chinese with probability `zh_share`."""
+    return "zh" if zh_share > 0 and np.random.default_rng([seed, 0x2C]).random() < zh_share else "en"
 
 
 def render_batch(seeds: list[int], size: int = 64) -> tuple[torch.Tensor, list[str]]:

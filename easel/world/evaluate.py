@@ -33,6 +33,7 @@ class EvalSettings:
     seed: int = 0  # image seeds: seed + prompt index * images_per_prompt + k
     prompt_seed: int = 0
     loras: list[str] = dataclasses.field(default_factory=list)  # "name_or_path:weight" (e.g. an LCM-LoRA)
+    lang: str = "en"  # the prompts' language: "en" or "zh" (the same prompts, translated)
 
 
 def generate_images(pipe, prompts: list[Prompt], s: EvalSettings,
@@ -62,7 +63,7 @@ def vae_roundtrip(pipe, images: list[Image.Image]) -> list[Image.Image]:
 def run_eval(pipe, s: EvalSettings, out_dir: str | Path | None = None,
              progress: Callable[[int], None] | None = None) -> dict:
     """Score every row; write report.json, report.md and passes/failures grids when out_dir is given."""
-    prompts = make_prompts(s.prompt_seed, s.per_category)
+    prompts = make_prompts(s.prompt_seed, s.per_category, lang=s.lang)
     size = pipe.config.default_size
     generated = generate_images(pipe, prompts, s, progress)
     flat_prompts = [p for p in prompts for _ in range(s.images_per_prompt)]
@@ -75,7 +76,7 @@ def run_eval(pipe, s: EvalSettings, out_dir: str | Path | None = None,
         "shuffled prompts (floor)": score(evaluate(flat_images, flat_prompts, _shuffled_flat(prompts, s))),
         "VAE reconstruction (ceiling)": score(evaluate(vae_roundtrip(pipe, truth), flat_prompts)),
     }
-    report = {"settings": dataclasses.asdict(s), "model": pipe.loaded.name, "rows": rows,
+    report = {"settings": dataclasses.asdict(s), "model": pipe.loaded.name, "rows": rows, "lang": s.lang,
               "images": [{"prompt": p.text, "category": p.category, "passed": v.passed, "reason": v.reason}
                          for p, v in results]}
     if out_dir is not None:
@@ -98,3 +99,38 @@ def write_report(out: Path, report: dict, images: list[Image.Image], results: li
                   for im, (p, v) in zip(images, results) if v.passed == want][:36]
         if picked:
             save_image(captioned_grid([im for im, _ in picked], [c for _, c in picked], lines=5), out / f"{name}.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python3 -m easel.world.evaluate [--model M] [--lang en|zh] ...: `easel eval` with the prompts' language."""
+    import argparse
+    import sys
+
+    import easel
+    from easel.world.benchmark import CATEGORIES
+    from easel.world.captions import LANGS
+    p = argparse.ArgumentParser(prog="python3 -m easel.world.evaluate", description="easel eval, in a language")
+    p.add_argument("--model", "-m")
+    p.add_argument("--lang", default="en", choices=LANGS, help="the prompts' language (default en)")
+    p.add_argument("--per-category", type=int, default=32)
+    p.add_argument("--images-per-prompt", type=int, default=4)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--sampler")
+    p.add_argument("--cfg-scale", type=float)
+    p.add_argument("--lora", action="append", default=[])
+    p.add_argument("--out", default="eval")
+    args = p.parse_args(argv)
+    if args.per_category < 1 or args.images_per_prompt < 1:
+        p.error("--per-category and --images-per-prompt must be at least 1")
+    s = EvalSettings(per_category=args.per_category, images_per_prompt=args.images_per_prompt, steps=args.steps,
+                     sampler=args.sampler, cfg_scale=args.cfg_scale, loras=args.lora, lang=args.lang)
+    from tqdm import tqdm
+    pipe = easel.load(args.model)
+    with tqdm(total=len(CATEGORIES) * s.per_category, unit="prompt", file=sys.stderr, leave=False) as bar:
+        report = run_eval(pipe, s, args.out, progress=lambda i: bar.update(i - bar.n))
+    print(report_markdown(report["rows"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
