@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from easel.inspect.capture import Capture, Run
+from easel.inspect.steps import pick_steps
 
 MAX_FRAMES = 24  # steps of the film strip kept per sampling pass (evenly spread, first and last always)
 SIDE = 256  # pixels: the longest side of every picture of the capture
@@ -66,12 +67,6 @@ class JobCapture:
             run.steps.pop()
             return
         rec.x, rec.x0 = rec.x[:1].clone(), rec.x0[:1].clone()
-
-
-def pick_steps(n: int, frames: int) -> list[int]:
-    """Up to `frames` step indices spread evenly over n steps, the first and the last always."""
-    from easel.inspect.steps import pick_steps as pick
-    return pick(n, frames)
 
 
 @dataclass
