@@ -60,7 +60,7 @@ def test_inside_round_trip(client):
     steps = p["steps"]
     assert len(steps) == 24 and steps[0]["i"] == 0 and steps[-1]["i"] == 25  # at most MAX_FRAMES, ends kept
     for s in steps:  # each kept step's sigma is the schedule's
-        assert s["sigma"] == pytest.approx(p["sigmas"][s["i"]]) and s["sigma_next"] == pytest.approx(p["sigmas"][s["i"] + 1])
+        assert (s["sigma"], s["sigma_next"]) == pytest.approx((p["sigmas"][s["i"]], p["sigmas"][s["i"] + 1]))
     last = steps[-1]
     assert pixels(client, last["x0"]).shape == (64, 64, 3)
     for kind in ("latent", "noise"):

@@ -88,8 +88,8 @@ def sample_png(path) -> str:
 
 def test_txt2img_generates_and_shows_parameters(ui):
     page, server = ui
-    assert page.locator("#tabs [role=tab]").all_inner_texts() == ["txt2img", "img2img", "Inpaint", "Outpaint", "PNG info",
-                                                                 "Inside"]
+    tabs = ["txt2img", "img2img", "Inpaint", "Outpaint", "PNG info", "Inside"]
+    assert page.locator("#tabs [role=tab]").all_inner_texts() == tabs
     assert "Euler a" in page.locator("#sampler option").all_inner_texts()  # lists come from the server
     assert "Karras" in page.locator("#scheduler option").all_inner_texts()
     assert page.input_value("#width") == "64"  # the built-in model's own size, read from its file header

@@ -12,13 +12,19 @@ let passIndex = 0;
 export function addInsideJobs(jobs) {
   const fresh = jobs.filter((j) => j.inside && !known.has(j.id));
   if (!fresh.length) return;
-  for (const j of fresh) known.set(j.id, { id: j.id, prompt: j.prompt || (j.request && j.request.prompt) || "", url: j.inside });
+  for (const j of fresh) {
+    known.set(j.id, { id: j.id, prompt: j.prompt || (j.request && j.request.prompt) || "", url: j.inside });
+  }
   const select = $("inside-job");
   select.replaceChildren(...[...known.values()].reverse().map((j) => new Option(label(j), j.id)));
   showInside(fresh[fresh.length - 1].id);
 }
 
-const label = (j) => `${j.prompt.length > 48 ? j.prompt.slice(0, 47) + "\u2026" : j.prompt || "(no prompt)"} \u00b7 ${j.id.slice(0, 6)}`;
+// "prompt (cut) · 000012": the prompt and the start of the job's id (which counts up)
+function label(j) {
+  const prompt = j.prompt.length > 48 ? j.prompt.slice(0, 47) + "\u2026" : j.prompt || "(no prompt)";
+  return `${prompt} \u00b7 ${j.id.slice(0, 6)}`;
+}
 
 // Load and draw one job's capture.
 export async function showInside(jobId) {
@@ -107,10 +113,12 @@ function drawSchedule(pass) {
     if (text !== undefined) e.textContent = text;
     return e;
   };
+  const first = sigmas[0].toPrecision(3), last = sigmas[sigmas.length - 1].toPrecision(3);
   const svg = el("svg", { viewBox: `0 0 ${W} ${H}`, role: "img",
-                          "aria-label": `sigma per step, log scale: ${sigmas.length} steps from ${sigmas[0].toPrecision(3)} down to ${sigmas[sigmas.length - 1].toPrecision(3)}, then 0` });
+                          "aria-label": `sigma per step, log scale: ${sigmas.length} steps from ${first} to ${last}` });
   svg.append(el("rect", { x: left, y: top, width: W - left - right, height: H - top - bottom, class: "frame" }));
-  svg.append(el("polyline", { points: sigmas.map((v, j) => `${x(j).toFixed(1)},${y(v).toFixed(1)}`).join(" "), class: "line" }));
+  const points = sigmas.map((v, j) => `${x(j).toFixed(1)},${y(v).toFixed(1)}`).join(" ");
+  svg.append(el("polyline", { points, class: "line" }));
   const marker = el("circle", { r: 6, class: "now" });
   sigmas.forEach((v, j) => {
     svg.append(el("circle", { cx: x(j).toFixed(1), cy: y(v).toFixed(1), r: 2.5, class: "dot" }));
@@ -118,9 +126,8 @@ function drawSchedule(pass) {
     marker.dataset[`y${j}`] = y(v).toFixed(1);
   });
   svg.append(marker);
-  svg.append(el("text", { x: left - 4, y: y(sigmas[0]) + 4, "text-anchor": "end" }, sigmas[0].toPrecision(3)));
-  svg.append(el("text", { x: left - 4, y: y(sigmas[sigmas.length - 1]) + 4, "text-anchor": "end" },
-                sigmas[sigmas.length - 1].toPrecision(3)));
+  svg.append(el("text", { x: left - 4, y: y(sigmas[0]) + 4, "text-anchor": "end" }, first));
+  svg.append(el("text", { x: left - 4, y: y(sigmas[sigmas.length - 1]) + 4, "text-anchor": "end" }, last));
   svg.append(el("text", { x: left, y: H - 6 }, "step 1"));
   svg.append(el("text", { x: W - right, y: H - 6, "text-anchor": "end" }, `step ${sigmas.length}`));
   svg.append(el("text", { x: (left + W - right) / 2, y: H - 6, "text-anchor": "middle" }, "sigma (log)"));
@@ -137,13 +144,17 @@ function showTokens(data) {
     showMap(null, data.image, "the image");
     return;
   }
-  const buttons = [{ key: "image", text: "image", map: data.image, caption: "the image" }].concat(attn.tokens.map((t) => ({
+  const image = { key: "image", text: "image", map: data.image, caption: "the image" };
+  const choices = [image].concat(attn.tokens.map((t) => ({
     key: String(t.position), text: t.piece, map: t.map, pos: t.position,
     caption: `token ${t.position}: ${t.piece}` + (t.weight !== 1 ? ` (weight ${t.weight.toFixed(2)})` : ""),
-  }))).map((t) => {
+  })));
+  const buttons = choices.map((t) => {
     const b = Object.assign(document.createElement("button"), { type: "button", className: "token" });
     b.dataset.key = t.key;
-    if (t.pos !== undefined) b.append(Object.assign(document.createElement("span"), { className: "pos", textContent: t.pos }));
+    if (t.pos !== undefined) {
+      b.append(Object.assign(document.createElement("span"), { className: "pos", textContent: t.pos }));
+    }
     b.append(t.text);
     b.setAttribute("aria-pressed", "false");
     b.addEventListener("click", () => showMap(t.key, t.map, t.caption));
@@ -161,7 +172,9 @@ function showMap(key, url, caption) {
   img.alt = key === "image" || key === null ? "the generated image" : `attention map of ${caption}, over the image`;
   $("inside-map-caption").textContent = key === "image" || key === null ? "The image" :
     `Where the UNet looked at ${caption} (bright: more attention), averaged over heads, layers and steps`;
-  for (const b of $("inside-tokens").querySelectorAll("button")) b.setAttribute("aria-pressed", String(b.dataset.key === key));
+  for (const b of $("inside-tokens").querySelectorAll("button")) {
+    b.setAttribute("aria-pressed", String(b.dataset.key === key));
+  }
 }
 
 // -- the token table (the same rows as `easel inspect tokens --json`) ------------------------------------------
