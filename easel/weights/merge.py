@@ -5,7 +5,10 @@ Modes (M = --alpha), per floating-point tensor, computed in float32 and stored i
 - add difference:  A + (B - C) * M   (e.g. A = an inpainting model, B = a fine-tune, C = B's base)
 
 Tensors only A has, and integer tensors, are A's. As A1111, an inpainting A (9 UNet input channels) merged with
-a plain B merges the first 4 channels and keeps A's mask channels. Optional: a VAE put in (`--vae`), LoRAs baked
+a plain B merges the first 4 channels and keeps A's mask channels. Per-block weights (`--block-weights`, the
+"Merge Block Weighted" extension's convention): one M per UNet block, IN00..IN(n-1), M00, OUT00..OUT(n-1) (25 for
+SD 1.x/2.x, 19 for SDXL), the rest of the UNet (time embedding, output layer) and the other components at
+--alpha. Optional: a VAE put in (`--vae`), LoRAs baked
 in at a weight (`--lora NAME:W`). The result is one `.safetensors` or a diffusers folder; its metadata names the
 sources and their hashes in A1111's `sd_merge_recipe` / `sd_merge_models` keys.
 
@@ -47,8 +50,47 @@ def _fits(key: str, a, b) -> bool:
     return a.ndim == 4 and a.shape[0] == b.shape[0] and a.shape[2:] == b.shape[2:] and a.shape[1] > b.shape[1]
 
 
-def merge_parts(a: dict, b: dict, c: dict | None, alpha: float, mode: str) -> dict:
-    """Merge component state dicts {'unet': {...}, 'vae': ..., 'text_encoder.N': ...} (A's dicts are reused)."""
+def block_names(n_in: int, n_out: int) -> list[str]:
+    """The block labels per-block weights are given for, in order: IN00.., M00, OUT00.."""
+    return [f"IN{i:02d}" for i in range(n_in)] + ["M00"] + [f"OUT{i:02d}" for i in range(n_out)]
+
+
+def unet_block_counts(unet: dict) -> tuple[int, int]:
+    """(input blocks, output blocks) of a UNet state dict in easel's (ldm) key names."""
+    def count(prefix: str) -> int:
+        found = {int(k.split(".")[1]) for k in unet if k.startswith(prefix)}
+        return max(found) + 1 if found else 0
+    return count("input_blocks."), count("output_blocks.")
+
+
+class BlockAlpha:
+    """M per tensor: per UNet block from a list of weights (IN.., M00, OUT..), `base` everywhere else."""
+
+    def __init__(self, base: float, weights: list[float] | None = None, counts: tuple[int, int] = (0, 0)):
+        self.base, self.weights, (self.n_in, self.n_out) = base, weights, counts
+        if weights is not None and len(weights) != self.n_in + 1 + self.n_out:
+            names = block_names(self.n_in, self.n_out)
+            raise MergeError(f"--block-weights has {len(weights)} values; this UNet has {len(names)} blocks "
+                             f"({names[0]}..{names[self.n_in - 1]}, M00, OUT00..{names[-1]}): give one M for each")
+
+    def __call__(self, part: str, key: str) -> float:
+        """M for one tensor of one component."""
+        if self.weights is None or part != "unet":
+            return self.base
+        head, _, rest = key.partition(".")
+        if head == "input_blocks":
+            return self.weights[int(rest.split(".")[0])]
+        if head == "middle_block":
+            return self.weights[self.n_in]
+        if head == "output_blocks":
+            return self.weights[self.n_in + 1 + int(rest.split(".")[0])]
+        return self.base
+
+
+def merge_parts(a: dict, b: dict, c: dict | None, alpha, mode: str) -> dict:
+    """Merge component state dicts {'unet': {...}, 'vae': ..., 'text_encoder.N': ...} (A's dicts are reused).
+    `alpha`: one M, or a function (part, key) -> M (per-block weights)."""
+    alpha_of = alpha if callable(alpha) else (lambda part, key: alpha)
     if mode not in MODES:
         raise MergeError(f"unknown merge mode {mode!r}: choose {' or '.join(MODES)}")
     if (mode == "add-difference") != (c is not None):
@@ -66,7 +108,7 @@ def merge_parts(a: dict, b: dict, c: dict | None, alpha: float, mode: str) -> di
                 if t is not None and not _fits(key, ta, t):
                     raise MergeError(f"{part} tensor {key}: A is {tuple(ta.shape)}, {name} is {tuple(t.shape)}. "
                                      "Merge models of one family (SD1 / SD2 / SDXL); an inpainting model must be A")
-            merged[key] = merge_tensor(ta, tb, tc, alpha, mode)
+            merged[key] = merge_tensor(ta, tb, tc, alpha_of(part, key), mode)
         out[part] = merged
     return out
 
@@ -99,31 +141,35 @@ def source_hashes(path: str | os.PathLike) -> tuple[str, str]:
 
 
 def recipe(sources: list[Path], mode: str, alpha: float, vae: str | None, loras: list[tuple[str, float]],
-           inpainting: bool = False) -> dict:
+           inpainting: bool = False, block_weights: list[float] | None = None) -> dict:
     """A1111's merge metadata: `sd_merge_recipe` (how) and `sd_merge_models` (which files, by sha256)."""
     hashes = [source_hashes(s) for s in sources]
     rec = {"type": "webui", "primary_model_hash": hashes[0][0], "secondary_model_hash": hashes[1][0],
            "tertiary_model_hash": hashes[2][0] if len(hashes) > 2 else None,
            "interp_method": {"weighted-sum": "Weighted sum", "add-difference": "Add difference"}[mode],
            "multiplier": alpha, "bake_in_vae": vae or "None", "easel_loras": [f"{n}:{w:g}" for n, w in loras],
-           "is_inpainting": inpainting}
+           "is_inpainting": inpainting, **({"block_weights": block_weights} if block_weights else {})}
     models = {sha: {"name": Path(s).name, "legacy_hash": short} for s, (sha, short) in zip(sources, hashes)}
     return {"sd_merge_recipe": json.dumps(rec), "sd_merge_models": json.dumps(models)}
 
 
 def merge_models(sources: list[str | os.PathLike], out: str | os.PathLike, alpha: float = 0.5,
                  mode: str = "weighted-sum", to: str = "single-file", vae: str | None = None,
-                 loras: list[tuple[str, float]] | None = None, dtype: str | None = None) -> Path:
-    """Merge 2 or 3 models (files or diffusers folders, by path or name) and write the result."""
+                 loras: list[tuple[str, float]] | None = None, dtype: str | None = None,
+                 block_weights: list[float] | None = None) -> Path:
+    """Merge 2 or 3 models (files or diffusers folders, by path or name) and write the result; `block_weights`:
+    one M per UNet block (IN.., M00, OUT..) instead of `alpha` there."""
     from easel.weights.model_io import read_model
     from easel.weights.registry import resolve_model
-    if not 0 <= alpha <= 1 and mode == "weighted-sum":
-        raise MergeError(f"--alpha {alpha} is outside 0..1: weighted sum uses A * (1 - M) + B * M")
+    for m in [alpha, *(block_weights or [])]:
+        if not 0 <= m <= 1 and mode == "weighted-sum":
+            raise MergeError(f"M = {m} is outside 0..1: weighted sum uses A * (1 - M) + B * M")
     paths = [Path(resolve_model(s)) for s in sources]
     read = [read_model(p) for p in paths]
     check_family([cfg for cfg, _, _ in read], [p.name for p in paths])
-    parts = merge_parts(read[0][1], read[1][1], read[2][1] if len(read) > 2 else None, alpha, mode)
-    meta = recipe(paths, mode, alpha, vae, loras or [], read[0][0].is_inpaint)
+    per_tensor = BlockAlpha(alpha, block_weights, unet_block_counts(read[0][1]["unet"]))
+    parts = merge_parts(read[0][1], read[1][1], read[2][1] if len(read) > 2 else None, per_tensor, mode)
+    meta = recipe(paths, mode, alpha, vae, loras or [], read[0][0].is_inpaint, block_weights)
     return _write(read[0][0], parts, paths[0], Path(out), to, vae, loras or [], dtype, meta)
 
 
@@ -176,6 +222,8 @@ def add_merge_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--vae", help="put this VAE into the result")
     p.add_argument("--lora", action="append", default=[], help="bake a LoRA in: NAME or NAME:WEIGHT (repeatable)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="dtype of the result (default: A's)")
+    p.add_argument("--block-weights", metavar="M0,M1,...", help="one M per UNet block, IN00..,M00,OUT00.. (25 for "
+                   "SD 1.x/2.x, 19 for SDXL); --alpha for everything else")
     p.set_defaults(func=cmd_merge)
     return p
 
@@ -186,6 +234,19 @@ def cmd_merge(args: argparse.Namespace) -> int:
         raise MergeError(f"give 2 models (A B) or 3 (A B C), not {len(args.models)}")
     mode = args.mode or ("add-difference" if len(args.models) == 3 else "weighted-sum")
     out = merge_models(args.models, args.out, args.alpha, mode, args.to, args.vae,
-                       [parse_lora(s) for s in args.lora], args.dtype)
+                       [parse_lora(s) for s in args.lora], args.dtype, parse_block_weights(args.block_weights))
     print(out)
     return 0
+
+
+def parse_block_weights(text: str | None) -> list[float] | None:
+    """'0,0.5,1,...' -> floats (None when not given), with an error naming a value that is not a number."""
+    if not text:
+        return None
+    values = []
+    for i, v in enumerate(text.split(",")):
+        try:
+            values.append(float(v))
+        except ValueError:
+            raise MergeError(f"--block-weights value {i + 1} ({v.strip()!r}) is not a number") from None
+    return values

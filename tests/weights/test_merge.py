@@ -92,3 +92,45 @@ def test_bad_merges_are_one_line(tmp_path, capsys):
     assert "outside 0..1" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
     assert parse_lora("style:0.5") == ("style", 0.5) and parse_lora("style") == ("style", 1.0)
+
+
+def test_block_weights_merge_each_unet_block_at_its_own_m(tmp_path):
+    """IN.., M00, OUT.. each at their M (A1111's Merge Block Weighted order); the rest at --alpha."""
+    from easel.cli import main
+    from easel.weights.merge import BlockAlpha, block_names, unet_block_counts
+    a, b = _saved(tmp_path, "a"), _saved(tmp_path, "b", seed=1)
+    pa, pb = read_model(a)[1], read_model(b)[1]
+    n_in, n_out = unet_block_counts(pa["unet"])
+    assert n_in >= 2 and n_out >= 2
+    weights = [round(0.05 * i, 2) for i in range(n_in + 1 + n_out)]
+    arg = ",".join(str(w) for w in weights)
+    out = tmp_path / "mbw.safetensors"
+    assert main(["merge", str(a), str(b), "--alpha", "0.9", "--block-weights", arg, "--out", str(out)]) == 0
+    merged = read_model(out)[1]
+    per = BlockAlpha(0.9, weights, (n_in, n_out))
+    checked = set()
+    for part, sd in pa.items():
+        for k, t in sd.items():
+            if not t.is_floating_point():
+                continue
+            m = per(part, k)
+            assert torch.equal(merged[part][k], (t.float() * (1 - m) + pb[part][k].float() * m).to(t.dtype)), k
+            checked.add(m)
+    assert {0.0, weights[n_in], weights[-1], 0.9} <= checked  # IN00, M00, OUT(last), and the rest at --alpha
+    assert per("unet", "middle_block.0.in_layers.0.weight") == weights[n_in]
+    assert per("unet", "output_blocks.1.0.skip.weight") == weights[n_in + 2]
+    assert per("unet", "time_embed.0.weight") == per("vae", "decoder.conv_in.weight") == 0.9
+    assert json.loads(read_state_dict(out)[1]["sd_merge_recipe"])["block_weights"] == weights
+    assert block_names(2, 2) == ["IN00", "IN01", "M00", "OUT00", "OUT01"]
+
+
+def test_block_weights_errors_name_the_count_and_the_value(tmp_path, capsys):
+    from easel.cli import main
+    a, b = _saved(tmp_path, "a"), _saved(tmp_path, "b", seed=1)
+    out = tmp_path / "x.safetensors"
+    assert main(["merge", str(a), str(b), "--block-weights", "0.5,0.5", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--block-weights has 2 values; this UNet has" in err and "M00" in err
+    assert main(["merge", str(a), str(b), "--block-weights", "0.5,x", "--out", str(out)]) == 2
+    assert "--block-weights value 2 ('x') is not a number" in capsys.readouterr().err
+    assert not out.exists()
