@@ -1,4 +1,4 @@
-"""`easel train lora|embedding DATA`: flags, and the runs they start (training on a user's own images).
+"""`easel train lora|embedding|finetune DATA`: flags, and the runs they start (training on a user's own images).
 
 Free of torch at import, like easel.training.cli: the parser is built without loading training code.
 """
@@ -14,6 +14,8 @@ LORA_LOOP = LoopConfig(steps=500, batch_size=4, lr=1e-4, warmup=0, weight_decay=
                        ckpt_every=100, log_every=1)
 EMBEDDING_LOOP = LoopConfig(steps=1000, batch_size=4, lr=5e-3, warmup=0, weight_decay=0.0, ema_decay=None,
                             ckpt_every=100, log_every=1)
+FINETUNE_LOOP = LoopConfig(steps=1000, batch_size=4, lr=1e-5, warmup=0, weight_decay=0.01, ema_decay=None,
+                           ckpt_every=100, log_every=1)
 
 
 def _data_flags(p: argparse.ArgumentParser) -> None:
@@ -59,7 +61,7 @@ def _loop_flags(p: argparse.ArgumentParser, loop: LoopConfig) -> None:
 
 
 def add_user_parsers(sub) -> None:
-    """Register `train lora` and `train embedding` on the `train` sub-parsers."""
+    """Register `train lora`, `train embedding` and `train finetune` on the `train` sub-parsers."""
     p = sub.add_parser("lora", help="train a LoRA on your own images (kohya .safetensors)")
     _data_flags(p)
     p.add_argument("--out", required=True, help="the LoRA file to write (.safetensors); the run folder is "
@@ -78,6 +80,22 @@ def add_user_parsers(sub) -> None:
     e.add_argument("--out", help="file to write (.safetensors, or .pt for A1111's pickle; default <name>.safetensors)")
     _loop_flags(e, EMBEDDING_LOOP)
     e.set_defaults(func=cmd_embedding)
+    f = sub.add_parser("finetune", help="fine-tune the whole UNet (and text encoders) on your own images; "
+                                        "DreamBooth prior preservation optional")
+    _data_flags(f)
+    f.add_argument("--out", required=True, help="the model to write (.safetensors, or a folder with --to diffusers); "
+                                                "the run folder is <name>_run/ beside it")
+    f.add_argument("--to", default="single-file", choices=["single-file", "diffusers"], help="output format")
+    _loop_flags(f, FINETUNE_LOOP)
+    f.add_argument("--ema-decay", type=float, help="keep an EMA of the weights and save it (e.g. 0.999; default off)")
+    f.add_argument("--text-encoder", action="store_true", help="also train the text encoder(s)")
+    f.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass: less memory, ~1/3 more time")
+    f.add_argument("--class-prompt", help="prior preservation: the class the subject belongs to ('a photo of a dog')")
+    f.add_argument("--class-images", type=int, default=50, help="class images the model draws for the prior "
+                                                                 "(default 50)")
+    f.add_argument("--prior-weight", type=float, default=1.0, help="weight of the prior loss (default 1)")
+    f.set_defaults(func=cmd_finetune)
 
 
 def loop_from_args(args: argparse.Namespace, default: LoopConfig) -> LoopConfig:
@@ -152,7 +170,25 @@ def cmd_embedding(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """`easel train finetune`."""
+    out = Path(args.out)
+    if args.to == "single-file" and out.suffix != ".safetensors":
+        raise TrainingError(f"--out {out} must end in .safetensors (or use --to diffusers for a folder)")
+    base, ds = _prepare(args)
+    if args.dry_run:
+        return _dry_run(ds, base, out)
+    from easel.training.finetune_train import FinetuneRun, PriorOptions, train_finetune
+    from easel.training.user_train import NoiseOptions, check_prompts, run_dir
+    prior = PriorOptions(args.class_prompt, args.class_images, args.prior_weight) if args.class_prompt else None
+    run = FinetuneRun(ds, base, out, run_dir(out), loop_from_args(args, FINETUNE_LOOP), args.text_encoder,
+                      args.lr_scheduler, args.grad_accum, NoiseOptions(args.min_snr_gamma, args.noise_offset), prior,
+                      args.gradient_checkpointing, args.to, check_prompts(args.sample_prompt), args.sample_every)
+    print(_summary(train_finetune(run)))
+    return 0
+
+
 def _summary(metrics: dict) -> str:
     import json
     print(json.dumps(metrics, indent=1), file=sys.stderr)
-    return next(v for k, v in metrics.items() if k in ("lora", "embedding"))
+    return next(v for k, v in metrics.items() if k in ("lora", "embedding", "model"))
