@@ -353,12 +353,19 @@ def write_tower(layout: Layout, model_path: Path, base: ModelConfig) -> Path | N
     return path
 
 
-def assemble(layout: Layout, base: ModelConfig = presets.SHAPEWORLD, use_judge: bool = True) -> Path:
-    """Write shapeworld.safetensors (+ shapeworld.tokenizer/) from the trained stages; -> its path."""
+def assemble(layout: Layout, base: ModelConfig = presets.SHAPEWORLD, use_judge: bool = True,
+             variant: str | None = None) -> Path:
+    """Write shapeworld.safetensors (+ shapeworld.tokenizer/, clip_vision.safetensors) from the trained stages, with
+    its vocabulary and preview map in the metadata; `variant` ("raw" / "ema") skips the choice; -> its path."""
     from easel.weights.model_io import save_model
-    variant, report = choose_unet(layout, base, use_judge)
+    if variant is None:
+        variant, report = choose_unet(layout, base, use_judge)
+    else:
+        report = json.loads((layout.root / "model.json").read_text()) if (layout.root / "model.json").is_file() else {}
+        report.pop("unet", None), report.pop("size_mb", None)
     loaded = build_model(layout, base, variant)
-    path = save_model(loaded, layout.model, extra_metadata=vocabulary_metadata())
+    from easel.pipelines.preview import latent_rgb_metadata  # the preview map ships inside the model
+    path = save_model(loaded, layout.model, extra_metadata={**vocabulary_metadata(), **latent_rgb_metadata(loaded)})
     write_tower(layout, path, base)
     mb = path.stat().st_size / 2**20
     write_json(layout.root / "model.json", {"unet": variant, "size_mb": round(mb, 2), **report})

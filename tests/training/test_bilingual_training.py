@@ -107,6 +107,9 @@ def test_train_all_warm_starts_from_a_model(tmp_path):
     t_old, t_new = old.tokenizers[0], new.tokenizers[0]
     assert t_new.split_cjk and all(t_new.vocab[t] == i for t, i in t_old.vocab.items() if i < t_old.vocab_size - 2)
     assert model_vocabulary(str(tmp_path / "v2" / "shapeworld.safetensors"))["zh"] == vocabulary("zh")
+    from easel.pipelines.preview import LATENT_RGB_KEY
+    with safe_open(str(tmp_path / "v2" / "shapeworld.safetensors"), "pt") as f:
+        assert LATENT_RGB_KEY in f.metadata()  # the preview map ships inside the model
     done = json.loads((tmp_path / "v2" / "vae" / "done.json").read_text())
     assert done["metrics"]["copied_from"] == str(v1) and "init" in done["inputs"]
     with safe_open(str(tmp_path / "v2" / "clip_vision.safetensors"), "pt") as f:

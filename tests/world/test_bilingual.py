@@ -117,3 +117,17 @@ def test_a_saved_model_lists_its_vocabulary_and_warns_on_other_words(tmp_path):
     _, warnings = prompt_report(loaded, GenerationRequest("a red dragon, 一只红色的猫"))
     assert len(warnings) == 1 and "dragon, 只, 猫" in warnings[0]
     assert prompt_report(loaded, GenerationRequest("a red star, 一个红色的星星"))[1] == []
+
+
+def test_grid_captions_wrap_chinese_between_characters():
+    from PIL import Image, ImageDraw
+
+    from easel.world.grid import load_font, wrap
+    draw = ImageDraw.Draw(Image.new("RGB", (10, 10)))
+    font = load_font(11, cjk=True)
+    text = "一个黄色的三角形在一个粉色圆形的左边"
+    lines = wrap(draw, text, font, 60)
+    assert len(lines) > 1 and "".join(lines) == text  # broken between characters, nothing lost or added
+    assert wrap(draw, "a yellow triangle left of a pink circle", font, 60)[0].split()[0] == "a"
+    assert " ".join(wrap(draw, "a yellow triangle left of a pink circle", font, 60)) == \
+        "a yellow triangle left of a pink circle"
