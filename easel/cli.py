@@ -92,6 +92,26 @@ def add_request_flags(p: argparse.ArgumentParser, table: dict | None = None) -> 
                        "(keeps a composition when changing the size)")
         p.add_argument("--lora", dest="loras", action="append", metavar="NAME_OR_PATH:WEIGHT",
                        help="apply a LoRA (repeatable; same as <lora:name:weight> in the prompt)")
+        add_prompt_tool_flags(p)
+
+
+def add_prompt_tool_flags(p: argparse.ArgumentParser) -> None:
+    """--style, --styles-file, --wildcards: A1111 styles and the folders of wildcard files."""
+    p.add_argument("--style", dest="styles", action="append", metavar="NAME",
+                   help="apply an A1111 style from styles.csv by name (repeatable, applied in order)")
+    p.add_argument("--styles-file", action="append", metavar="CSV", help="an A1111 styles.csv (repeatable; "
+                   "default: $EASEL_STYLES, ./styles.csv)")
+    p.add_argument("--wildcards", action="append", metavar="DIR", help="a folder of wildcard files name.txt for "
+                   "__name__ (repeatable; default: $EASEL_WILDCARDS, ./wildcards)")
+
+
+def use_prompt_folders(args: argparse.Namespace) -> None:
+    """Put --styles-file and --wildcards first in $EASEL_STYLES / $EASEL_WILDCARDS, where every request of this
+    process looks (the one place styles and wildcards are applied reads them)."""
+    for flag, env in (("styles_file", "EASEL_STYLES"), ("wildcards", "EASEL_WILDCARDS")):
+        given = [str(Path(v).resolve()) for v in getattr(args, flag, None) or []]
+        if given:
+            os.environ[env] = os.pathsep.join([*given, *filter(None, [os.environ.get(env)])])
 
 
 def help_with_default(help_text: str, default) -> str:
@@ -122,6 +142,9 @@ def request_from_args(args: argparse.Namespace, base: dict | None = None) -> Gen
             fields[name] = getattr(args, name)
     if getattr(args, "loras", None):
         fields["loras"] = list(args.loras)
+    if getattr(args, "styles", None):
+        fields["styles"] = list(args.styles)
+    use_prompt_folders(args)
     if getattr(args, "seed_resize_from", None):
         fields["seed_resize_from_w"], fields["seed_resize_from_h"] = parse_size(args.seed_resize_from,
                                                                                 "--seed-resize-from")
@@ -426,6 +449,9 @@ def batch_defaults(args: argparse.Namespace) -> dict:
     fields.pop("seed", None)  # --seed is the first line's seed; later lines count up from it
     if args.loras:
         fields["loras"] = list(args.loras)
+    if args.styles:
+        fields["styles"] = list(args.styles)
+    use_prompt_folders(args)
     if args.seed_resize_from:
         fields["seed_resize_from_w"], fields["seed_resize_from_h"] = parse_size(args.seed_resize_from,
                                                                                 "--seed-resize-from")
@@ -443,6 +469,38 @@ def add_batch_parser(sub) -> None:
                    "consecutive lines of the same size, steps and sampler (default 4)")
     add_compile_flag(b)
     b.set_defaults(func=cmd_batch)
+
+
+def cmd_xyz(args: argparse.Namespace) -> int:
+    """easel xyz PROMPT --x FIELD=v1,v2 [--y ...] [--z ...]: every combination, a labelled grid and each cell."""
+    import easel
+    from easel import xyz
+    axes = [xyz.parse_axis(name, spec) for name in ("x", "y", "z") for spec in [getattr(args, name)] if spec]
+    req = request_from_args(args)
+    if args.init_image:
+        req.init_images = [read_image(args.init_image, "--init-image")]
+    xyz.validate(req, axes)  # every axis value checked before the (slow) model load
+    pipe = easel.load(args.model, dtype=args.dtype, device=args.device, vae=args.vae, tokenizer=args.tokenizer,
+                      prediction=args.prediction)
+    result = xyz.plot(pipe, req, axes, progress=True)
+    grid, cells = result.save(args.out)
+    print(grid, flush=True)
+    print(f"xyz: {len(cells)} cells in {cells[0].parent}", file=sys.stderr)
+    return 0
+
+
+def add_xyz_parser(sub) -> None:
+    """The `xyz` sub-command."""
+    x = sub.add_parser("xyz", help="X/Y/Z plot: a labelled grid over up to three axes of request values")
+    x.add_argument("prompt", nargs="?", default="", help="what to draw")
+    for name in ("x", "y", "z"):
+        x.add_argument(f"--{name}", metavar="FIELD=V1,V2,...", help=f"{name.upper()} axis: a request field "
+                       "(steps, cfg_scale, sampler, scheduler, seed, width, denoising_strength, ...), size=64x64,.., "
+                       "model=CKPT,.. or prompt_sr=SEARCH,REPLACE,..; numbers take ranges 1-5, 1-10 (+2), 5-15 [3]")
+    add_generation_flags(x, HIRES_FLAGS, IMG2IMG_FLAGS, REFINER_FLAGS)
+    x.add_argument("--init-image", help="an image to start from (img2img cells: plot denoising_strength)")
+    x.set_defaults(func=cmd_xyz, out="xyz.png")
+    x.epilog = "--out: the grid's .png (cells go to <name>-cells/ beside it) or a folder (xyz.png inside)"
 
 
 def add_compile_flag(p: argparse.ArgumentParser) -> None:
@@ -498,6 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
     add_edit_parsers(sub)
     add_batch_parser(sub)
+    add_xyz_parser(sub)
 
     i = sub.add_parser("info", help="print the generation parameters stored in a PNG")
     i.add_argument("image")

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from easel.pipelines.control_unit import ControlUnit
+
 # Allowed values of the choice fields; A1111's API sends these as integers (index into the tuple).
 RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_fill")
 # In A1111's numbering (its API sends inpainting_fill as 0..3): 0 fill, 1 original, 2 latent noise, 3 latent nothing.
@@ -78,11 +80,18 @@ class GenerationRequest:
     preview_every: int = 0  # 0: no previews
     preview_mode: str = "approx"
     tiled_vae: bool | None = None  # None: tile the VAE when the image is large enough to need it
+    # ControlNets, applied together (ControlUnit, or dicts of its fields with images as base64)
+    controlnets: list = field(default_factory=list)
+    # prompt tooling: A1111 styles by name (styles.csv), applied before wildcards and {a|b} choices are drawn
+    styles: list = field(default_factory=list)
 
     def __post_init__(self):
         # A1111's API sends choice fields as indices, the CLI with hyphens: store the canonical names.
         self.resize_mode = _choice_name(self.resize_mode, RESIZE_MODES)
         self.inpainting_fill = _choice_name(self.inpainting_fill, INPAINTING_FILLS)
+        if not isinstance(self.controlnets, list):
+            raise ValueError(f"controlnets must be a list of ControlNet units (got {type(self.controlnets).__name__})")
+        self.controlnets = [ControlUnit.from_dict(c, i, decode_image) for i, c in enumerate(self.controlnets)]
 
     @property
     def mode(self) -> str:
@@ -104,8 +113,50 @@ class GenerationRequest:
         if r.subseed is None or r.subseed < 0:
             # Drawn even when unused so that parameters always reproduce; only recorded when strength > 0.
             r.subseed = random.randrange(2**32)
+        r.expand_prompts()
         r.check()
         return r
+
+    def expand_prompts(self) -> None:
+        """Apply the styles, then draw the wildcards and `{a|b}` choices from the seed, in place (needs a fixed
+        seed); what was written goes to extra (styles, prompt_template, negative_prompt_template) for the image's
+        parameters, and styles is emptied, so that expanding again changes nothing."""
+        from easel.text.styles import apply_styles
+        from easel.text.wildcards import expand
+        written = {"prompt": self.prompt, "negative_prompt": self.negative_prompt}
+        styled = dict(zip(written, apply_styles(self.prompt, self.negative_prompt, self.styles))) if self.styles \
+            else dict(written)
+        notes = {"styles": list(self.styles)} if self.styles else {}
+        for name, text in styled.items():
+            setattr(self, name, expand(text, self.seed))
+            if getattr(self, name) != text:
+                notes[f"{name}_template"] = written[name]
+        if self.hr_prompt or self.hr_negative_prompt:  # A1111 styles the hires prompts too
+            hr = (self.hr_prompt or "", self.hr_negative_prompt or "")
+            hr = apply_styles(*hr, self.styles) if self.styles else hr
+            self.hr_prompt = expand(hr[0], self.seed) if self.hr_prompt else self.hr_prompt
+            self.hr_negative_prompt = expand(hr[1], self.seed) if self.hr_negative_prompt else self.hr_negative_prompt
+        if notes:
+            self.extra = {**self.extra, **notes}
+        self.styles = []
+
+    @property
+    def draws_per_image(self) -> bool:
+        """Whether the request makes several images whose prompts may differ (wildcards or `{a|b}` choices, drawn
+        from each image's own seed): run `per_image()` then."""
+        from easel.text.wildcards import has_dynamic_syntax
+        texts = (self.prompt, self.negative_prompt, self.hr_prompt or "", self.hr_negative_prompt or "")
+        return (self.batch_size or 1) * self.n_iter > 1 and any(has_dynamic_syntax(t) for t in texts)
+
+    def per_image(self) -> list["GenerationRequest"]:
+        """One request per image (batch 1, its own seed and variation seed, as the batch would have given it), so
+        that each image's wildcards are drawn from its own seed; needs a fixed seed (resolve -1 first)."""
+        if self.seed is None or self.seed < 0 or self.batch_size is None:
+            raise ValueError("per_image needs a fixed seed and batch size: resolve the request first")
+        count = self.batch_size * self.n_iter
+        return [dataclasses.replace(self, seed=self.seed + i, batch_size=1, n_iter=1,
+                                    subseed=self.subseed + i if self.subseed >= 0 else self.subseed)
+                for i in range(count)]
 
     def resolve_names(self) -> None:
         """Replace sampler, scheduler and upscaler names (A1111 labels, ComfyUI names) by easel's, in place."""
@@ -124,6 +175,7 @@ class GenerationRequest:
         self._check_edit()
         self._check_hires()
         self._check_extras()
+        self._check_prompt_tools()
 
     def _check_basic(self) -> None:
         for name in ("width", "height"):
@@ -183,13 +235,31 @@ class GenerationRequest:
         if not 0.0 < self.refiner_switch_at <= 1.0:
             raise ValueError(f"refiner_switch_at must be in (0, 1] (got {self.refiner_switch_at})")
         _at_least("preview_every", self.preview_every, 0)
+        for i, unit in enumerate(self.controlnets):
+            unit.check(i, bool(self.init_images))
         _one_of("preview_mode", self.preview_mode, PREVIEW_MODES)
+
+    def _check_prompt_tools(self) -> None:
+        if not isinstance(self.styles, list) or not all(isinstance(s, str) for s in self.styles):
+            raise ValueError(f"styles must be a list of style names (got {self.styles!r})")
+        from easel.text.styles import find_styles, load_styles
+        from easel.text.wildcards import expand
+        if self.styles:
+            find_styles(self.styles, load_styles())  # an unknown name fails now, listing the styles there are
+        for name in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt"):
+            text = getattr(self, name)
+            if not isinstance(text, str):
+                continue
+            try:
+                expand(text, 0)  # an unclosed brace or a missing wildcard fails before any model is loaded
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
 
     def to_dict(self, images: str = "marker") -> dict:
         """Plain JSON-able dict; images become a marker '<image WxH>' ('marker'), base64 PNG ('base64') or are
         left out ('drop')."""
         # asdict deep-copies: take the images out first, then put JSON-able stand-ins back.
-        d = dataclasses.asdict(dataclasses.replace(self, init_images=[], mask=None))
+        d = dataclasses.asdict(dataclasses.replace(self, init_images=[], mask=None, controlnets=[]))
         encode = {"marker": image_marker, "base64": image_to_base64}.get(images)
         if images == "drop":
             del d["init_images"], d["mask"]
@@ -198,6 +268,7 @@ class GenerationRequest:
         else:
             d["init_images"] = [encode(im) for im in self.init_images]
             d["mask"] = None if self.mask is None else encode(self.mask)
+        d["controlnets"] = [u.to_dict(encode) for u in self.controlnets]
         return d
 
     @staticmethod
