@@ -109,7 +109,7 @@ def _kind(fld: str) -> str:
     """'int' | 'float' | 'bool' | 'str' | 'list' of a field (special axes: str)."""
     if fld in SPECIAL:
         return "str"
-    type_text = str(FIELDS[fld].type).split("|")[0].strip()
+    type_text = str(FIELDS[fld].type).split("|")[0].split("[")[0].strip()
     return type_text if type_text in ("int", "float", "bool", "str", "list") else "str"
 
 

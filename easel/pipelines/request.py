@@ -83,7 +83,7 @@ class GenerationRequest:
     # ControlNets, applied together (ControlUnit, or dicts of its fields with images as base64)
     controlnets: list = field(default_factory=list)
     # prompt tooling: A1111 styles by name (styles.csv), applied before wildcards and {a|b} choices are drawn
-    styles: list = field(default_factory=list)
+    styles: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         # A1111's API sends choice fields as indices, the CLI with hyphens: store the canonical names.

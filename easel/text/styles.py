@@ -80,7 +80,7 @@ def find_styles(names: list[str], styles: dict[str, Style]) -> list[Style]:
 def _unknown(name: str, styles: dict[str, Style]):
     """Raise the error for a style name that is not in any file."""
     if not styles:
-        searched = ", ".join(str(p.resolve()) for p in styles_files())
+        searched = ", ".join(str(p) for p in styles_files())
         raise ValueError(f"unknown style {name!r}: no styles file was found (looked for {searched}); give one with "
                          f"--styles-file FILE or ${ENV} (A1111's styles.csv: columns name,prompt,negative_prompt)")
     close = difflib.get_close_matches(name, list(styles), n=1)

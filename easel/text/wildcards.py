@@ -56,7 +56,7 @@ class WildcardLibrary:
                 if not lines:
                     raise ValueError(f"wildcard __{name}__: {path} has no choices; write one choice per line")
                 return lines
-        searched = ", ".join(str(d.resolve()) for d in self.dirs) or "(no folders)"
+        searched = ", ".join(str(d) for d in self.dirs) or "(no folders)"
         close = difflib.get_close_matches(name, self.names(), n=1)
         hint = f"; did you mean __{close[0]}__?" if close else ""
         raise ValueError(f"wildcard __{name}__ not found: no {name}.txt in {searched}{hint}; create the file (one "
