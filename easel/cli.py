@@ -607,6 +607,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_inspect_parsers(sub, sys.modules[__name__])
     from easel.weights.merge import add_merge_parser  # torch loads only when a merge runs
     add_merge_parser(sub)
+    from easel.upscale.cli import add_upscale_parser  # given this module, as inspect: no import back
+    add_upscale_parser(sub, sys.modules[__name__])
+    from easel.animate import add_animate_parser
+    add_animate_parser(sub, sys.modules[__name__])
 
     c = sub.add_parser("convert", help="convert between a single .safetensors file and a diffusers folder")
     c.add_argument("src")

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from easel.pipelines import common, plan
-from easel.pipelines.names import UPSCALER_LABELS
+from easel.pipelines.names import upscaler_label
 from easel.pipelines.refiner import refiner_for, refiner_runs
 from easel.pipelines.request import GenerationRequest
 from easel.pipelines.sizes import hires_size
@@ -69,8 +69,8 @@ def second_pass_request(req: GenerationRequest) -> GenerationRequest:
 @torch.no_grad()
 def upscale_latents(loaded: LoadedModel, latents: torch.Tensor, width: int, height: int, upscaler: str,
                     tiled: bool | None = None) -> torch.Tensor:
-    """Latents (B, C, h, w) -> (B, C, height/f, width/f): interpolated in latent space, or ('lanczos') decoded,
-    resized with PIL's Lanczos filter and encoded again."""
+    """Latents (B, C, h, w) -> (B, C, height/f, width/f): interpolated in latent space, or ('lanczos', 'nearest',
+    an upscaler model's name) decoded, upscaled in pixels and encoded again."""
     f = loaded.model.config.vae.downsample
     if upscaler in LATENT_UPSCALERS:
         mode, antialias = LATENT_UPSCALERS[upscaler]
@@ -79,7 +79,10 @@ def upscale_latents(loaded: LoadedModel, latents: torch.Tensor, width: int, heig
     if upscaler == "lanczos":
         images = [im.resize((width, height), Image.LANCZOS) for im in common.decode(loaded.model, latents, tiled)]
         return common.encode(loaded.model, images, tiled)
-    raise ValueError(f"unknown hr_upscaler {upscaler!r}; choose one of {', '.join(UPSCALER_LABELS)}")
+    from easel.upscale.run import upscale_image  # nearest, or a model file (resolve_upscaler has checked the name)
+    images = [upscale_image(im, upscaler, size=(width, height), device=str(loaded.model.device))
+              for im in common.decode(loaded.model, latents, tiled)]
+    return common.encode(loaded.model, images, tiled)
 
 
 def hires_params(loaded: LoadedModel, req: GenerationRequest, seed: int) -> dict:
@@ -87,5 +90,5 @@ def hires_params(loaded: LoadedModel, req: GenerationRequest, seed: int) -> dict
     p = image_params(loaded, req, seed)
     w2, h2 = hires_size(req)
     p.update(denoising_strength=req.hr_denoising_strength, hr_width=w2, hr_height=h2,
-             hr_upscaler_label=UPSCALER_LABELS[req.hr_upscaler])
+             hr_upscaler_label=upscaler_label(req.hr_upscaler))
     return p

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from easel.samplers.names import resolve_sampler, resolve_scheduler
 
-__all__ = ["resolve_sampler", "resolve_scheduler", "resolve_upscaler", "sampler_and_schedule",
+__all__ = ["resolve_sampler", "resolve_scheduler", "resolve_upscaler", "sampler_and_schedule", "upscaler_label",
            "UPSCALER_LABELS", "DEFAULT_SCHEDULER"]
 
 DEFAULT_SCHEDULER = "karras"  # when neither the scheduler field nor the sampler's label names one
 
 # Our hires upscaler name -> A1111's label (the "Hires upscaler" of infotext).
 UPSCALER_LABELS = {"latent": "Latent", "latent-nearest": "Latent (nearest)", "latent-bicubic": "Latent (bicubic)",
-                   "latent-antialiased": "Latent (antialiased)", "lanczos": "Lanczos"}
+                   "latent-antialiased": "Latent (antialiased)", "lanczos": "Lanczos", "nearest": "Nearest"}
 
 
 def _norm(name: str) -> str:
@@ -23,13 +23,31 @@ def _norm(name: str) -> str:
 
 
 def resolve_upscaler(name: str) -> str:
-    """The hires upscaler for our names and A1111 labels ("Latent (bicubic)" -> latent-bicubic)."""
+    """The hires upscaler for our names and A1111 labels ("Latent (bicubic)" -> latent-bicubic), or an upscaler
+    model file's name (A1111's label "R-ESRGAN 4x+", a file stem "4x-UltraSharp", or a path: see easel.upscale)."""
     table = {_norm(k): k for k in UPSCALER_LABELS} | {_norm(v): k for k, v in UPSCALER_LABELS.items()}
     key = _norm(name)
     if key in table:
         return table[key]
-    raise ValueError(f"unknown hr_upscaler {name!r}; choose one of {', '.join(UPSCALER_LABELS)} "
-                     f"(or an A1111 label: {', '.join(UPSCALER_LABELS.values())})")
+    from easel.upscale.find import UpscalerNotFound, find_upscaler
+    try:
+        found = find_upscaler(name)
+    except UpscalerNotFound as e:
+        raise ValueError(f"unknown hr_upscaler {name!r}; choose one of {', '.join(UPSCALER_LABELS)} "
+                         f"(or an A1111 label: {', '.join(UPSCALER_LABELS.values())}), or an upscaler model: "
+                         f"{e}") from None
+    return str(name) if _is_path(name) else found.name  # a path stays a path: it may be outside the folders
+
+
+def _is_path(name: str) -> bool:
+    """Whether an upscaler spec is a file path rather than a name."""
+    return "/" in str(name) or "\\" in str(name)
+
+
+def upscaler_label(name: str) -> str:
+    """A1111's label of a resolved upscaler name ('Hires upscaler' in infotext): a model file's name or stem."""
+    from pathlib import Path
+    return UPSCALER_LABELS.get(name) or (Path(name).stem if _is_path(name) else name)
 
 
 def sampler_and_schedule(sampler: str, scheduler: str | None, field: str = "sampler",
