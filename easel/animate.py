@@ -54,17 +54,18 @@ class Schedule:
 
     keys: tuple[tuple[int, ast.Expression], ...]
     text: str
+    what: str = "schedule"  # the flag or setting, named in errors
 
     def at(self, frame: int) -> float:
         """The value at `frame`."""
         keys = self.keys
         if frame <= keys[0][0]:
-            return _evaluate(keys[0][1], frame, self.text)
+            return _evaluate(keys[0][1], frame, self)
         for (f0, e0), (f1, e1) in zip(keys, keys[1:]):
             if frame <= f1:
-                a, b = _evaluate(e0, frame, self.text), _evaluate(e1, frame, self.text)
+                a, b = _evaluate(e0, frame, self), _evaluate(e1, frame, self)
                 return a + (b - a) * (frame - f0) / (f1 - f0)
-        return _evaluate(keys[-1][1], frame, self.text)
+        return _evaluate(keys[-1][1], frame, self)
 
     @property
     def constant(self) -> float | None:
@@ -89,7 +90,7 @@ def parse_schedule(text: str | float, what: str = "schedule") -> Schedule:
     keys.sort(key=lambda k: k[0])
     if len({f for f, _ in keys}) != len(keys):
         raise ValueError(f"{usage}: a frame appears twice")
-    schedule = Schedule(tuple(keys), text)
+    schedule = Schedule(tuple(keys), text, what)
     schedule.at(keys[0][0])  # unknown names or functions fail here, not at frame 17
     return schedule
 
@@ -130,8 +131,9 @@ def _compile(expr: str) -> ast.Expression:
     return tree
 
 
-def _evaluate(tree: ast.Expression, t: int, text: str) -> float:
+def _evaluate(tree: ast.Expression, t: int, schedule: Schedule) -> float:
     """The expression's value at frame t."""
+    text = f"{schedule.what} {schedule.text!r}"
     def ev(node):
         if isinstance(node, ast.Expression):
             return ev(node.body)
@@ -142,7 +144,7 @@ def _evaluate(tree: ast.Expression, t: int, text: str) -> float:
                 return t
             if node.id in _CONSTANTS:
                 return _CONSTANTS[node.id]
-            raise ValueError(f"unknown name {node.id!r} in {text!r} (use t, pi, e)")
+            raise ValueError(f"unknown name {node.id!r} in {text} (use t, pi, e)")
         if isinstance(node, ast.BinOp):
             return _BINARY[type(node.op)](ev(node.left), ev(node.right))
         if isinstance(node, ast.UnaryOp):
@@ -151,9 +153,9 @@ def _evaluate(tree: ast.Expression, t: int, text: str) -> float:
     try:
         value = float(ev(tree))
     except (ArithmeticError, TypeError, OverflowError) as e:
-        raise ValueError(f"schedule {text!r} fails at frame {t}: {e}") from None
+        raise ValueError(f"{text} fails at frame {t}: {e}") from None
     if not math.isfinite(value):
-        raise ValueError(f"schedule {text!r} is not finite at frame {t}")
+        raise ValueError(f"{text} is not finite at frame {t}")
     return value
 
 
@@ -360,9 +362,10 @@ class AnimationSettings:
         if self.ms < 1:
             raise ValueError(f"ms per frame must be at least 1 (got {self.ms})")
         for name, sched in self.schedules().items():
-            if name == "strength" and not all(0 <= sched.at(f) <= 1 for f in range(self.frames)):
+            values = [sched.at(f) for f in range(self.frames)]  # every frame: a failure now, not at frame 17
+            if name == "strength" and not all(0 <= v <= 1 for v in values):
                 raise ValueError(f"strength must stay within 0..1 (got {sched.text!r})")
-            if name == "zoom" and not all(sched.at(f) > 0 for f in range(self.frames)):
+            if name == "zoom" and not all(v > 0 for v in values):
                 raise ValueError(f"zoom must stay positive (got {sched.text!r})")
 
     def keyframe_list(self) -> list[int]:
