@@ -108,13 +108,25 @@ class GenerationRequest:
         r = dataclasses.replace(self, width=pick(self.width, default_size), height=pick(self.height, default_size),
                                 batch_size=pick(self.batch_size, default_batch))
         r.resolve_names()
-        if r.seed is None or r.seed < 0:
-            r.seed = random.randrange(2**32)
-        if r.subseed is None or r.subseed < 0:
-            # Drawn even when unused so that parameters always reproduce; only recorded when strength > 0.
-            r.subseed = random.randrange(2**32)
+        r.fix_seeds()
         r.expand_prompts()
         r.check()
+        return r
+
+    def fix_seeds(self) -> None:
+        """Draw the seed and variation seed when they are -1 (random), in place."""
+        if self.seed is None or self.seed < 0:
+            self.seed = random.randrange(2**32)
+        if self.subseed is None or self.subseed < 0:
+            # Drawn even when unused so that parameters always reproduce; only recorded when strength > 0.
+            self.subseed = random.randrange(2**32)
+
+    def expanded(self) -> "GenerationRequest":
+        """A copy with the seeds fixed and the styles, wildcards and `{a|b}` choices applied: the prompt the images are
+        made from, for whatever reads the prompt before a mode resolves the request (LoRA tags, word warnings)."""
+        r = dataclasses.replace(self)
+        r.fix_seeds()
+        r.expand_prompts()
         return r
 
     def expand_prompts(self) -> None:
@@ -148,12 +160,12 @@ class GenerationRequest:
         texts = (self.prompt, self.negative_prompt, self.hr_prompt or "", self.hr_negative_prompt or "")
         return (self.batch_size or 1) * self.n_iter > 1 and any(has_dynamic_syntax(t) for t in texts)
 
-    def per_image(self) -> list["GenerationRequest"]:
+    def per_image(self, default_batch: int = 1) -> list["GenerationRequest"]:
         """One request per image (batch 1, its own seed and variation seed, as the batch would have given it), so
-        that each image's wildcards are drawn from its own seed; needs a fixed seed (resolve -1 first)."""
-        if self.seed is None or self.seed < 0 or self.batch_size is None:
-            raise ValueError("per_image needs a fixed seed and batch size: resolve the request first")
-        count = self.batch_size * self.n_iter
+        that each image's wildcards are drawn from its own seed; needs a fixed seed (`fix_seeds()` first)."""
+        if self.seed is None or self.seed < 0:
+            raise ValueError("per_image needs a fixed seed: call fix_seeds() first")
+        count = (self.batch_size or default_batch) * self.n_iter
         return [dataclasses.replace(self, seed=self.seed + i, batch_size=1, n_iter=1,
                                     subseed=self.subseed + i if self.subseed >= 0 else self.subseed)
                 for i in range(count)]

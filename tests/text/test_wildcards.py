@@ -100,3 +100,14 @@ def test_per_image_requests_draw_from_their_own_seeds():
     assert [p.resolved(64, 1).prompt for p in parts] == [expand(req.prompt, s) for s in (5, 6, 7, 8)]
     with pytest.raises(ValueError, match="fixed seed"):
         GenerationRequest("x", seed=-1, batch_size=2).per_image()
+    assert len(GenerationRequest("{a|b}", seed=1, n_iter=2).per_image(default_batch=3)) == 6
+
+
+def test_expanded_fixes_the_seed_and_applies_once(tmp_path, monkeypatch):
+    (tmp_path / "shape.txt").write_text("star\nsquare\n")
+    monkeypatch.setenv("EASEL_WILDCARDS", str(tmp_path))
+    req = GenerationRequest("a {red|green} __shape__ <lora:{a|b}:1>", seed=-1)
+    e = req.expanded()
+    assert e.seed >= 0 and e.subseed >= 0 and req.seed == -1
+    assert "{" not in e.prompt and "__" not in e.prompt and e.prompt.endswith(":1>")
+    assert e.resolved(64, 1).prompt == e.prompt and e.resolved(64, 1).seed == e.seed
