@@ -80,9 +80,15 @@ class Pipeline:
             options["refiner"] = self.refiner(request.refiner_checkpoint)
         step = with_previews(self.loaded, request, callback, preview_sink)
         ti_hashes, warnings = prompt_report(self.loaded, request, with_loras=bool(networks.request.loras))
+        extensions = () if extend_plan is None else (extend_plan,)
+        control_params = {}
+        if request.controlnets:  # loaded (and checked against the model) before anything samples
+            from easel.pipelines.control import ControlSet
+            controls = ControlSet.for_request(self.loaded, request)
+            extensions, control_params = (*extensions, controls.extend), controls.params()
 
         def finished(batch: list[GeneratedImage]) -> None:
-            extra = networks.params()  # known once the networks are applied
+            extra = {**networks.params(), **control_params}  # known once the networks are applied
             for r in batch:
                 r.params.update(extra)
                 if ti_hashes:
@@ -90,7 +96,6 @@ class Pipeline:
                 r.warnings = warnings
             if on_batch is not None:
                 on_batch(batch)
-        extensions = () if extend_plan is None else (extend_plan,)
         with networks.applied([self.loaded, *options.values()]), common.stop_check(should_stop), \
                 plan.extending(*extensions):
             return plan.run_batches(*prepare(self.loaded, request, step, **options), on_batch=finished)
