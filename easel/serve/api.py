@@ -49,8 +49,10 @@ def router(app: FastAPI) -> APIRouter:
     @r.get("/jobs", summary="Every remembered job, oldest first, with what re-shows it: request (images as "
                             "markers), parameters and image URLs of each")
     def list_jobs(limit: int | None = Query(None, ge=1, description="only the newest `limit` jobs"),
-                  state: str | None = Query(None, description="only jobs in this state")) -> list[dict]:
-        jobs = [j for j in queue.jobs() if state is None or j.state == state]
+                  state: str | None = Query(None, description="only jobs in this state"),
+                  kind: str | None = Query(None, description="only jobs of this kind: generate or train")
+                  ) -> list[dict]:
+        jobs = [j for j in queue.jobs() if (state is None or j.state == state) and (kind is None or j.kind == kind)]
         return [job_summary(j, queue) for j in jobs[-limit if limit else 0:]]
 
     @r.get("/jobs/{job_id}", summary="A job's state, progress and image parameters", responses=NOT_FOUND)
@@ -223,8 +225,11 @@ async def _event_stream(job: Job, queue):
         finished = job.state in FINISHED  # read first: the last progress event then always precedes done
         if job.version != seen_version:
             seen_version = job.version
-            yield _sse("progress", {"id": job.id, "state": job.state, "phase": job.phase, "step": job.step,
-                                    "total": job.total, "eta_s": job.eta_s(), "position": queue.position(job)})
+            event = {"id": job.id, "state": job.state, "phase": job.phase, "step": job.step, "total": job.total,
+                     "eta_s": job.eta_s(), "position": queue.position(job)}
+            if job.task is not None:  # a training job: its loss and sample images too
+                event["train"] = job.task.to_dict()
+            yield _sse("progress", event)
             step = job.preview_step
             if every and step is not None and (sent_preview is None or step // every > sent_preview // every):
                 png = await run_in_threadpool(job.preview_png)  # a 'full' preview runs the VAE: not on the loop

@@ -1,7 +1,7 @@
 """The FastAPI application: settings, limits, auth, error bodies, and the routers that plug in.
 
-Other routers (A1111 `/sdapi/v1`, OpenAI `/v1/images`, the web UI) live in easel/serve/a1111.py,
-openai_images.py and ui*.py; each exposes `router(app) -> APIRouter | None` and finds the job queue at
+Other routers (A1111 `/sdapi/v1`, OpenAI `/v1/images`, the web UI, training jobs) live in easel/serve/a1111.py,
+openai_images.py, ui*.py and train.py; each exposes `router(app) -> APIRouter | None` and finds the job queue at
 `app.state.queue` and the settings at `app.state.settings`. Submitting (`enqueue`, `wait_for`, `failure`) lives in
 easel/serve/service.py, below every router, so that no router imports this module back.
 """
@@ -30,7 +30,7 @@ from easel.serve.service import admit, enqueue, failure, wait_for  # noqa: F401 
 from easel.serve.settings import MEMORY_FRACTION, TOKEN_COOKIE, Settings  # noqa: F401  (Settings re-exported)
 
 log = logging.getLogger("easel.serve")
-PLUGIN_MODULES = ("a1111", "openai_images", "ui")  # easel.serve.<name>, each optional
+PLUGIN_MODULES = ("a1111", "openai_images", "ui", "train")  # easel.serve.<name>, each optional
 
 
 def create_app(settings: Settings | None = None, queue: JobQueue | None = None) -> FastAPI:

@@ -5,6 +5,7 @@ import argparse
 import ipaddress
 import logging
 import sys
+from pathlib import Path
 
 from easel.serve.settings import MEMORY_FRACTION, Settings
 
@@ -38,14 +39,19 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cors-origin", action="append", default=[], dest="cors_origins",
                    help="allow browser requests from this origin (repeatable; '*' for any); default: CORS off")
     p.add_argument("--output-dir", help="folder for images that API clients ask to save (default: ./outputs)")
+    p.add_argument("--train-root", help="allow training jobs (POST /api/v1/train, the web UI's Train tab) on the "
+                                        "dataset folders under this folder (default: training is off)")
+    p.add_argument("--max-train-steps", type=int, default=d.max_train_steps,
+                   help=f"steps of one training job at most (default {d.max_train_steps})")
     p.set_defaults(func=cmd_serve)
     return p
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Settings from parsed `easel serve` flags (checked: errors name the flag)."""
+    d = Settings()
     for flag in ("port", "max_queue", "max_pixels", "max_steps", "max_batch", "max_body_mb", "max_input_pixels",
-                 "max_memory"):
+                 "max_memory", "max_train_steps"):
         if getattr(args, flag, None) is not None and getattr(args, flag) <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive (got {getattr(args, flag)})")
     s = Settings(host=args.host, port=args.port, model=args.model, dtype=args.dtype, device=args.device,
@@ -53,7 +59,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                  max_batch=args.max_batch, max_body_bytes=int(args.max_body_mb * 2**20), api_auth=args.api_auth,
                  max_input_pixels=getattr(args, "max_input_pixels", None),
                  max_memory_bytes=int(args.max_memory * 2**30) if getattr(args, "max_memory", None) else None,
-                 token=args.token, cors_origins=list(args.cors_origins), output_dir=args.output_dir)
+                 token=args.token, cors_origins=list(args.cors_origins), output_dir=args.output_dir,
+                 train_root=getattr(args, "train_root", None),
+                 max_train_steps=getattr(args, "max_train_steps", None) or d.max_train_steps)
+    if s.train_root and not Path(s.train_root).expanduser().is_dir():
+        raise ValueError(f"--train-root {s.train_root}: no such folder (give the folder whose sub-folders hold the "
+                         "datasets)")
     s.credentials()  # raises on a malformed --api-auth before the server starts
     return s
 

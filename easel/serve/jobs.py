@@ -44,6 +44,8 @@ FINISHED = (DONE, FAILED, CANCELLED, INTERRUPTED)
 LOADING, PREPARING, SAMPLING = "loading_model", "preparing", "sampling"
 INSPECTING = "inspecting"  # after sampling, a job submitted with inspect=True draws its capture (easel.serve.inside)
 GENERATE, LOAD = "generate", "load"  # Job.kind: a generation, or a model load asked for by a settings change
+TRAIN = "train"  # Job.kind: a training run on the worker's model (Job.task does the work: easel.serve.train)
+TRAINING = "training"  # Job.phase of a training job once its steps run
 USER_ERROR, SERVER_ERROR = "user", "server"  # Job.error_kind of a failed job
 _EASEL_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # .../easel/
 
@@ -80,6 +82,7 @@ class Job:
     inside: object | None = None  # the drawn capture (an easel.serve.inside.Inside) once the job is finished
     inside_error: str | None = None  # why a job submitted with inspect has no capture (failed, or dropped)
     device: str | None = None
+    task: object | None = None  # kind TRAIN: what runs instead of a generation (`task.run(job, pipe)`, `to_dict()`)
     version: int = 0  # bumped on every change so watchers (server-sent events) know when to send
     _flags: set = field(default_factory=set, repr=False)
     _step_times: list = field(default_factory=list, repr=False)
@@ -147,7 +150,8 @@ class Job:
                 "progress": round(self.step / self.total, 4) if self.total else (1.0 if self.state == DONE else 0.0),
                 "eta_s": self.eta_s(), "error": self.error, "error_kind": self.error_kind, "n_images": len(self.results),
                 "params": [r.params for r in self.results], "request": self.request.to_dict(images="marker"),
-                "inspect": self.inspect, "inside_error": self.inside_error}
+                "inspect": self.inspect, "inside_error": self.inside_error, "kind": self.kind,
+                "train": self.task.to_dict() if self.task is not None else None}
 
 
 def estimate_steps(req: GenerationRequest) -> int:
@@ -266,6 +270,16 @@ class JobQueue:
         log.info("job queued", extra={"event": "job_queued", "job": job.id, "model": model, "mode": req.mode})
         return job
 
+    def submit_task(self, kind: str, task, model: str | None, total: int) -> Job:
+        """Queue a job that runs `task.run(job, pipe)` on the worker's model `model` (None: the default) instead of
+        a generation: one at a time with the generations, listed, cancelled and followed like them."""
+        model = self.check_model(model)
+        if model is None:
+            model = self.default_model
+        job = self._enqueue(Job(self._new_id(), GenerationRequest(), model, total=total, kind=kind, task=task))
+        log.info("job queued", extra={"event": "job_queued", "job": job.id, "model": model, "mode": kind})
+        return job
+
     def _new_id(self) -> str:
         return f"{next(self._seq):06d}-{uuid.uuid4().hex[:10]}"
 
@@ -279,7 +293,7 @@ class JobQueue:
                 if self.metrics:
                     self.metrics.rejected()
                 raise QueueFull(self.max_queued, self.retry_after())
-            if job.kind == GENERATE:  # a model load is nobody's job to list or count
+            if job.kind != LOAD:  # a model load is nobody's job to list
                 self._jobs[job.id] = job
             self._queue.append(job)
             self._cond.notify()
@@ -312,7 +326,7 @@ class JobQueue:
         """Number of remembered jobs in each state."""
         out = dict.fromkeys((QUEUED, RUNNING, DONE, FAILED, CANCELLED), 0)
         for job in self.jobs():
-            out[job.state] += 1
+            out[job.state] = out.get(job.state, 0) + 1  # interrupted too
         return out
 
     def queued(self) -> int:
@@ -409,6 +423,10 @@ class JobQueue:
                 job.phase = PREPARING
                 job.version += 1
                 results = self._generate(job, pipe)
+            elif job.kind == TRAIN:
+                job.phase = PREPARING
+                job.version += 1
+                job.task.run(job, pipe)
         except (Interrupted, Skipped):
             results = list(job._batches)  # a pipeline that does not catch them itself: keep the finished batches
             job._stopped = True

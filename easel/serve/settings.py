@@ -28,6 +28,8 @@ class Settings:
     cors_origins: list[str] = field(default_factory=list)
     keep_finished: int = 200  # finished jobs (with their images) kept in memory
     output_dir: str | None = None  # where routes that save images (A1111's save_images) write; None: ./outputs
+    train_root: str | None = None  # training jobs read dataset folders under it only; None: training is off
+    max_train_steps: int = 5000  # of one training job
 
     def input_pixels(self) -> int:
         """The pixel limit of each input image: max_input_pixels, else four times max_pixels (an init image is

@@ -29,7 +29,7 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 # The only files /ui/<name> serves (a fixed list, so no request can reach outside the folder).
 ASSETS = {"ui.css": "text/css", "ui.js": "text/javascript", "canvas.js": "text/javascript",
           "gallery.js": "text/javascript", "form.js": "text/javascript", "jobs.js": "text/javascript",
-          "inside.js": "text/javascript"}
+          "inside.js": "text/javascript", "train.js": "text/javascript"}
 PROMPT_CHARS = 200  # of each job's prompt in the queue list (the full prompt is in its images' parameters)
 UNREADABLE = {400: {"description": "No image, not an image, or one over the server's input pixel limit",
                     "content": {"application/json": {"schema": ERROR_SCHEMA}}}}
@@ -92,11 +92,14 @@ def ui_job(job, queue, full: bool = False) -> dict:
     """A job as a row of the queue list (state, progress, prompt); `full` adds its images, their parameters
     and A1111 texts (what the gallery shows)."""
     from easel.serve.api import PREFIX
-    out = {"id": job.id, "state": job.state, "mode": job.request.mode, "prompt": job.request.prompt[:PROMPT_CHARS],
+    task = job.task.to_dict() if job.task is not None else None
+    prompt = (f"train {task['kind']} {task['name']} on {task['dataset']}" if task
+              else job.request.prompt[:PROMPT_CHARS])
+    out = {"id": job.id, "state": job.state, "mode": job.request.mode if task is None else job.kind, "prompt": prompt,
            "step": job.step, "total": job.total, "eta_s": job.eta_s(), "position": queue.position(job),
            "created": job.created, "started": job.started, "finished": job.finished, "error": job.error,
            "n_images": len(job.results), "inspect": job.inspect,
-           "inside": f"{PREFIX}/jobs/{job.id}/inside" if job.inside is not None else None}
+           "inside": f"{PREFIX}/jobs/{job.id}/inside" if job.inside is not None else None, "train": task}
     if full:
         from easel.pipelines.metadata import infotext
         out.update(images=[f"{PREFIX}/jobs/{job.id}/images/{i}.png" for i in range(len(job.results))],
@@ -134,7 +137,9 @@ def ui_config(app: FastAPI) -> dict:
         "choices": {"hr_upscaler": list(HR_UPSCALERS), "resize_mode": list(RESIZE_MODES),
                     "inpainting_fill": list(INPAINTING_FILLS), "preview_mode": list(PREVIEW_MODES)},
         "model": model_defaults(app.state.queue.default_model),
-        "limits": {k: getattr(settings, k) for k in ("max_steps", "max_batch", "max_pixels", "max_body_bytes")},
+        "limits": {k: getattr(settings, k) for k in ("max_steps", "max_batch", "max_pixels", "max_body_bytes",
+                                                      "max_train_steps")},
+        "training": bool(settings.train_root),  # the Train tab says how to turn it on when off
         "auth": bool(settings.api_auth or settings.token),
         "finished_states": list(FINISHED),  # job states that end a job (the queue list reads them from here)
     }

@@ -88,7 +88,7 @@ def sample_png(path) -> str:
 
 def test_txt2img_generates_and_shows_parameters(ui):
     page, server = ui
-    tabs = ["txt2img", "img2img", "Inpaint", "Outpaint", "PNG info", "Inside"]
+    tabs = ["txt2img", "img2img", "Inpaint", "Outpaint", "PNG info", "Inside", "Train"]
     assert page.locator("#tabs [role=tab]").all_inner_texts() == tabs
     assert "Euler a" in page.locator("#sampler option").all_inner_texts()  # lists come from the server
     assert "Karras" in page.locator("#scheduler option").all_inner_texts()
@@ -412,9 +412,10 @@ def test_tabs_follow_the_arrow_keys(ui):
         return on[0]
 
     page.focus("#tab-txt2img")
-    for key, want in [("ArrowRight", "img2img"), ("ArrowRight", "inpaint"), ("End", "inside"),
-                      ("ArrowRight", "txt2img"), ("ArrowLeft", "inside"), ("Home", "txt2img"),
-                      ("ArrowLeft", "inside"), ("ArrowLeft", "pnginfo"), ("ArrowLeft", "outpaint")]:
+    for key, want in [("ArrowRight", "img2img"), ("ArrowRight", "inpaint"), ("End", "train"),
+                      ("ArrowRight", "txt2img"), ("ArrowLeft", "train"), ("Home", "txt2img"),
+                      ("ArrowLeft", "train"), ("ArrowLeft", "inside"), ("ArrowLeft", "pnginfo"),
+                      ("ArrowLeft", "outpaint")]:
         page.keyboard.press(key)
         assert selected() == want, key
     assert page.is_visible("#outpaint_left") and page.get_attribute("#generate-view", "aria-labelledby") == "tab-outpaint"
@@ -439,7 +440,7 @@ def test_phone_layout(browser, start_server):
 
     def assert_fits():
         assert page.evaluate("document.documentElement.scrollWidth") <= width
-        for box in (page.locator("#tabs [role=tab]").nth(i).bounding_box() for i in range(6)):
+        for box in (page.locator("#tabs [role=tab]").nth(i).bounding_box() for i in range(7)):
             assert box["x"] >= 0 and box["x"] + box["width"] <= width, box
 
     assert_fits()
@@ -455,9 +456,12 @@ def test_phone_layout(browser, start_server):
     style = "([id, p]) => getComputedStyle(document.getElementById(id))[p]"
     colour = lambda i, prop: rgb(page.evaluate(style, [i, prop]))  # noqa: E731
     assert contrast(colour("generate", "color"), colour("generate", "backgroundColor")) >= 4.5
-    for tab in ("inpaint", "outpaint", "pnginfo", "inside"):
+    for tab in ("inpaint", "outpaint", "pnginfo", "train", "inside"):
         page.click(f"#tab-{tab}")
         assert_fits()
+        if tab == "train":  # a server without --train-root: the tab says how to turn training on
+            assert page.is_visible("#train-off") and "--train-root" in page.inner_text("#train-off")
+            assert page.is_disabled("#train-start")
     page.wait_for_function("id => document.body.dataset.inside === id", arg=job_id)
     assert_fits()  # the Inside tab's film strip, maps and token table in one column (the table scrolls by itself)
     film, tokens = page.locator(".film").bounding_box(), page.locator("#inside-tokens").bounding_box()
@@ -527,3 +531,74 @@ def test_inside_tab_after_a_captured_generation(ui):
     page.click("#tab-inside")
     assert page.input_value("#inside-job") == job_id and page.is_visible("#inside-content")
     assert page.is_checked("#inspect")  # the option is part of the form a reload keeps
+
+
+def test_train_tab_trains_a_lora_shows_its_curve_and_samples_and_cancels(browser, start_server, tmp_path,
+                                                                         monkeypatch):
+    """The Train tab on a server with --train-root: pick the dataset, train a LoRA for 3 steps (the live loss curve
+    gets a point per step, the sample sheets a frame each, keyboard-selectable), use it in txt2img; a long run is
+    cancelled at a step; a reload shows the newest training job again."""
+    from easel.serve.app import Settings
+    from tests.serve.test_train import write_dataset
+    root = tmp_path / "root"
+    write_dataset(root / "circles")
+    monkeypatch.setenv("EASEL_LORA_DIRS", str(tmp_path / "loras"))
+    monkeypatch.chdir(tmp_path)
+    server = start_server(Settings(train_root=str(root)))
+    context, page, errors = open_ui(browser, server)
+    page.click("#tab-train")
+    assert page.is_hidden("#train-off") and page.is_visible("#train-form")
+    assert page.locator("#train-dataset option").all_inner_texts() == ["circles (4 images)"]
+    assert page.input_value("#train-steps") == "500" and page.input_value("#train-rank") == "8"
+    assert page.is_visible("#train-rank") and page.is_hidden("#train-init_word")
+    page.select_option("#train-kind", "embedding")  # the kind's own settings, and its default steps and rate
+    assert page.is_visible("#train-init_word") and page.is_hidden("#train-rank")
+    assert page.input_value("#train-steps") == "1000" and page.input_value("#train-lr") == "0.005"
+    page.select_option("#train-kind", "lora")
+    page.click("#train-start")  # no name yet: said, and nothing queued
+    assert "Name" in page.inner_text("#train-error") and not server.queue.jobs()
+    page.fill("#train-name", "dots")
+    page.fill("#train-steps", "3")
+    page.fill("#train-batch_size", "2")
+    page.fill("#train-rank", "2")
+    page.fill("#train-sample_prompts", "a red circle")
+    page.fill("#train-sample_every", "1")
+    page.click("#train-start")
+    page.wait_for_selector("body[data-trained]", timeout=300_000)
+    job_id = page.get_attribute("body", "data-trained")
+    assert server.queue.get(job_id).state == "done"
+    page.wait_for_function("document.getElementById('train-curve').dataset.points === '3'")
+    assert page.locator("#train-curve svg polyline").count() == 2
+    assert "3 steps" in page.get_attribute("#train-curve svg", "aria-label")
+    assert page.inner_text("#train-status").startswith("Done: 3 steps")
+    assert page.locator("#train-strip .frame").count() == 4  # steps 0, 1, 2 and the end
+    page.wait_for_function("document.getElementById('train-sample').naturalWidth === 64")
+    assert page.inner_text("#train-sample-step") == "at step 3"
+    page.focus("#train-strip .frame >> nth=0")
+    page.keyboard.press("Enter")
+    assert page.inner_text("#train-sample-step") == "at step 0"
+    assert "<lora:dots:1>" in page.inner_text("#train-result-text")
+    page.click("#train-use")
+    assert page.get_attribute("#tab-txt2img", "aria-selected") == "true"
+    assert "<lora:dots:1>" in page.input_value("#prompt")
+    assert "dots" in page.locator("#lora-pick option").all_inner_texts()
+    row = page.locator(f"#queue-list li[data-id='{job_id}']")
+    assert row.locator(".job-text").inner_text() == "train lora dots on circles"
+
+    page.click("#tab-train")
+    page.fill("#train-name", "long")
+    page.fill("#train-steps", "400")
+    page.fill("#train-sample_every", "0")
+    page.click("#train-start")
+    page.wait_for_function("document.getElementById('train-status').textContent.startsWith('Step ')",
+                           timeout=120_000)
+    page.click("#train-cancel")
+    page.wait_for_function("id => document.body.dataset.trained !== id", arg=job_id, timeout=120_000)
+    assert page.inner_text("#train-status").startswith("Cancelled at step")
+    assert not (tmp_path / "loras" / "long.safetensors").exists()
+    reload(page)
+    page.click("#tab-train")
+    page.wait_for_function("document.getElementById('train-status').textContent.startsWith('Cancelled')")
+    assert page.input_value("#train-name") == "long"  # the form is kept too
+    context.close()
+    assert not errors, errors

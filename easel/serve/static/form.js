@@ -126,13 +126,26 @@ const LORA_TAG = /<(lora|lyco):([^:>]+)(?::([^>]*))?>/gi;
 export function initLoras(entries) {
   const pick = $("lora-pick");
   $("prompt").addEventListener("input", renderLoraChips);
-  if (!entries.length) {
+  $("lora-add").addEventListener("click", () => { if (pick.value) addLora(pick.value, Number($("lora-weight").value || 1)); });
+  fillLoras(entries);
+}
+
+function fillLoras(entries) {
+  const pick = $("lora-pick");
+  const keep = pick.value;
+  const none = !entries.length;
+  pick.disabled = $("lora-add").disabled = $("lora-weight").disabled = none;
+  if (none) {
     setOptions(pick, [{ value: "", label: "(no LoRA files in the LoRA folders)" }], "");
-    pick.disabled = $("lora-add").disabled = $("lora-weight").disabled = true;
     return;
   }
-  setOptions(pick, entries.map((e) => ({ value: e.name, label: e.name })), entries[0].name);
-  $("lora-add").addEventListener("click", () => addLora(pick.value, Number($("lora-weight").value || 1)));
+  const names = entries.map((e) => e.name);
+  setOptions(pick, names.map((n) => ({ value: n, label: n })), names.includes(keep) ? keep : names[0]);
+}
+
+// List the server's LoRAs again (a training job just wrote one).
+export async function refreshLoras() {
+  try { fillLoras(await api("/api/v1/loras")); } catch (e) { /* the picker keeps its list */ }
 }
 
 // The prompt's LoRA tags: [{name, weight (text as written), index, length}].

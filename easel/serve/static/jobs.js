@@ -33,8 +33,8 @@ export async function loadJobs(showError, finishedStates) {
 }
 
 // A job the page just submitted.
-export function submitted(job) {
-  jobs.set(job.id, { ...job, prompt: job.request ? job.request.prompt : "" });
+export function submitted(job, prompt) {
+  jobs.set(job.id, { ...job, prompt: prompt ?? (job.request ? job.request.prompt : "") });
   render();
   track();
 }
@@ -42,9 +42,12 @@ export function submitted(job) {
 // The job in the progress bar (the one the Cancel button stops): the followed one, else the first unfinished.
 export function currentJob() {
   if (followed) return followed.id;
-  const open = openJobs();
+  const open = openJobs().filter(isGeneration);
   return open.length ? open[0].id : null;
 }
+
+// Training jobs wait in the same queue (listed, each with its cancel button); the Train tab shows their progress.
+const isGeneration = (job) => job.mode !== "train" && job.kind !== "train";
 
 // Unfinished jobs, the running one(s) first, then the queue in its order.
 function openJobs() {
@@ -64,9 +67,10 @@ export async function cancelJob(id) {
 // Follow the running job, else the oldest queued one; poll while anything is unfinished.
 function track() {
   const open = openJobs();
-  if (!followed && open.length && Date.now() >= streamRetryAt) follow(open[0].id);
+  const generations = open.filter(isGeneration);
+  if (!followed && generations.length && Date.now() >= streamRetryAt) follow(generations[0].id);
   document.body.dataset.busy = String(open.length > 0);
-  $("cancel").disabled = !open.length;
+  $("cancel").disabled = !generations.length;
   if (open.length && !pollTimer) pollTimer = setTimeout(poll, POLL_MS);
 }
 
@@ -160,6 +164,7 @@ const images = (n) => `${n} image${n === 1 ? "" : "s"}`;
 // The row's detail: what the badge (the state) does not say already.
 function describe(job) {
   if (job.state === "running") return job.total ? `step ${job.step}/${job.total}` : "starting";
+  if (!isGeneration(job) && job.state !== "queued") return job.train && job.train.result ? job.train.file : "";
   if (job.state === "queued") return job.position ? `${job.position} ahead` : "next";
   if (job.state === "failed") return job.error || "";
   return job.n_images ? images(job.n_images) : "no images";

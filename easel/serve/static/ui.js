@@ -5,6 +5,7 @@ import { clearSource, hasSource, initMaskBrush, maskDataUrl, maskEmpty, render, 
 import { initGallery, lastResult, selectedResult, setProgressText } from "./gallery.js";
 import { cancelJob, currentJob, loadJobs, submitted } from "./jobs.js";
 import { initInside } from "./inside.js";
+import { initTrain } from "./train.js";
 
 const EDIT_MODES = ["img2img", "inpaint", "outpaint"];
 const SENT_PARAMS = ["prompt", "negative_prompt", "sampler", "scheduler", "steps", "cfg_scale"];
@@ -28,9 +29,8 @@ function setMode(next) {
     tab.tabIndex = on ? 0 : -1;
   }
   document.body.dataset.mode = next;
-  const own = ["pnginfo", "inside"];  // tabs with a view of their own; the others share the generate view
-  $("pnginfo-view").hidden = next !== "pnginfo";
-  $("inside-view").hidden = next !== "inside";
+  const own = ["pnginfo", "inside", "train"];  // tabs with a view of their own; the others share the generate view
+  for (const view of own) $(`${view}-view`).hidden = next !== view;
   $("generate-view").hidden = own.includes(next);
   if (own.includes(next)) return;
   $("generate-view").setAttribute("aria-labelledby", `tab-${next}`);
@@ -233,6 +233,7 @@ async function boot() {
   }
   wire();
   setMode(saved && tabs().some((t) => t.dataset.tab === saved.mode) ? saved.mode : "txt2img");
+  await initTrain(config);
   try {
     // finished jobs' images, and the running one followed again after a reload
     await loadJobs(showError, config && config.finished_states);
