@@ -74,18 +74,28 @@ def teardown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def sync_gradients(params: list[nn.Parameter], info: DistInfo) -> None:
-    """Average gradients over ranks in one flat all-reduce (a rank's loss is the mean over its slice)."""
+class StepLoss(nn.Module):
+    """The trained module and a loop's loss function as one module: DistributedDataParallel wraps this, so every
+    loop's step (whatever modules its loss calls) is one DDP forward, and backward averages the gradients."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, *step):
+        """(loss, metrics) of a step (or of micro-batch k of a step)."""
+        return self.loss_fn(*step)
+
+
+def data_parallel(module: nn.Module, info: DistInfo) -> nn.Module:
+    """`module` in PyTorch's DistributedDataParallel when there are several processes, else as it is: one code path
+    for 1 and N processes (gloo on CPU, NCCL on GPU)."""
     if info.world == 1:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])  # one message instead of one per tensor
-    dist.all_reduce(flat)
-    flat /= info.world
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    # Unused parameters exist in some steps (a caption dropped, a LoRA past the clip-skip layer): let DDP find them.
+    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
 
 
 def broadcast_module(module: nn.Module, info: DistInfo) -> None:
@@ -278,8 +288,9 @@ class Trainer:
     CALIBRATE_STEPS = (3, 15)  # time steps 3..15 to turn --minutes into a step budget
 
     def __init__(self, name: str, out_dir: str | os.PathLike, model: nn.Module, cfg: LoopConfig,
-                 info: DistInfo | None = None, lr_scale: dict[str, float] | None = None):
+                 info: DistInfo | None = None, lr_scale: dict[str, float] | None = None, grad_accum: int = 1):
         self.name, self.out, self.model, self.cfg = name, Path(out_dir), model, cfg
+        self.grad_accum = grad_accum  # micro-batches per step: loss_fn(step, k) for k < grad_accum
         self.info = info or DistInfo()
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in named]
@@ -332,9 +343,12 @@ class Trainer:
         return True
 
     # the loop
-    def run(self, loss_fn: Callable[[int], tuple[torch.Tensor, dict]]) -> None:
-        """Train until the step budget is used; checkpoints every `ckpt_every` steps and at the end."""
+    def run(self, loss_fn: Callable[..., tuple[torch.Tensor, dict]]) -> None:
+        """Train until the step budget is used; checkpoints every `ckpt_every` steps and at the end.
+        `loss_fn(step)` (or `loss_fn(step, k)` with grad_accum > 1) is this rank's loss; under torchrun it runs as
+        one DistributedDataParallel forward, so the gradients are averaged over the processes."""
         cfg, info = self.cfg, self.info
+        forward = data_parallel(StepLoss(self.model, loss_fn), info)
         bar = self._bar()
         t_last, samples_since, t_cal = time.perf_counter(), 0, None
         try:
@@ -342,7 +356,7 @@ class Trainer:
                 if self.total is None and self.step == self.CALIBRATE_STEPS[0]:
                     t_cal = time.perf_counter()
                 lr = lr_at(self.step, self.total or 10**9, cfg.lr, cfg.warmup)
-                metrics = self._one_step(loss_fn, lr)
+                metrics = self._one_step(forward, lr)
                 self.step += 1
                 samples_since += cfg.batch_size
                 if self.total is None and self.step == self.CALIBRATE_STEPS[1] + 1:
@@ -371,19 +385,27 @@ class Trainer:
         if self.info.main and self.log is not None:
             plot_loss_curve(self.log.records(), self.out / "loss.png", title=self.name)
 
-    def _one_step(self, loss_fn, lr: float) -> dict:
+    def _one_step(self, forward, lr: float) -> dict:
         for group in self.opt.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         self.opt.zero_grad(set_to_none=True)
-        with autocast(self.cfg.bf16, self.info.device):
-            loss, metrics = loss_fn(self.step)
-        loss.backward()
-        sync_gradients(self.params, self.info)
+        sums: dict[str, float] = {}
+        for k in range(self.grad_accum):
+            last = k == self.grad_accum - 1
+            # DDP averages gradients once per step: the micro-batches before the last accumulate locally.
+            local = forward.no_sync() if not last and hasattr(forward, "no_sync") else nullcontext()
+            with local:
+                with autocast(self.cfg.bf16, self.info.device):
+                    loss, metrics = forward(self.step, k) if self.grad_accum > 1 else forward(self.step)
+                (loss / self.grad_accum).backward()
+            for key, v in {"loss": float(loss.detach()), **metrics}.items():
+                numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
+                sums[key] = sums.get(key, 0.0) + v / self.grad_accum if numeric else v  # the mean over micro-batches
         grad_norm = float(nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip or float("inf")))
         self.opt.step()
         if self.ema:
             self.ema.update(self.model)
-        return {"loss": float(loss.detach()), "grad_norm": round(grad_norm, 4), **metrics}
+        return {**sums, "grad_norm": round(grad_norm, 4)}
 
     def _fix_budget(self, t_cal: float, bar) -> None:
         per_step = (time.perf_counter() - t_cal) / (self.CALIBRATE_STEPS[1] - self.CALIBRATE_STEPS[0] + 1)

@@ -121,24 +121,20 @@ class EmbeddingRun:
     sample_every: int = 0
 
 
-def embedding_step(run: EmbeddingRun, vectors: EmbeddingVectors, denoiser, latents: Latents, step: int
-                   ) -> tuple[Tensor, dict]:
-    """Loss of one optimizer step (gradient accumulation as in `lora_step`)."""
-    if run.sample_every and step % run.sample_every == 0 and run.sample_prompts:
+def embedding_step(run: EmbeddingRun, vectors: EmbeddingVectors, denoiser, latents: Latents, info: DistInfo,
+                   step: int, k: int = 0) -> tuple[Tensor, dict]:
+    """Loss of micro-batch k of an optimizer step, on this process's rows of the global batch."""
+    if info.main and k == 0 and run.sample_every and step % run.sample_every == 0 and run.sample_prompts:
         _samples(run, vectors, step)
-    emb, total = vectors.embedding(run.name), 0.0
-    for k in range(run.grad_accum):
-        data_step = step * run.grad_accum + k
-        batch = make_batch(run.data, latents, data_step, run.loop.batch_size, run.loop.seed)
-        ids, slots = slot_ids(run.base, [name_caption(c, run.name) for c in batch.captions], emb)
-        context, pooled = encode_text(run.base, ids, inputs_embeds(run.base, vectors, ids, slots))
-        gen = step_generator(run.loop.seed, data_step, stream=2)
-        loss = denoising_loss(run.base, denoiser, batch.latents, unet_cond(run.base, context, pooled, batch), gen,
-                              run.noise) / run.grad_accum
-        total += float(loss.detach())
-        if k < run.grad_accum - 1:
-            loss.backward()
-    return loss, {"loss": total}
+    emb = vectors.embedding(run.name)
+    data_step = step * run.grad_accum + k
+    batch = make_batch(run.data, latents, data_step, run.loop.batch_size, run.loop.seed, info)
+    ids, slots = slot_ids(run.base, [name_caption(c, run.name) for c in batch.captions], emb)
+    context, pooled = encode_text(run.base, ids, inputs_embeds(run.base, vectors, ids, slots))
+    gen = step_generator(run.loop.seed, data_step, stream=2)
+    loss = denoising_loss(run.base, denoiser, batch.latents, unet_cond(run.base, context, pooled, batch), gen,
+                          run.noise, batch.rows, batch.total)
+    return loss * batch.share(info), {}
 
 
 def _samples(run: EmbeddingRun, vectors: EmbeddingVectors, step: int) -> None:
@@ -159,10 +155,12 @@ def train_embedding(run: EmbeddingRun, info: DistInfo | None = None) -> dict:
     loop = resume_if_same_inputs(run.loop, run.run_dir / "inputs.json", inputs, info,
                                  f"[embedding] {run.run_dir / 'checkpoint.pt'} was made for other inputs: "
                                  "starting over")
-    trainer = ScheduledTrainer("embedding", run.run_dir, vectors, loop, info)
+    trainer = ScheduledTrainer("embedding", run.run_dir, vectors, loop, info, grad_accum=run.grad_accum)
     trainer.scheduler = run.lr_scheduler
     denoiser = make_denoiser(run.base)
-    trainer.run(lambda step: embedding_step(run, vectors, denoiser, latents, step))
+    trainer.run(lambda *step: embedding_step(run, vectors, denoiser, latents, info, *step))
+    if not info.main:
+        return {}
     if run.sample_every and run.sample_prompts:
         _samples(run, vectors, trainer.step)
     path = save_embedding(vectors.embedding(run.name), run.out, trainer.step, run.base)

@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from easel.training.common import DistInfo, LoopConfig, TrainingError, resume_if_same_inputs, step_generator
+from easel.training.common import (DistInfo, LoopConfig, TrainingError, barrier, resume_if_same_inputs,
+                                   step_generator)
 from easel.training.dataset_folder import UserDataset
 from easel.training.lora_train import LR_SCHEDULERS, ScheduledTrainer
 from easel.training.user_train import (Batch, Latents, NoiseOptions, denoising_loss, encode_text, make_batch,
-                                       make_denoiser, save_samples, token_ids, unet_cond)
+                                       make_denoiser, rank_rows, save_samples, token_ids, unet_cond)
 from easel.weights.model_io import LoadedModel
 
 
@@ -116,46 +117,40 @@ class ClassLatents:
             self.latents = torch.cat([encode(base.model, [Image.open(p).convert("RGB")]).float().cpu()
                                       for p in paths])  # (N, C, h, w)
 
-    def batch(self, data_step: int, batch_size: int, seed: int, prompt: str) -> Batch:
-        """A seeded batch of class latents, all captioned with the class prompt."""
+    def batch(self, data_step: int, batch_size: int, seed: int, prompt: str, info: DistInfo) -> Batch:
+        """This process's rows of a seeded batch of class latents, all captioned with the class prompt."""
         gen = step_generator(seed, data_step, stream=3)
-        idx = torch.randint(0, len(self.latents), (batch_size,), generator=gen)
+        rows = rank_rows(batch_size, info)
+        idx = torch.randint(0, len(self.latents), (batch_size,), generator=gen)[rows]
         h, w = self.latents.shape[-2:]
-        return Batch(self.latents[idx], [prompt] * batch_size, [(h, w, 0, 0)] * batch_size)
+        return Batch(self.latents[idx], [prompt] * len(idx), [(h, w, 0, 0)] * len(idx), rows, batch_size)
 
 
-def batch_loss(run: FinetuneRun, denoiser, batch: Batch, gen: torch.Generator) -> Tensor:
-    """The denoising loss of one batch (text encoded with gradients when the text encoders train)."""
+def batch_loss(run: FinetuneRun, denoiser, batch: Batch, gen: torch.Generator, info: DistInfo) -> Tensor:
+    """This process's part of the global mean denoising loss of a batch (text encoded with gradients when the text
+    encoders train)."""
     with torch.set_grad_enabled(run.text_encoder):
         context, pooled = encode_text(run.base, token_ids(run.base, batch.captions))
-    return denoising_loss(run.base, denoiser, batch.latents, unet_cond(run.base, context, pooled, batch), gen,
-                          run.noise)
+    loss = denoising_loss(run.base, denoiser, batch.latents, unet_cond(run.base, context, pooled, batch), gen,
+                          run.noise, batch.rows, batch.total)
+    return loss * batch.share(info)
 
 
-def finetune_step(run: FinetuneRun, denoiser, latents: Latents, prior: ClassLatents | None,
-                  step: int) -> tuple[Tensor, dict]:
-    """Loss of one optimizer step: `grad_accum` micro-batches of data (plus prior) loss."""
-    if run.sample_every and step % run.sample_every == 0 and run.sample_prompts:
+def finetune_step(run: FinetuneRun, denoiser, latents: Latents, prior: ClassLatents | None, info: DistInfo,
+                  step: int, k: int = 0) -> tuple[Tensor, dict]:
+    """Loss of micro-batch k of an optimizer step (data, plus the weighted prior), on this process's rows."""
+    if info.main and k == 0 and run.sample_every and step % run.sample_every == 0 and run.sample_prompts:
         save_samples(run.base, run.sample_prompts, run.run_dir / "samples" / f"step_{step:06d}.png")
-    total, prior_total = 0.0, 0.0
-    for k in range(run.grad_accum):
-        data_step = step * run.grad_accum + k
-        gen = step_generator(run.loop.seed, data_step, stream=2)
-        loss = batch_loss(run, denoiser, make_batch(run.data, latents, data_step, run.loop.batch_size,
-                                                    run.loop.seed), gen)
-        total += float(loss.detach())
-        if prior is not None:
-            cls = prior.batch(data_step, run.loop.batch_size, run.loop.seed, run.prior.class_prompt)
-            prior_loss = batch_loss(run, denoiser, cls, gen)
-            prior_total += float(prior_loss.detach())
-            loss = loss + run.prior.weight * prior_loss
-        loss = loss / run.grad_accum
-        if k < run.grad_accum - 1:
-            loss.backward()  # the Trainer back-propagates the last one
-    metrics = {"data_loss": total / run.grad_accum}
-    if prior is not None:
-        metrics["prior_loss"] = prior_total / run.grad_accum
-    return loss, metrics
+    data_step = step * run.grad_accum + k
+    gen = step_generator(run.loop.seed, data_step, stream=2)
+    data = batch_loss(run, denoiser, make_batch(run.data, latents, data_step, run.loop.batch_size, run.loop.seed,
+                                                info), gen, info)
+    if prior is None:
+        return data, {"data_loss": float(data.detach())}
+    cls = prior.batch(data_step, run.loop.batch_size, run.loop.seed, run.prior.class_prompt, info)
+    prior_loss = batch_loss(run, denoiser, cls, gen, info)
+    return data + run.prior.weight * prior_loss, {"data_loss": float(data.detach()),
+                                                  "prior_loss": float(prior_loss.detach())}
 
 
 def check_run(run: FinetuneRun) -> None:
@@ -178,20 +173,26 @@ def train_finetune(run: FinetuneRun, info: DistInfo | None = None) -> dict:
     check_run(run)
     info = info or DistInfo()
     started = time.time()
+    if run.prior and info.main:
+        class_images(run)  # drawn once, by the first process
+    barrier(info)
     prior = ClassLatents(run.base, class_images(run)) if run.prior else None
     latents = Latents(run.base, run.data, run.run_dir / "latents.pt", run.loop.progress)
     trainable = Trainable(run.base.model, run.text_encoder)
-    trainer = ScheduledTrainer("finetune", run.run_dir, trainable, _guard_resume(run, info), info)
+    trainer = ScheduledTrainer("finetune", run.run_dir, trainable, _guard_resume(run, info), info,
+                               grad_accum=run.grad_accum)
     trainer.scheduler = run.lr_scheduler
     denoiser = make_denoiser(run.base)
     run.base.model.unet.train()
     keep = gradient_checkpointing(run.base.model.unet) if run.gradient_checkpointing else contextlib.nullcontext()
     try:
         with keep:
-            trainer.run(lambda step: finetune_step(run, denoiser, latents, prior, step))
+            trainer.run(lambda *step: finetune_step(run, denoiser, latents, prior, info, *step))
     finally:
         run.base.model.eval().requires_grad_(False)
     trainable.load_state_dict(trainer.final_weights(trainer.ema is not None))
+    if not info.main:
+        return {}
     if run.sample_every and run.sample_prompts:
         save_samples(run.base, run.sample_prompts, run.run_dir / "samples" / f"step_{trainer.step:06d}.png")
     path = save_finetuned(run, trainer.step)

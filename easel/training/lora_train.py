@@ -125,23 +125,18 @@ class LoraRun:
     sample_steps: int = 20
 
 
-def lora_step(run: LoraRun, net: LoraNetwork, denoiser, latents: Latents, step: int) -> tuple[Tensor, dict]:
-    """Loss of one optimizer step: `grad_accum` micro-batches, all but the last back-propagated here."""
-    if run.sample_every and step % run.sample_every == 0 and run.sample_prompts:
+def lora_step(run: LoraRun, denoiser, latents: Latents, info: DistInfo, step: int, k: int = 0) -> tuple[Tensor, dict]:
+    """Loss of micro-batch k of an optimizer step, on this process's rows of the global batch."""
+    if info.main and k == 0 and run.sample_every and step % run.sample_every == 0 and run.sample_prompts:
         save_samples(run.base, run.sample_prompts, run.run_dir / "samples" / f"step_{step:06d}.png")
-    total = 0.0
-    for k in range(run.grad_accum):
-        data_step = step * run.grad_accum + k
-        batch = make_batch(run.data, latents, data_step, run.loop.batch_size, run.loop.seed)
-        with torch.set_grad_enabled(run.text_encoder):
-            context, pooled = encode_text(run.base, token_ids(run.base, batch.captions))
-        gen = step_generator(run.loop.seed, data_step, stream=2)
-        loss = denoising_loss(run.base, denoiser, batch.latents, unet_cond(run.base, context, pooled, batch), gen,
-                              run.noise) / run.grad_accum
-        total += float(loss.detach())
-        if k < run.grad_accum - 1:
-            loss.backward()  # the Trainer back-propagates the last one
-    return loss, {"loss": total}
+    data_step = step * run.grad_accum + k
+    batch = make_batch(run.data, latents, data_step, run.loop.batch_size, run.loop.seed, info)
+    with torch.set_grad_enabled(run.text_encoder):
+        context, pooled = encode_text(run.base, token_ids(run.base, batch.captions))
+    gen = step_generator(run.loop.seed, data_step, stream=2)
+    loss = denoising_loss(run.base, denoiser, batch.latents, unet_cond(run.base, context, pooled, batch), gen,
+                          run.noise, batch.rows, batch.total)
+    return loss * batch.share(info), {}
 
 
 def train_lora(run: LoraRun, info: DistInfo | None = None) -> dict:
@@ -154,15 +149,18 @@ def train_lora(run: LoraRun, info: DistInfo | None = None) -> dict:
     started = time.time()
     latents = Latents(run.base, run.data, run.run_dir / "latents.pt", run.loop.progress)
     net = LoraNetwork(run.base.model, run.rank, run.alpha, run.conv, run.text_encoder, run.loop.seed)
-    trainer = ScheduledTrainer("lora", run.run_dir, net, _guard_resume(run, info), info)
+    trainer = ScheduledTrainer("lora", run.run_dir, net, _guard_resume(run, info), info,
+                               grad_accum=run.grad_accum)
     trainer.scheduler = run.lr_scheduler
     denoiser = make_denoiser(run.base)
     try:
-        trainer.run(lambda step: lora_step(run, net, denoiser, latents, step))
-        if run.sample_every and run.sample_prompts:
+        trainer.run(lambda *step: lora_step(run, denoiser, latents, info, *step))
+        if info.main and run.sample_every and run.sample_prompts:
             save_samples(run.base, run.sample_prompts, run.run_dir / "samples" / f"step_{trainer.step:06d}.png")
     finally:
         net.remove()
+    if not info.main:
+        return {}
     layers = net.lora_layers()
     path = save_trained_lora(run, layers, trainer.step, started)
     records = trainer.log.records() if trainer.log else []

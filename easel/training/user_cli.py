@@ -109,12 +109,15 @@ def loop_from_args(args: argparse.Namespace, default: LoopConfig) -> LoopConfig:
 
 def _prepare(args: argparse.Namespace):
     """Threads, base model and dataset of a command; prints the dry-run report when asked."""
+    import os
+
     import torch
 
     from easel.training.dataset_folder import DataOptions, UserDataset
     from easel.training.user_train import load_base
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    # One thread per core, shared between the processes of a torchrun job on this machine.
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // local))
     base = load_base(args.model, args.prediction)
     opts = DataOptions(resolution=args.resolution or base.model.config.default_size, bucket_step=args.bucket_step,
                        min_size=args.min_size, random_crop=args.random_crop, flip=args.flip,
@@ -148,8 +151,7 @@ def cmd_lora(args: argparse.Namespace) -> int:
                   args.text_encoder, args.lr_scheduler, args.grad_accum,
                   NoiseOptions(args.min_snr_gamma, args.noise_offset), check_prompts(args.sample_prompt),
                   args.sample_every)
-    print(_summary(train_lora(run)))
-    return 0
+    return _report(lambda info: train_lora(run, info))
 
 
 def cmd_embedding(args: argparse.Namespace) -> int:
@@ -166,8 +168,7 @@ def cmd_embedding(args: argparse.Namespace) -> int:
                        args.vectors, args.lr_scheduler, args.grad_accum,
                        NoiseOptions(args.min_snr_gamma, args.noise_offset), check_prompts(args.sample_prompt),
                        args.sample_every)
-    print(_summary(train_embedding(run)))
-    return 0
+    return _report(lambda info: train_embedding(run, info))
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -184,7 +185,20 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     run = FinetuneRun(ds, base, out, run_dir(out), loop_from_args(args, FINETUNE_LOOP), args.text_encoder,
                       args.lr_scheduler, args.grad_accum, NoiseOptions(args.min_snr_gamma, args.noise_offset), prior,
                       args.gradient_checkpointing, args.to, check_prompts(args.sample_prompt), args.sample_every)
-    print(_summary(train_finetune(run)))
+    return _report(lambda info: train_finetune(run, info))
+
+
+def _report(train) -> int:
+    """Run `train(info)` in the process group torchrun describes (if any; gloo on CPU, NCCL on GPU), and print the
+    result on the first process."""
+    from easel.training.common import setup_distributed, teardown_distributed
+    info = setup_distributed()
+    try:
+        metrics = train(info)
+    finally:
+        teardown_distributed()
+    if info.main:
+        print(_summary(metrics))
     return 0
 
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from easel.training.common import load_checkpoint, save_atomic, step_generator
+from easel.training.common import DistInfo, load_checkpoint, save_atomic, step_generator
 from easel.training.dataset_folder import UserDataset, centre_crop, process_caption
 from easel.training.settings import TrainingError
 from easel.weights.model_io import LoadedModel
@@ -111,15 +111,33 @@ class Latents:
 
 @dataclass
 class Batch:
-    """One micro-batch: latents, processed captions and SDXL size conditioning."""
+    """One micro-batch: latents, processed captions and SDXL size conditioning; under torchrun this process's
+    `rows` of a global batch of `total` items."""
 
     latents: Tensor  # (B, C, h, w)
     captions: list[str]
     sizes: list[tuple[int, int, int, int]]  # (orig h, w, crop top, left)
+    rows: slice = field(default_factory=lambda: slice(None))
+    total: int = 0
+
+    def share(self, info: DistInfo) -> float:
+        """The factor that turns this process's mean loss into its part of the global mean: after DDP averages
+        over the processes, N processes train on exactly what one would (uneven splits included)."""
+        return len(self.captions) * info.world / self.total if self.total else 1.0
 
 
-def make_batch(ds: UserDataset, latents: Latents, data_step: int, batch_size: int, seed: int) -> Batch:
-    """The batch of a data step: bucket batch, flips, crops and caption changes all seeded by (seed, step)."""
+def rank_rows(n: int, info: DistInfo) -> slice:
+    """This process's rows of a batch of n items (as even as n allows)."""
+    if n < info.world:
+        raise TrainingError(f"a batch of {n} image(s) cannot be split over {info.world} processes: use a batch size "
+                            f"of at least {info.world} and buckets holding as many images, or fewer processes")
+    return slice(info.rank * n // info.world, (info.rank + 1) * n // info.world)
+
+
+def make_batch(ds: UserDataset, latents: Latents, data_step: int, batch_size: int, seed: int,
+               info: DistInfo | None = None) -> Batch:
+    """This process's rows of the global batch of a data step: bucket batch, flips, crops and caption changes all
+    seeded by (seed, step) and drawn for the whole batch, so that N processes see what one would."""
     gen = step_generator(seed, data_step, stream=1)
     zs, caps, sizes = [], [], []
     for i in ds.batch_indices(data_step, batch_size, seed):
@@ -128,7 +146,8 @@ def make_batch(ds: UserDataset, latents: Latents, data_step: int, batch_size: in
         zs.append(z)
         sizes.append(size)
         caps.append(process_caption(ds.items[i].caption, gen, ds.opts))
-    return Batch(torch.stack(zs), caps, sizes)
+    rows = rank_rows(len(zs), info or DistInfo())
+    return Batch(torch.stack(zs[rows]), caps[rows], sizes[rows], rows, len(zs))
 
 
 # --- text and loss ----------------------------------------------------------------------------------------------
@@ -169,14 +188,17 @@ def unet_cond(base: LoadedModel, context: Tensor, pooled: Tensor | None, batch: 
 
 
 def denoising_loss(base: LoadedModel, denoiser, x0: Tensor, cond: dict, gen: torch.Generator,
-                   opts: NoiseOptions) -> Tensor:
-    """Eps/v MSE at uniformly drawn timesteps, with noise offset and min-SNR weighting."""
+                   opts: NoiseOptions, rows: slice = slice(None), total: int = 0) -> Tensor:
+    """Eps/v MSE at uniformly drawn timesteps, with noise offset and min-SNR weighting. `x0` may be `rows` of a
+    global batch of `total`: timesteps and noise are drawn for all of it and sliced alike."""
     schedule = denoiser.schedule
-    B = x0.shape[0]
-    t = torch.randint(0, schedule.num_timesteps, (B,), generator=gen)
-    noise = torch.randn(x0.shape, generator=gen)
+    B = total or x0.shape[0]
+    shape = (B, *x0.shape[1:])
+    t = torch.randint(0, schedule.num_timesteps, (B,), generator=gen)[rows]
+    noise = torch.randn(shape, generator=gen)
     if opts.noise_offset:
         noise = noise + opts.noise_offset * torch.randn(B, x0.shape[1], 1, 1, generator=gen)
+    noise = noise[rows]
     dev = base.model.device
     return denoiser.loss(x0.to(dev), noise.to(dev), schedule.sigmas[t].to(dev), min_snr_gamma=opts.min_snr_gamma,
                          **cond)
