@@ -142,6 +142,8 @@ def request_from_args(args: argparse.Namespace, base: dict | None = None) -> Gen
             fields[name] = getattr(args, name)
     if getattr(args, "loras", None):
         fields["loras"] = list(args.loras)
+    if getattr(args, "controlnets", None):
+        fields["controlnets"] = control_units(args.controlnets)
     if getattr(args, "styles", None):
         fields["styles"] = list(args.styles)
     use_prompt_folders(args)
@@ -480,9 +482,11 @@ def cmd_xyz(args: argparse.Namespace) -> int:
     if args.init_image:
         req.init_images = [read_image(args.init_image, "--init-image")]
     xyz.validate(req, axes)  # every axis value checked before the (slow) model load
-    pipe = easel.load(args.model, dtype=args.dtype, device=args.device, vae=args.vae, tokenizer=args.tokenizer,
-                      prediction=args.prediction)
-    result = xyz.plot(pipe, req, axes, progress=True)
+    options = dict(dtype=args.dtype, device=args.device, vae=args.vae, tokenizer=args.tokenizer,
+                   prediction=args.prediction)
+    by_axis = any(a.field == "model" for a in axes)  # then every cell runs on an axis checkpoint: load no other
+    pipe = None if by_axis else easel.load(args.model, **options)
+    result = xyz.plot(pipe, req, axes, load=lambda spec: easel.load(spec, **options), progress=True)
     grid, cells = result.save(args.out)
     print(grid, flush=True)
     print(f"xyz: {len(cells)} cells in {cells[0].parent}", file=sys.stderr)
@@ -518,12 +522,69 @@ def add_generation_flags(p: argparse.ArgumentParser, *tables: dict) -> None:
     p.add_argument("--out", "-o", default="outputs", help="output folder (default: outputs)")
 
 
+# --control-* flag -> ControlUnit field; each sets the unit of the --controlnet before it.
+CONTROL_FLAGS = {"--control-image": ("image", str, "the condition image of that ControlNet (default in img2img and "
+                                     "inpaint: the init image)"),
+                 "--control-weight": ("weight", float, "how strongly it steers, 0-2 (default 1)"),
+                 "--control-start": ("guidance_start", float, "fraction of the steps before which it is off (default 0)"),
+                 "--control-end": ("guidance_end", float, "fraction of the steps after which it is off (default 1)"),
+                 "--control-mode": ("control_mode", str, "balanced | prompt (My prompt is more important) | control "
+                                    "(ControlNet is more important)"),
+                 "--control-resize": ("resize_mode", str, "just_resize | crop_and_resize (default) | resize_and_fill"),
+                 "--preprocessor": ("preprocessor", str, "none (default), canny, threshold, scribble, lineart, invert, "
+                                    "segmentation, inpaint"),
+                 "--threshold-a": ("threshold_a", float, "the preprocessor's first parameter (canny: low threshold)"),
+                 "--threshold-b": ("threshold_b", float, "the preprocessor's second parameter (canny: high threshold)")}
+
+
+class _ControlFlag(argparse.Action):
+    """--controlnet starts a ControlNet unit; the --control-* flags after it set that unit's options, so several
+    ControlNets are given one after the other."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        units = getattr(namespace, "controlnets", None) or []
+        field = CONTROL_FLAGS.get(option_string, ("model",))[0]
+        if field == "model":
+            units.append({"model": value})
+        elif not units:
+            parser.error(f"{option_string} must follow the --controlnet it belongs to")
+        elif field in units[-1]:
+            parser.error(f"{option_string} given twice for ControlNet {len(units)} ({units[-1]['model']}): each "
+                         "--controlnet takes its own --control-* flags after it")
+        else:
+            units[-1][field] = value
+        namespace.controlnets = units
+
+
+def add_control_flags(p: argparse.ArgumentParser) -> None:
+    """--controlnet NAME_OR_PATH and the --control-* flags of that unit (repeatable, grouped in order)."""
+    g = p.add_argument_group("ControlNet (repeat --controlnet for several; the flags after one belong to it)")
+    g.add_argument("--controlnet", action=_ControlFlag, default=argparse.SUPPRESS, metavar="NAME_OR_PATH",
+                   help="a ControlNet file or diffusers folder, or a name from the ControlNet folders")
+    for flag, (_, kind, help_text) in CONTROL_FLAGS.items():
+        metavar = "IMG" if flag == "--control-image" else ("X" if kind is float else "NAME")
+        g.add_argument(flag, action=_ControlFlag, type=kind, default=argparse.SUPPRESS, metavar=metavar,
+                       help=help_text)
+
+
+def control_units(units: list[dict]) -> list[dict]:
+    """The --controlnet groups as ControlUnit fields, images read from their files."""
+    out = []
+    for i, unit in enumerate(units):
+        unit = dict(unit)
+        if unit.get("image") is not None:
+            unit["image"] = read_image(unit["image"], f"--control-image of ControlNet {i + 1}")
+        out.append(unit)
+    return out
+
+
 def add_edit_parsers(sub) -> None:
     """img2img, inpaint and outpaint sub-commands."""
     i = sub.add_parser("img2img", help="repaint an image guided by a prompt")
     i.add_argument("image", help="the image to start from")
     i.add_argument("prompt", nargs="?", default="", help="what to draw")
     add_generation_flags(i, IMG2IMG_FLAGS, REFINER_FLAGS)
+    add_control_flags(i)
     i.set_defaults(func=cmd_img2img)
 
     m = sub.add_parser("inpaint", help="repaint the white part of a mask")
@@ -531,6 +592,7 @@ def add_edit_parsers(sub) -> None:
     m.add_argument("mask", help="mask image: white = repaint, black = keep (resized to the image if needed)")
     m.add_argument("prompt", nargs="?", default="", help="what to draw in the masked area")
     add_generation_flags(m, IMG2IMG_FLAGS, INPAINT_FLAGS)
+    add_control_flags(m)
     m.set_defaults(func=cmd_inpaint)
 
     o = sub.add_parser("outpaint", help="extend an image beyond its borders")
@@ -551,6 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="text to image")
     g.add_argument("prompt", nargs="?", help="what to draw")
     add_generation_flags(g, HIRES_FLAGS, REFINER_FLAGS)
+    add_control_flags(g)
     g.add_argument("--from", dest="from_image", help="reproduce the image whose parameters this PNG carries")
     add_compile_flag(g)
     g.set_defaults(func=cmd_generate)
