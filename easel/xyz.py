@@ -71,7 +71,7 @@ def parse_axis(name: str, spec: str) -> Axis:
         raise ValueError(f"--{name} {spec!r}: write FIELD=v1,v2,... (e.g. --{name} steps=10,20 or "
                          f"--{name} sampler=euler,dpmpp_2m)")
     key, text = spec.split("=", 1)
-    return make_axis(name, key, _split_values(text))
+    return make_axis(name, key, split_values(text))
 
 
 def make_axis(name: str, key: str, values: list) -> Axis:
@@ -99,7 +99,7 @@ def _field_name(name: str, key: str) -> str:
     return k
 
 
-def _split_values(text: str) -> list[str]:
+def split_values(text: str) -> list[str]:
     """Values separated by commas; a value in double quotes may hold commas (as A1111 reads them)."""
     rows = list(csv.reader([text], skipinitialspace=True))
     return [v.strip() for v in rows[0]] if rows else []
@@ -308,17 +308,21 @@ def validate(request: GenerationRequest, axes: list[Axis]) -> dict[tuple[int, in
 
 def plot(pipe, request: GenerationRequest, axes: list[Axis], *, callback=None,
          load: Callable[[str], object] | None = None, progress: bool = False) -> XYZPlot:
-    """Generate every cell of the axes on `pipe` (a `model` axis loads each checkpoint with `load(spec)`, default
-    easel.load with the pipe's dtype and device) and lay them out in a labelled grid."""
+    """Generate every cell of the axes on `pipe` (with a `model` axis, `pipe` may be None: each checkpoint is loaded
+    once by `load(spec)`, default easel.load with the pipe's dtype and device) and lay them out in a labelled grid."""
     cells = validate(request, axes)
     full = _padded(axes)
     models = _model_values(full)
     if models and load is None:
         import easel
-        load = lambda spec: easel.load(spec, dtype=pipe.dtype, device=pipe.device)  # noqa: E731
+        options = {"dtype": pipe.dtype, "device": pipe.device} if pipe is not None else {}
+        load = lambda spec: easel.load(spec, **options)  # noqa: E731
+    if pipe is None and not models:
+        raise ValueError("plot needs a pipeline (easel.load(...)) unless an axis is model")
     results = {}
     with _progress(cells, progress) as step:
         for model_index, keys in _by_model(cells, full).items():
+            runner = None  # let go of the last checkpoint before the next one loads
             runner = pipe if model_index is None else load(models[model_index])
             for key in keys:
                 made = runner.generate(cells[key], callback=_chain(step, callback))

@@ -133,3 +133,43 @@ def test_cli_rejects_bad_axis_before_loading(capsys, monkeypatch):
     monkeypatch.setattr("easel.load", lambda *a, **k: pytest.fail("the model must not load"))
     assert cli.main(["xyz", "a red star", "--x", "steps=1,zero"]) == 2
     assert "--x steps: 'zero' is not a whole number" in capsys.readouterr().err
+
+
+def test_a1111_script_args():
+    from easel.xyz_a1111 import axes_from_script_args, menu
+    steps, cfg, sampler = (next(i for i, (label, _) in enumerate(menu()) if label == name)
+                           for name in ("Steps", "CFG Scale", "Sampler"))
+    axes = axes_from_script_args([steps, "10-20 (+5)", [], cfg, "3,7", None, 0, "", None, True, False, False, False])
+    assert [(a.name, a.field, list(a.values)) for a in axes] == [("x", "steps", [10, 15, 20]),
+                                                                  ("y", "cfg_scale", [3.0, 7.0])]
+    axes = axes_from_script_args([sampler, "", ["Euler a", "DPM++ 2M"], "Prompt S/R", "red,blue", []])
+    assert list(axes[0].values) == ["Euler a", "DPM++ 2M"] and axes[1].field == "prompt_sr"
+    assert [label for label, _ in menu(img2img=True)][6] == "Image CFG Scale"  # the img2img tab's menu differs
+    with pytest.raises(ValueError, match="'VAE' is not supported by easel"):
+        axes_from_script_args(["VAE", "a,b", []])
+    with pytest.raises(ValueError, match="X type 999 is not in the"):
+        axes_from_script_args([999, "1", []])
+    with pytest.raises(ValueError, match="unknown Y type 'Stpes'"):
+        axes_from_script_args([steps, "1", [], "Stpes", "1", []])
+    with pytest.raises(ValueError, match="every axis is 'Nothing'"):
+        axes_from_script_args([0, "", []])
+    with pytest.raises(ValueError, match="must be a list"):
+        axes_from_script_args("steps")
+
+
+@pytest.mark.skipif(builtin_model() is None, reason="this install has no built-in model")
+def test_model_axis_loads_each_checkpoint_once(tmp_path):
+    import easel
+    pipe = easel.load(None)
+    path = str(builtin_model())
+    loaded = []
+
+    def load(spec):
+        loaded.append(spec)
+        return pipe
+    axes = [xyz.parse_axis("x", "steps=1,2"), xyz.parse_axis("y", f"model={path},{path}")]
+    result = xyz.plot(None, GenerationRequest("a red star", seed=1), axes, load=load)
+    assert loaded == [path, path] and len(result.cells) == 4
+    assert result.axes[1].labels == (builtin_model().stem,) * 2
+    with pytest.raises(ValueError, match="needs a pipeline"):
+        xyz.plot(None, GenerationRequest("a red star", seed=1), [xyz.parse_axis("x", "steps=1")])
