@@ -22,8 +22,8 @@ from easel.training.common import (DistInfo, LoopConfig, TrainingError, barrier,
                                    step_generator)
 from easel.training.dataset_folder import UserDataset
 from easel.training.lora_train import LR_SCHEDULERS, ScheduledTrainer
-from easel.training.user_train import (Batch, Latents, NoiseOptions, denoising_loss, encode_text, make_batch,
-                                       make_denoiser, rank_rows, save_samples, token_ids, unet_cond)
+from easel.training.user_train import (Batch, Latents, NoiseOptions, TextCache, denoising_loss, encode_text,
+                                       make_batch, make_denoiser, rank_rows, save_samples, token_ids, unet_cond)
 from easel.weights.model_io import LoadedModel
 
 
@@ -126,10 +126,13 @@ class ClassLatents:
         return Batch(self.latents[idx], [prompt] * len(idx), [(h, w, 0, 0)] * len(idx), rows, batch_size)
 
 
-def batch_loss(run: FinetuneRun, denoiser, batch: Batch, gen: torch.Generator, info: DistInfo) -> Tensor:
-    """This process's part of the global mean denoising loss of a batch (text encoded with gradients when the text
-    encoders train)."""
-    with torch.set_grad_enabled(run.text_encoder):
+def batch_loss(run: FinetuneRun, denoiser, batch: Batch, gen: torch.Generator, info: DistInfo,
+               texts: TextCache | None) -> Tensor:
+    """This process's part of the global mean denoising loss of a batch (text from `texts` when the text encoders
+    are frozen, else encoded with gradients)."""
+    if texts is not None:
+        context, pooled = texts.encode(batch.captions)
+    else:
         context, pooled = encode_text(run.base, token_ids(run.base, batch.captions))
     loss = denoising_loss(run.base, denoiser, batch.latents, unet_cond(run.base, context, pooled, batch), gen,
                           run.noise, batch.rows, batch.total)
@@ -137,18 +140,18 @@ def batch_loss(run: FinetuneRun, denoiser, batch: Batch, gen: torch.Generator, i
 
 
 def finetune_step(run: FinetuneRun, denoiser, latents: Latents, prior: ClassLatents | None, info: DistInfo,
-                  step: int, k: int = 0) -> tuple[Tensor, dict]:
+                  step: int, k: int = 0, texts: TextCache | None = None) -> tuple[Tensor, dict]:
     """Loss of micro-batch k of an optimizer step (data, plus the weighted prior), on this process's rows."""
     if info.main and k == 0 and run.sample_every and step % run.sample_every == 0 and run.sample_prompts:
         save_samples(run.base, run.sample_prompts, run.run_dir / "samples" / f"step_{step:06d}.png")
     data_step = step * run.grad_accum + k
     gen = step_generator(run.loop.seed, data_step, stream=2)
     data = batch_loss(run, denoiser, make_batch(run.data, latents, data_step, run.loop.batch_size, run.loop.seed,
-                                                info), gen, info)
+                                                info), gen, info, texts)
     if prior is None:
         return data, {"data_loss": float(data.detach())}
     cls = prior.batch(data_step, run.loop.batch_size, run.loop.seed, run.prior.class_prompt, info)
-    prior_loss = batch_loss(run, denoiser, cls, gen, info)
+    prior_loss = batch_loss(run, denoiser, cls, gen, info, texts)
     return data + run.prior.weight * prior_loss, {"data_loss": float(data.detach()),
                                                   "prior_loss": float(prior_loss.detach())}
 
@@ -185,9 +188,12 @@ def train_finetune(run: FinetuneRun, info: DistInfo | None = None) -> dict:
     denoiser = make_denoiser(run.base)
     run.base.model.unet.train()
     keep = gradient_checkpointing(run.base.model.unet) if run.gradient_checkpointing else contextlib.nullcontext()
+    texts = None if run.text_encoder else TextCache(run.base, run.run_dir / "text.pt")
     try:
         with keep:
-            trainer.run(lambda *step: finetune_step(run, denoiser, latents, prior, info, *step))
+            trainer.run(lambda step, k=0: finetune_step(run, denoiser, latents, prior, info, step, k, texts))
+        if texts is not None and info.main:
+            texts.save()
     finally:
         run.base.model.eval().requires_grad_(False)
     trainable.load_state_dict(trainer.final_weights(trainer.ema is not None))

@@ -25,7 +25,7 @@ from easel.training.common import DistInfo, LoopConfig, Trainer, TrainingError, 
 from easel.training.dataset_folder import UserDataset
 from easel.training.lcm import LoraPair
 from easel.training.lcm_cli import TARGETS
-from easel.training.user_train import (Latents, NoiseOptions, denoising_loss, encode_text, family_of,
+from easel.training.user_train import (Latents, NoiseOptions, TextCache, denoising_loss, encode_text, family_of,
                                        kohya_base_version, make_batch, make_denoiser, save_samples, token_ids,
                                        unet_cond)
 from easel.weights.model_io import LoadedModel
@@ -125,13 +125,17 @@ class LoraRun:
     sample_steps: int = 20
 
 
-def lora_step(run: LoraRun, denoiser, latents: Latents, info: DistInfo, step: int, k: int = 0) -> tuple[Tensor, dict]:
-    """Loss of micro-batch k of an optimizer step, on this process's rows of the global batch."""
+def lora_step(run: LoraRun, denoiser, latents: Latents, info: DistInfo, step: int, k: int = 0,
+              texts: TextCache | None = None) -> tuple[Tensor, dict]:
+    """Loss of micro-batch k of an optimizer step, on this process's rows of the global batch (text from `texts`
+    when the text encoders are frozen)."""
     if info.main and k == 0 and run.sample_every and step % run.sample_every == 0 and run.sample_prompts:
         save_samples(run.base, run.sample_prompts, run.run_dir / "samples" / f"step_{step:06d}.png")
     data_step = step * run.grad_accum + k
     batch = make_batch(run.data, latents, data_step, run.loop.batch_size, run.loop.seed, info)
-    with torch.set_grad_enabled(run.text_encoder):
+    if texts is not None:
+        context, pooled = texts.encode(batch.captions)
+    else:
         context, pooled = encode_text(run.base, token_ids(run.base, batch.captions))
     gen = step_generator(run.loop.seed, data_step, stream=2)
     loss = denoising_loss(run.base, denoiser, batch.latents, unet_cond(run.base, context, pooled, batch), gen,
@@ -153,8 +157,11 @@ def train_lora(run: LoraRun, info: DistInfo | None = None) -> dict:
                                grad_accum=run.grad_accum)
     trainer.scheduler = run.lr_scheduler
     denoiser = make_denoiser(run.base)
+    texts = None if run.text_encoder else TextCache(run.base, run.run_dir / "text.pt")
     try:
-        trainer.run(lambda *step: lora_step(run, denoiser, latents, info, *step))
+        trainer.run(lambda step, k=0: lora_step(run, denoiser, latents, info, step, k, texts))
+        if texts is not None and info.main:
+            texts.save()
         if info.main and run.sample_every and run.sample_prompts:
             save_samples(run.base, run.sample_prompts, run.run_dir / "samples" / f"step_{trainer.step:06d}.png")
     finally:

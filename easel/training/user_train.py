@@ -175,6 +175,41 @@ def encode_text(base: LoadedModel, ids: list[Tensor], embeds: list[Tensor | None
     return torch.cat(hidden, dim=-1), pooled
 
 
+class TextCache:
+    """Text-encoder outputs per caption, for runs whose encoders stay frozen: each distinct caption (after tag
+    shuffling and dropout) is encoded once, and the table is kept in the run folder for the next run on the same
+    model (keyed by its hash), as `Latents` keeps the VAE's work."""
+
+    def __init__(self, base: LoadedModel, path: Path | None = None):
+        self.base, self.path = base, path
+        self.rows: dict[str, tuple[Tensor, Tensor | None]] = {}
+        if path is not None and path.exists():
+            data = load_checkpoint(path)
+            if data.get("model") == base.hash:
+                self.rows = data["rows"]
+        self.added = 0
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> tuple[Tensor, Tensor | None]:
+        """(context (B, 77, D), pooled (B, P) or None) of the captions, encoding only those not seen before."""
+        for c in dict.fromkeys(c for c in captions if c not in self.rows):
+            # One caption at a time: its row never depends on which captions it was first seen with, so a resumed
+            # run gets bit-identical text conditioning.
+            context, pooled = encode_text(self.base, token_ids(self.base, [c]))
+            self.rows[c] = (context[0].cpu(), None if pooled is None else pooled[0].cpu())
+            self.added += 1
+        dev = self.base.model.device
+        context = torch.stack([self.rows[c][0] for c in captions]).to(dev)
+        pooled = [self.rows[c][1] for c in captions]
+        return context, None if pooled[0] is None else torch.stack(pooled).to(dev)
+
+    def save(self) -> None:
+        """Write the table if it grew (atomically; rank 0's call)."""
+        if self.path is not None and self.added:
+            save_atomic({"model": self.base.hash, "rows": self.rows}, self.path)
+            self.added = 0
+
+
 def unet_cond(base: LoadedModel, context: Tensor, pooled: Tensor | None, batch: Batch) -> dict:
     """{'context', 'y' for SDXL}: SDXL's vector from each image's original size, crop and bucket (as SGM trains)."""
     cond = {"context": context.to(base.model.dtype)}

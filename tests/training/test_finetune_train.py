@@ -62,10 +62,10 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     killed = tiny_run(tmp_path / "b", make_tiny(tmp_path / "b", "sd1"), steps=4)
     real = finetune_train.finetune_step
 
-    def killed_at_3(run, denoiser, latents, prior, info, step, k=0):
+    def killed_at_3(run, denoiser, latents, prior, info, step, k=0, texts=None):
         if step == 3:
             raise KeyboardInterrupt
-        return real(run, denoiser, latents, prior, info, step, k)
+        return real(run, denoiser, latents, prior, info, step, k, texts)
     monkeypatch.setattr(finetune_train, "finetune_step", killed_at_3)
     with pytest.raises(KeyboardInterrupt):
         train_finetune(killed)

@@ -86,10 +86,10 @@ def test_a_killed_run_resumes_exactly(tmp_path, monkeypatch):
     resumed = tiny_run(tmp_path / "b", make_tiny(tmp_path / "b", "sd1"), **{**kw, "data": dict(kw["data"])})
     step_fn = lora_train.lora_step
 
-    def killed_at_2(run, denoiser, latents, info, step, k=0):
+    def killed_at_2(run, denoiser, latents, info, step, k=0, texts=None):
         if step == 2:
             raise KeyboardInterrupt
-        return step_fn(run, denoiser, latents, info, step, k)
+        return step_fn(run, denoiser, latents, info, step, k, texts)
 
     monkeypatch.setattr(lora_train, "lora_step", killed_at_2)
     with pytest.raises(KeyboardInterrupt):
@@ -192,3 +192,32 @@ def test_two_processes_under_torchrun_train_the_same_lora_as_one(tmp_path):
     moved = max(float(a[k].up.abs().max()) for k in a)
     assert worst < 1e-4 < 1e-2 < moved, (worst, moved)
     assert all(torch.allclose(a[k].down, b[k].down, atol=1e-4) for k in a)
+
+
+def test_text_cache_encodes_each_caption_once_and_is_reused(tmp_path, monkeypatch):
+    """With the text encoders frozen, each distinct caption is encoded once, equal to a fresh encoding, and the
+    table in the run folder serves the next run on the same model (and only that model)."""
+    from easel.training import user_train
+    from easel.training.user_train import TextCache, encode_text, token_ids
+    base = make_tiny(tmp_path, "sd1")
+    calls = []
+    real = user_train.encode_text
+    monkeypatch.setattr(user_train, "encode_text", lambda b, ids, *a: calls.append(ids[0].shape[0]) or real(b, ids, *a))
+    cache = TextCache(base, tmp_path / "text.pt")
+    context, pooled = cache.encode(["a red circle", "a blue circle", "a red circle"])
+    assert calls == [1, 1] and pooled is None and context.shape[0] == 3
+    assert torch.equal(context[0], context[2])
+    with torch.no_grad():
+        fresh, _ = encode_text(base, token_ids(base, ["a blue circle"]))
+    assert torch.equal(context[1], fresh[0])
+    cache.encode(["a blue circle"])
+    assert calls == [1, 1]  # already there
+    cache.save()
+    again = TextCache(base, tmp_path / "text.pt")
+    assert set(again.rows) == {"a red circle", "a blue circle"}
+    other = make_tiny(tmp_path / "other", "sd1", seed=5)
+    other.hash = "another model"
+    assert TextCache(other, tmp_path / "text.pt").rows == {}
+    run = tiny_run(tmp_path / "run", base, steps=2)
+    train_lora(run)
+    assert (run.run_dir / "text.pt").exists()
