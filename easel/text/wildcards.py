@@ -22,6 +22,7 @@ WILDCARD = re.compile(r"__([A-Za-z0-9_\-]+(?:/[A-Za-z0-9_\-]+)*?)__")  # names c
 COUNT = re.compile(r"^\s*(\d+)(?:\s*-\s*(\d+))?\s*\$\$(?:(.*?)\$\$)?", re.S)
 WEIGHT = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*::", re.S)
 MAX_DEPTH = 16  # wildcards inside wildcards: deeper than this is a cycle
+MAX_NESTING = 64  # choices and wildcards inside each other (well within Python's recursion limit)
 MAX_LENGTH = 100_000  # characters: an expansion past this is a runaway (a wildcard that multiplies itself)
 ENV = "EASEL_WILDCARDS"
 
@@ -90,32 +91,32 @@ class _Expander:
     def __init__(self, library: WildcardLibrary, rng: random.Random):
         self.library, self.rng = library, rng
 
-    def expand(self, text: str, chain: tuple[str, ...]) -> str:
-        out, i = [], 0
+    def expand(self, text: str, chain: tuple[str, ...], depth: int = 0) -> str:
+        if depth > MAX_NESTING:
+            raise ValueError(f"prompt nests choices {{...}} more than {MAX_NESTING} deep; flatten them")
+        out, i, length = [], 0, 0
         while i < len(text):
             c = text[i]
             if c == "\\" and i + 1 < len(text):
-                out.append(text[i:i + 2])
-                i += 2
+                piece, i = text[i:i + 2], i + 2
             elif c == "{":
                 end = _closing(text, i)
-                out.append(self.choose(text[i + 1:end], chain))
-                i = end + 1
+                piece, i = self.choose(text[i + 1:end], chain, depth + 1), end + 1
             elif c == "}":
                 raise ValueError(f"prompt has a '}}' without its '{{' at character {i + 1}: {_around(text, i)}; "
                                  "write \\} for a literal brace")
             elif (m := WILDCARD.match(text, i)) is not None:
-                out.append(self.wildcard(m.group(1), chain))
-                i = m.end()
+                piece, i = self.wildcard(m.group(1), chain, depth + 1), m.end()
             else:
-                out.append(c)
-                i += 1
-            if sum(map(len, out)) > MAX_LENGTH:
+                piece, i = c, i + 1
+            out.append(piece)
+            length += len(piece)
+            if length > MAX_LENGTH:
                 raise ValueError(f"prompt expands past {MAX_LENGTH} characters: a wildcard or choice multiplies "
                                  "itself; check the wildcard files")
         return "".join(out)
 
-    def choose(self, inner: str, chain: tuple[str, ...]) -> str:
+    def choose(self, inner: str, chain: tuple[str, ...], depth: int) -> str:
         """Expand one `{...}`: pick options (weighted, `n$$` of them) and expand what was picked."""
         lo = hi = 1
         joiner = ", "
@@ -134,15 +135,15 @@ class _Expander:
             options.append(part[w.end():] if w else part)
         n = min(self.rng.randint(lo, hi) if hi > lo else lo, len(options))
         picked = _weighted_sample(self.rng, options, weights, n)
-        return joiner.join(self.expand(p, chain) for p in picked)
+        return joiner.join(self.expand(p, chain, depth) for p in picked)
 
-    def wildcard(self, name: str, chain: tuple[str, ...]) -> str:
+    def wildcard(self, name: str, chain: tuple[str, ...], depth: int) -> str:
         """A seeded line of wildcard `name`, itself expanded."""
         if len(chain) >= MAX_DEPTH or name in chain:
             path = " -> ".join(f"__{n}__" for n in (*chain, name))
             raise ValueError(f"wildcards refer to each other in a cycle: {path}; remove the loop from the files")
         lines = self.library.choices(name)
-        return self.expand(lines[self.rng.randrange(len(lines))], (*chain, name))
+        return self.expand(lines[self.rng.randrange(len(lines))], (*chain, name), depth)
 
 
 def _weighted_sample(rng: random.Random, options: list[str], weights: list[float], n: int) -> list[str]:

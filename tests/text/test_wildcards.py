@@ -111,3 +111,11 @@ def test_expanded_fixes_the_seed_and_applies_once(tmp_path, monkeypatch):
     assert e.seed >= 0 and e.subseed >= 0 and req.seed == -1
     assert "{" not in e.prompt and "__" not in e.prompt and e.prompt.endswith(":1>")
     assert e.resolved(64, 1).prompt == e.prompt and e.resolved(64, 1).seed == e.seed
+
+
+def test_deep_nesting_and_long_prompts_are_refused_or_fast():
+    with pytest.raises(ValueError, match="nests choices"):
+        expand("{" * 2000 + "a" + "}" * 2000, 1)
+    assert expand("{a|b} " * 20000, 1).count(" ") == 20000  # long prompts: linear, no quadratic re-scan
+    with pytest.raises(ValueError, match="expands past"):
+        expand("x" * 100_001 + "{a}", 1)
