@@ -99,6 +99,24 @@ class LoraAdapters(nn.Module):
             if parametrize.is_parametrized(m, "weight"):
                 parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
 
+    @torch.no_grad()
+    def load_lora(self, path: str | Path, model: nn.Module) -> int:
+        """Start from a LoRA file's factors (e.g. the LCM-LoRA of the model this one was continued from), for every
+        layer it has with this rank; `model` is the StableDiffusion whose UNet carries the adapters. -> layers set."""
+        from easel.weights import lora_keys
+        from easel.weights.lora import read_lora
+        targets, done = lora_keys.target_names(model), 0
+        for stem, layer in read_lora(path).layers.items():
+            module = targets.get(lora_keys.normalize(stem), "")
+            pair = self.pairs[key] if (key := module.removeprefix(lora_keys.UNET).replace(".", "__")) in self.pairs \
+                else None
+            if pair is None or layer.down.numel() != pair.down.numel() or layer.up.numel() != pair.up.numel():
+                continue
+            pair.down.copy_(layer.down.reshape(pair.down.shape))
+            pair.up.copy_(layer.up.reshape(pair.up.shape) * (layer.scale * pair.down.shape[0] / pair.alpha))
+            done += 1
+        return done
+
     def lora_layers(self, state: dict[str, Tensor] | None = None) -> dict[str, tuple[Tensor, Tensor, float]]:
         """{`unet.<module path>`: (down, up, alpha)} for `save_lora`, from the live weights or a state dict."""
         state = state or self.state_dict()
@@ -179,6 +197,7 @@ class LcmRun:
     num_ddim_timesteps: int = 50
     huber_c: float = 0.001
     eval_prompts: int = 16  # validation captions for the 4-step-vs-reference check after training
+    init_lora: Path | None = None  # an LCM-LoRA to start from (e.g. the one of the model this base continues)
 
 
 def sample_inputs(run: LcmRun, step: int, batches: LatentBatches, sched: ConsistencySchedule):
@@ -249,6 +268,10 @@ def train_lcm_lora(run: LcmRun, info: DistInfo | None = None) -> dict:
         raise TrainingError("lcm-lora distils SD1/SD2-layout models (the ShapeWorld model); SDXL is not supported")
     run.base.model.to(info.device).eval().requires_grad_(False)
     adapters = LoraAdapters(run.base.model.unet, run.rank, run.alpha, run.targets, run.loop.seed).to(info.device)
+    if run.init_lora is not None:
+        n = adapters.load_lora(run.init_lora, run.base.model)
+        if info.main:
+            print(f"[lcm-lora] starting from {run.init_lora}: {n} of {len(adapters.pairs)} layers", file=sys.stderr)
     sched = make_schedule(run.base, run.num_ddim_timesteps)
     batches = LatentBatches(run.data["train"], run.loop.batch_size, run.loop.seed)
     uncond = _uncond_context(run.base)
@@ -374,6 +397,10 @@ def run_from_args(args: argparse.Namespace, info) -> dict:
     barrier(info)
     if not info.main:
         data = load_latents(cache, base, out, args.latents, progress=False)
+    init = getattr(args, "init_lora", None)
+    if init:
+        from easel.weights.lora import find_lora
+        init = find_lora(init)
     run = LcmRun(out, base, data, loop_from_args(args), args.rank, None, args.targets, parse_guidance(args.cfg),
-                 eval_prompts=args.eval_prompts)
+                 eval_prompts=args.eval_prompts, init_lora=init)
     return train_lcm_lora(run, info)

@@ -40,6 +40,8 @@ def add_lcm_parser(sub, common) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed of data order, noise and LoRA init")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
                    help="continue from <out>/lcm_lora/checkpoint.pt if there is one (default: yes)")
+    p.add_argument("--init-lora", metavar="NAME_OR_PATH",
+                   help="start from this LCM-LoRA (e.g. shapeworld-lcm, when the base continues the model it was made for)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
     p.add_argument("--targets", default="all", choices=list(TARGETS), help="layers with a LoRA (default all)")
     p.add_argument("--cfg", default="5", help="teacher CFG scale, or a range LO:HI drawn per sample (default 5)")

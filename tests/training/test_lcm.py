@@ -164,3 +164,17 @@ def test_cli_trains_saves_and_resumes(tiny_sd1_file, tmp_path, capsys):
     assert "resuming at step 2" in err and err.count("encoding 8 ShapeWorld images") == 1
     assert read_lora(tmp_path / "lcm_lora" / lcm.LORA_NAME).metadata["easel_base_model"] == tiny_sd1_file.name
     assert main(args + ["--steps", "1", "--cfg", "nope"]) == 2  # a bad flag is one line, not a traceback
+
+
+def test_adapters_start_from_a_lora_file(tiny_sd1, tmp_path):
+    """--init-lora: the adapters read a saved LCM-LoRA back, and then draw what the file merged draws."""
+    run = dataclasses.replace(tiny_run(tiny_sd1, tmp_path, steps=2), eval_prompts=0)
+    lcm.train_lcm_lora(run)
+    lora = read_lora(tmp_path / lcm.LORA_NAME)
+    with apply_loras(tiny_sd1, [(lora, 1.0)]):
+        merged = _unet_out(tiny_sd1)
+    adapters = lcm.LoraAdapters(tiny_sd1.model.unet, rank=4, alpha=2.0, targets="all")  # another alpha: rescaled
+    assert adapters.load_lora(tmp_path / lcm.LORA_NAME, tiny_sd1.model) == len(lora.layers)
+    started = _unet_out(tiny_sd1)
+    adapters.remove()
+    assert torch.allclose(started, merged, atol=1e-5)
