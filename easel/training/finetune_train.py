@@ -23,7 +23,8 @@ from easel.training.common import (DistInfo, LoopConfig, TrainingError, barrier,
 from easel.training.dataset_folder import UserDataset
 from easel.training.lora_train import LR_SCHEDULERS, ScheduledTrainer
 from easel.training.user_train import (Batch, Latents, NoiseOptions, TextCache, denoising_loss, encode_text,
-                                       make_batch, make_denoiser, rank_rows, save_samples, token_ids, unet_cond)
+                                       gradient_checkpointing, make_batch, make_denoiser, rank_rows, save_samples,
+                                       token_ids, unet_cond)
 from easel.weights.model_io import LoadedModel
 
 
@@ -65,23 +66,6 @@ class Trainable(nn.Module):
         self.unet = model.unet.requires_grad_(True)
         if text_encoder:
             self.text_encoders = nn.ModuleList(model.text_encoders).requires_grad_(True)
-
-
-@contextlib.contextmanager
-def gradient_checkpointing(unet: nn.Module):
-    """Recompute each UNet block's activations in the backward pass instead of keeping them (less memory, ~1/3 more
-    compute): every input, middle and output block's forward runs under `torch.utils.checkpoint` while training."""
-    from torch.utils.checkpoint import checkpoint
-    blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
-    for block in blocks:
-        plain = block.forward
-        block.forward = (lambda f: lambda *a: checkpoint(f, *a, use_reentrant=False)
-                         if torch.is_grad_enabled() else f(*a))(plain)
-    try:
-        yield
-    finally:
-        for block in blocks:
-            del block.forward  # the class's forward again
 
 
 def class_images(run: FinetuneRun) -> list[Path]:

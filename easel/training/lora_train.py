@@ -11,6 +11,7 @@ metadata, which A1111, ComfyUI, diffusers' `load_lora_weights` and easel (`<lora
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -26,8 +27,8 @@ from easel.training.dataset_folder import UserDataset
 from easel.training.lcm import LoraPair
 from easel.training.lcm_cli import TARGETS
 from easel.training.user_train import (Latents, NoiseOptions, TextCache, denoising_loss, encode_text, family_of,
-                                       kohya_base_version, make_batch, make_denoiser, save_samples, token_ids,
-                                       unet_cond)
+                                       gradient_checkpointing, kohya_base_version, make_batch, make_denoiser,
+                                       save_samples, token_ids, unet_cond)
 from easel.weights.model_io import LoadedModel
 
 TEXT_TARGETS = r"\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))$"
@@ -123,6 +124,7 @@ class LoraRun:
     sample_prompts: list[str] = field(default_factory=list)
     sample_every: int = 0
     sample_steps: int = 20
+    gradient_checkpointing: bool = False
 
 
 def lora_step(run: LoraRun, denoiser, latents: Latents, info: DistInfo, step: int, k: int = 0,
@@ -158,8 +160,10 @@ def train_lora(run: LoraRun, info: DistInfo | None = None) -> dict:
     trainer.scheduler = run.lr_scheduler
     denoiser = make_denoiser(run.base)
     texts = None if run.text_encoder else TextCache(run.base, run.run_dir / "text.pt")
+    keep = gradient_checkpointing(run.base.model.unet) if run.gradient_checkpointing else contextlib.nullcontext()
     try:
-        trainer.run(lambda step, k=0: lora_step(run, denoiser, latents, info, step, k, texts))
+        with keep:
+            trainer.run(lambda step, k=0: lora_step(run, denoiser, latents, info, step, k, texts))
         if texts is not None and info.main:
             texts.save()
         if info.main and run.sample_every and run.sample_prompts:

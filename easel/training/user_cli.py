@@ -71,6 +71,8 @@ def add_user_parsers(sub) -> None:
     p.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank, scale 1)")
     p.add_argument("--conv", action="store_true", help="also the convolutions (LoCon)")
     p.add_argument("--text-encoder", action="store_true", help="also the text encoder(s)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute UNet activations in the backward pass: less memory, ~1/3 more time")
     p.set_defaults(func=cmd_lora)
     e = sub.add_parser("embedding", help="textual inversion: teach the model a new word from your images")
     _data_flags(e)
@@ -150,7 +152,7 @@ def cmd_lora(args: argparse.Namespace) -> int:
     run = LoraRun(ds, base, out, run_dir(out), loop_from_args(args, LORA_LOOP), args.rank, args.alpha, args.conv,
                   args.text_encoder, args.lr_scheduler, args.grad_accum,
                   NoiseOptions(args.min_snr_gamma, args.noise_offset), check_prompts(args.sample_prompt),
-                  args.sample_every)
+                  args.sample_every, gradient_checkpointing=args.gradient_checkpointing)
     return _report(lambda info: train_lora(run, info))
 
 

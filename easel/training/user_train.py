@@ -8,6 +8,7 @@ constant to the noise so that the model can learn overall brightness.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sys
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from easel.training.common import DistInfo, load_checkpoint, save_atomic, step_generator
 from easel.training.dataset_folder import UserDataset, centre_crop, process_caption
@@ -237,6 +238,23 @@ def denoising_loss(base: LoadedModel, denoiser, x0: Tensor, cond: dict, gen: tor
     dev = base.model.device
     return denoiser.loss(x0.to(dev), noise.to(dev), schedule.sigmas[t].to(dev), min_snr_gamma=opts.min_snr_gamma,
                          **cond)
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(unet: nn.Module):
+    """Recompute each UNet block's activations in the backward pass instead of keeping them (less memory, ~1/3 more
+    compute): every input, middle and output block's forward runs under `torch.utils.checkpoint` while training."""
+    from torch.utils.checkpoint import checkpoint
+    blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
+    for block in blocks:
+        plain = block.forward
+        block.forward = (lambda f: lambda *a: checkpoint(f, *a, use_reentrant=False)
+                         if torch.is_grad_enabled() else f(*a))(plain)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward  # the class's forward again
 
 
 def make_denoiser(base: LoadedModel):

@@ -12,7 +12,8 @@ import torch
 from easel.training import finetune_train
 from easel.training.common import LoopConfig
 from easel.training.dataset_folder import DataOptions, UserDataset
-from easel.training.finetune_train import FinetuneRun, PriorOptions, gradient_checkpointing, train_finetune
+from easel.training.finetune_train import FinetuneRun, PriorOptions, train_finetune
+from easel.training.user_train import gradient_checkpointing
 from easel.weights.model_io import load_model
 from tests.conftest import make_tiny
 from tests.training.user_data import make_folder

@@ -218,6 +218,7 @@ def test_text_cache_encodes_each_caption_once_and_is_reused(tmp_path, monkeypatc
     other = make_tiny(tmp_path / "other", "sd1", seed=5)
     other.hash = "another model"
     assert TextCache(other, tmp_path / "text.pt").rows == {}
-    run = tiny_run(tmp_path / "run", base, steps=2)
+    run = tiny_run(tmp_path / "run", base, steps=2, gradient_checkpointing=True)
     train_lora(run)
     assert (run.run_dir / "text.pt").exists()
+    assert "forward" not in vars(base.model.unet.input_blocks[1])  # checkpointing is off again after the run
