@@ -90,3 +90,11 @@ def test_every_preprocessor_returns_a_float_hint_of_the_image_size():
 
 def test_resize_modes_are_the_requests():
     assert CONTROL_RESIZE_MODES == RESIZE_MODES
+
+
+def test_contact_sheet_draws_every_preprocessor(tmp_path):
+    from easel.pipelines.control_sheet import CELL, main
+    square().save(tmp_path / "in.png")
+    Image.new("L", (48, 48), 255).save(tmp_path / "mask.png")
+    assert main([str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"), "--out", str(tmp_path / "s.png")]) == 0
+    assert Image.open(tmp_path / "s.png").width == CELL * len(PREPROCESSORS)  # the image + all but "none"
