@@ -191,8 +191,9 @@ def test_cli_upscale(tmp_path, models, capsys):
     with Image.open(out) as im:
         assert im.size == (96, 64)
         assert im.text["postprocessing"] == "Postprocess upscale by: 4, Postprocess upscaler: 4x-Tiny"
-    assert main(["upscale", "--list", str(src)]) == 0
+    assert main(["upscale", "--list"]) == 0
     assert "R-ESRGAN 4x+" in capsys.readouterr().out
+    assert main(["upscale"]) == 2 and "give the IMAGE" in capsys.readouterr().err
     assert main(["upscale", str(src), "--upscaler", "4x-Nope", "--out", str(out)]) == 2
     assert "unknown upscaler '4x-Nope'" in capsys.readouterr().err
     not_upscaler = tmp_path / "models" / "ESRGAN" / "vae.safetensors"
@@ -218,3 +219,18 @@ def test_sd_upscale_tiles_and_seed(tmp_path, models):
     assert params["sd_upscale_tiles"] == 6 and params["final_width"] == 64
     with pytest.raises(ValueError, match="overlap"):
         sd_upscale(pipe, random_image(30, 20), req, "lanczos", 2, overlap=32)
+
+
+def test_sd_upscale_tiles_keep_their_source_colours(tmp_path):
+    """A random model repaints every tile in its own colours; colour matching brings each back to its source's."""
+    import numpy as np
+    from easel.pipelines.pipeline import Pipeline
+    from easel.pipelines.request import GenerationRequest
+    from easel.upscale.sd_upscale import sd_upscale
+    pipe = Pipeline(make_tiny(tmp_path / "m"))
+    source = Image.new("RGB", (32, 32), (200, 40, 40))
+    req = GenerationRequest("a cat", steps=2, seed=5, denoising_strength=0.9)
+    matched, _ = sd_upscale(pipe, source, req, "nearest", 2, overlap=8)
+    raw, _ = sd_upscale(pipe, source, req, "nearest", 2, overlap=8, color_match=False)
+    err = lambda im: np.abs(np.asarray(im, float).mean((0, 1)) - (200, 40, 40)).max()  # noqa: E731
+    assert err(matched) < 3 < err(raw)

@@ -12,7 +12,7 @@ def add_upscale_parser(sub, cli) -> None:
     """Register `easel upscale`. `cli` is the easel.cli module (its flag tables and helpers; no import back)."""
     p = sub.add_parser("upscale", help="upscale an image: ESRGAN / Real-ESRGAN / SwinIR / ... files, lanczos, "
                        "nearest; --sd-upscale repaints the upscaled image tile by tile")
-    p.add_argument("image", help="the image to upscale")
+    p.add_argument("image", nargs="?", help="the image to upscale")
     p.add_argument("--upscaler", "-u", default="lanczos", help="an upscaler file's name (A1111's 'R-ESRGAN 4x+', a "
                    "file stem such as '4x-UltraSharp'; see `easel upscale --list`), a path, lanczos or nearest "
                    "(default: lanczos)")
@@ -26,10 +26,12 @@ def add_upscale_parser(sub, cli) -> None:
     p.add_argument("--sd-upscale", action="store_true", help="SD upscale: upscale, then img2img every tile of the "
                    "model's size with --prompt at --denoising-strength")
     p.add_argument("--prompt", "-p", default="", help="the prompt of --sd-upscale")
-    p.add_argument("--sd-overlap", type=int, default=16, help="--sd-upscale: pixels shared by neighbouring tiles "
-                   "(default 16; A1111 uses 64 at 512 px)")
+    p.add_argument("--sd-overlap", type=int, help="--sd-upscale: pixels shared by neighbouring tiles (default: half "
+                   "a tile, at most 64)")
     sd_fields = ("negative_prompt", "steps", "cfg_scale", "sampler", "scheduler", "seed", "width", "height",
                  "clip_skip")  # --width/--height: the exact output size of a plain upscale
+    p.add_argument("--no-color-match", dest="color_match", action="store_false", help="--sd-upscale: keep each "
+                   "repainted tile's colours (default: matched to the tile's source, so no tile stands out)")
     cli.add_request_flags(p, {k: cli.REQUEST_FLAGS[k] for k in sd_fields})
     cli.add_request_flags(p, {"denoising_strength": cli.IMG2IMG_FLAGS["denoising_strength"]})
     cli.add_model_flags(p)
@@ -44,6 +46,8 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         found = list_upscalers()
         print("\n".join(f"{e.name}\t{e.path}" for e in found) if found else "no upscaler files found", flush=True)
         return 0
+    if args.image is None:
+        raise ValueError("give the IMAGE to upscale (or --list to see the upscaler files)")
     image = args.cli.read_image(args.image, "image")
     out = Path(args.out) if args.out else Path(f"{Path(args.image).stem}-upscaled.png")
     if out.suffix.lower() != ".png":
@@ -81,7 +85,7 @@ def run_sd_upscale(args: argparse.Namespace, image):
                       prediction=args.prediction)
     with tile_bar() as on_tile:
         result, params = sd_upscale(pipe, image, req, args.upscaler, args.scale or 2.0, args.sd_overlap,
-                                    on_tile=on_tile)
+                                    on_tile=on_tile, color_match=args.color_match)
     return result, params
 
 
