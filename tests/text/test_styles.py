@@ -64,3 +64,28 @@ def test_request_applies_styles_then_wildcards(styles_file, tmp_path, monkeypatc
     with pytest.raises(ValueError, match="styles must be a list of style names"):
         GenerationRequest("x", styles="Sharp").check()
     assert GenerationRequest.from_dict({"prompt": "x", "styles": ["Sharp"]}).styles == ["Sharp"]  # A1111's field
+
+
+def test_cli_style_and_wildcards_flags_reach_the_png(tmp_path, tiny_sd1_file, monkeypatch):
+    import json
+
+    from PIL import Image
+
+    from easel.cli import main
+    for env in ("EASEL_STYLES", "EASEL_WILDCARDS"):  # the flags prepend to these: restored after the test
+        monkeypatch.delenv(env, raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "styles.csv").unlink(missing_ok=True)
+    styles = tmp_path / "my-styles.csv"
+    styles.write_text('name,prompt,negative_prompt\nPhoto,"a photo of {prompt}",blue\n')
+    folder = tmp_path / "wc"
+    folder.mkdir()
+    (folder / "animal.txt").write_text("cat\ndog\n")
+    out = tmp_path / "out"
+    assert main(["generate", "a {red|green} __animal__", "--style", "Photo", "--styles-file", str(styles),
+                 "--wildcards", str(folder), "--model", str(tiny_sd1_file), "--steps", "1", "--seed", "3",
+                 "-n", "1", "--out", str(out)]) == 0
+    params = json.loads(Image.open(next(out.glob("*.png"))).info["easel"])
+    assert params["prompt"] in {f"a photo of a {c} {a}" for c in ("red", "green") for a in ("cat", "dog")}
+    assert params["negative_prompt"] == "blue"
+    assert main(["generate", "x", "--style", "Nope", "--styles-file", str(styles), "--out", str(out)]) == 2
