@@ -1,4 +1,4 @@
-"""X/Y/Z plot: axis parsing (A1111 ranges, Prompt S/R), errors before anything runs, a 2x2 grid on the built-in model."""
+"""X/Y/Z plot: axis parsing (A1111 ranges, Prompt S/R), early errors, a 2x2 grid on the built-in model."""
 import json
 
 import numpy as np
