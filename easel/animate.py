@@ -28,13 +28,15 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from easel.animation import check_format, save_animation
+
+if TYPE_CHECKING:  # torch loads when an animation runs, not when `easel --help` builds the parser
+    import torch
 
 MAX_FRAMES = 10000
 
@@ -178,6 +180,7 @@ def travel_position(keyframes: list[int], frame: int) -> tuple[int, float]:
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     """Spherical interpolation of two noise tensors (keeps the norm Gaussian noise has; lerp would shrink it)."""
+    import torch
     fa, fb = a.flatten().double(), b.flatten().double()
     cos = float(torch.dot(fa, fb) / (fa.norm() * fb.norm()))
     theta = math.acos(max(-1.0, min(1.0, cos)))
@@ -212,6 +215,7 @@ class TravelConditioning:
 def mix_conditioning(a: dict, b: dict, t: float, empty: torch.Tensor) -> dict:
     """(1 - t) a + t b of two UNet conditionings; contexts of different lengths (long prompts) are first padded
     with empty-prompt chunks, as A1111 pads a prompt against its negative prompt."""
+    import torch
     from easel.pipelines.conditioning import _pad_empty
     ca, cb = a["context"], b["context"]
     length = max(ca.shape[1], cb.shape[1])
@@ -244,6 +248,7 @@ def travel_extension(req, target_prompt: str, t: float, noise: torch.Tensor | No
 def retarget(denoiser, target, t: float):
     """A copy of the denoiser stack whose guided (CFG) denoiser's prompt is moved t of the way to `target`
     (a PromptConditioning); the original stack is left as it was."""
+    import torch
     from easel.pipelines.conditioning import GuidedDenoiser
     moved = copy.copy(denoiser)
     if isinstance(moved, torch.nn.Module):
@@ -262,6 +267,8 @@ def retarget(denoiser, target, t: float):
 def warp(image: Image.Image, zoom: float = 1.0, angle: float = 0.0, tx: float = 0.0, ty: float = 0.0) -> Image.Image:
     """`image` zoomed about its centre (> 1 moves in), turned `angle` degrees counter-clockwise and shifted by
     (tx, ty) pixels (right, down); the border is filled by reflection (Deforum's 2D camera)."""
+    import torch
+    import torch.nn.functional as F
     if zoom <= 0:
         raise ValueError(f"zoom must be positive (got {zoom})")
     if zoom == 1 and angle == 0 and tx == 0 and ty == 0:
