@@ -131,14 +131,14 @@ class GenerationRequest:
 
     def expand_prompts(self) -> None:
         """Apply the styles, then draw the wildcards and `{a|b}` choices from the seed, in place (needs a fixed
-        seed); what was written goes to extra (styles, prompt_template, negative_prompt_template) for the image's
-        parameters, and styles is emptied, so that expanding again changes nothing."""
+        seed); what was written goes to extra (applied_styles, prompt_template, negative_prompt_template) for the
+        image's parameters, and styles is emptied, so that expanding again changes nothing."""
         from easel.text.styles import apply_styles
         from easel.text.wildcards import expand
         written = {"prompt": self.prompt, "negative_prompt": self.negative_prompt}
         styled = dict(zip(written, apply_styles(self.prompt, self.negative_prompt, self.styles))) if self.styles \
             else dict(written)
-        notes = {"styles": list(self.styles)} if self.styles else {}
+        notes = {"applied_styles": list(self.styles)} if self.styles else {}
         for name, text in styled.items():
             setattr(self, name, expand(text, self.seed))
             if getattr(self, name) != text:

@@ -56,7 +56,7 @@ def test_request_applies_styles_then_wildcards(styles_file, tmp_path, monkeypatc
     r = req.resolved(64, 1)
     assert r.prompt in ("cinematic still of a red cat, film grain", "cinematic still of a blue cat, film grain")
     assert r.negative_prompt == "ugly, cartoon, drawing"
-    assert r.styles == [] and r.extra["styles"] == ["Cinematic"]
+    assert r.styles == [] and r.extra["applied_styles"] == ["Cinematic"]  # not "styles": --from must not reapply
     assert r.extra["prompt_template"] == "a {red|blue} cat"
     assert r.resolved(64, 1).prompt == r.prompt  # styles are applied once
     with pytest.raises(ValueError, match="unknown style 'nope'"):
