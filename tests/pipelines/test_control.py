@@ -48,7 +48,8 @@ def latents_of(loaded, units, **options):
         return p.observe(lambda d: out.__setitem__("x", d["denoised"]))
     opts = dict(width=32, height=32, steps=4, sampler="euler", scheduler="karras", seed=5, cfg_scale=5.0)
     req = GenerationRequest("a red cat", "blue dog", controlnets=units, **{**opts, **options})
-    Pipeline(loaded).generate(req, extend_plan=grab)
+    with torch.no_grad():
+        Pipeline(loaded).generate(req, extend_plan=grab)
     return out["x"]
 
 
@@ -97,7 +98,7 @@ def test_matches_diffusers_controlnet_pipelines(tmp_path, family):
     net = controls.controls[0].control.net
     hook = net.register_forward_hook(lambda m, a, out: None if first.setdefault("ours", out) else None)
     from easel.pipelines import plan
-    with plan.extending(controls.extend):
+    with plan.extending(controls.extend), torch.no_grad():
         ours = sample_latents(loaded, req, seeds)
     hook.remove()
     for a, b in zip(first["ours"], first["theirs"]):
