@@ -164,7 +164,8 @@ def test_hires_fix_uses_upscaler_files_by_a1111_name(tmp_path, models):
     from easel.pipelines.request import GenerationRequest
     assert resolve_upscaler("R-ESRGAN 4x+") == "R-ESRGAN 4x+"
     assert resolve_upscaler("Latent (bicubic)") == "latent-bicubic"  # the built-in names still come first
-    assert upscaler_label(str(models / "ESRGAN" / "4x-Tiny.safetensors")) == "4x-Tiny"
+    path = str(models / "ESRGAN" / "4x-Tiny.safetensors")
+    assert resolve_upscaler(path) == path and upscaler_label(path) == "4x-Tiny"  # a path stays a path
     with pytest.raises(ValueError, match="unknown hr_upscaler 'nope'.*4x-Tiny"):
         resolve_upscaler("nope")
     pipe = Pipeline(make_tiny(tmp_path / "m"))
