@@ -235,3 +235,30 @@ def test_sd_upscale_tiles_keep_their_source_colours(tmp_path):
     raw, _ = sd_upscale(pipe, source, req, "nearest", 2, overlap=8, color_match=False)
     err = lambda im: np.abs(np.asarray(im, float).mean((0, 1)) - (200, 40, 40)).max()  # noqa: E731
     assert err(matched) < 3 < err(raw)
+
+
+@needs_spandrel
+def test_a1111_extras_and_upscaler_list(models):
+    """What /sdapi/v1/extra-single-image and /sdapi/v1/upscalers answer (the servers call these)."""
+    from easel.upscale.extras import a1111_upscalers, extras_single_image
+    im = random_image(20, 10)
+    out, info = extras_single_image(im, upscaler_1="R-ESRGAN 4x+", upscaling_resize=2)
+    assert out.size == (40, 20) and info == "Postprocess upscale by: 2, Postprocess upscaler: R-ESRGAN 4x+"
+    out, _ = extras_single_image(im, resize_mode=1, upscaling_resize_w=30, upscaling_resize_h=30,
+                                 upscaler_1="Lanczos")
+    assert out.size == (30, 30)  # covered and centre-cropped
+    out, _ = extras_single_image(im, resize_mode=1, upscaling_resize_w=30, upscaling_resize_h=30,
+                                 upscaling_crop=False, upscaler_1="nearest", upscaler_2="4x-Tiny",
+                                 extras_upscaler_2_visibility=0.5)
+    assert out.size == (30, 30)
+    assert extras_single_image(im)[0].size == (20, 10)  # upscaler_1 None: nothing to do
+    with pytest.raises(ValueError, match="gfpgan_visibility: face restoration"):
+        extras_single_image(im, upscaler_1="Lanczos", gfpgan_visibility=0.5)
+    with pytest.raises(ValueError, match="resize_mode must be 0"):
+        extras_single_image(im, upscaler_1="Lanczos", resize_mode=2)
+    with pytest.raises(ValueError, match="unknown upscaler 'ESRGAN_4x'.*ESRGAN_4x.pth"):
+        extras_single_image(im, upscaler_1="ESRGAN_4x")
+    names = {u["name"]: u for u in a1111_upscalers()}
+    assert list(names)[:3] == ["None", "Lanczos", "Nearest"]
+    assert names["R-ESRGAN 2x+"]["scale"] == 2 and names["4x-Tiny"]["scale"] == 4
+    assert names["4x-Tiny"]["model_path"].endswith("4x-Tiny.safetensors")
