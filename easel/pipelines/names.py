@@ -54,8 +54,12 @@ def sampler_and_schedule(sampler: str, scheduler: str | None, field: str = "samp
                          scheduler_field: str = "scheduler") -> tuple[str, str | None]:
     """(sampler, schedule) of a sampler name or label and an optional scheduler: a schedule named by the label
     ("DPM++ 2M Karras") is used when no scheduler is given; both given and different is an error, never a
-    silent override. The schedule is None when neither names one."""
+    silent override. The schedule is None when neither names one. "Automatic" (A1111's) is the label's schedule,
+    else the sampler's preferred one, else the model's own ("normal")."""
+    from easel.samplers.names import AUTOMATIC_SCHEDULE, is_automatic
     name, from_label = resolve_sampler(sampler, field)
+    if is_automatic(scheduler):
+        return name, from_label or AUTOMATIC_SCHEDULE.get(name, "normal")
     chosen = None if scheduler is None else resolve_scheduler(scheduler, scheduler_field)
     if from_label and chosen and from_label != chosen:
         raise ValueError(f"{field} {sampler!r} names the {from_label} schedule but {scheduler_field} is {scheduler!r}: "

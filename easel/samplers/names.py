@@ -16,8 +16,18 @@ _SAMPLER_ALIASES = {
     "unipc bh1": "uni_pc",
 }
 # A1111's "Uniform" is the model's own get_sigmas(n), our `normal` (its "Simple" is a different schedule).
+# "Automatic" without a sampler to ask is the model's own too; with one, see AUTOMATIC_SCHEDULE.
 _SCHEDULE_ALIASES = {"ka": "karras", "ddim": "ddim_uniform", "automatic": "normal", "default": "normal",
                      "uniform": "normal"}
+# A1111 1.9+'s "Automatic" schedule: the sampler's own preference (its sampler table's `scheduler` option);
+# samplers with none use the model's own sigmas ("normal").
+AUTOMATIC_SCHEDULE = {"dpmpp_2m": "karras", "dpmpp_sde": "karras", "dpmpp_2s_a": "karras",
+                      "dpmpp_2m_sde": "exponential"}
+
+
+def is_automatic(name: str | None) -> bool:
+    """Whether a scheduler name asks for the sampler's preferred schedule (A1111's "Automatic")."""
+    return name is not None and _norm(name) == "automatic"
 
 
 def _norm(name: str) -> str:

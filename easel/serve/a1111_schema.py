@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import ConfigDict, Field, create_model
 
 from easel.pipelines.request import GenerationRequest, decode_image
+from easel.samplers.names import AUTOMATIC_SCHEDULE  # A1111's "Automatic" schedule per sampler (the A1111 routes)
 
 # (type, A1111's default). Every field may also be null, as in A1111 (null means "the default").
 COMMON_FIELDS: dict[str, tuple[Any, Any]] = {
@@ -57,9 +58,6 @@ NEUTRAL = {"mask_round": True, "override_settings_restore_afterwards": True, "s_
            "initial_noise_multiplier": 1.0, "hr_checkpoint_name": "Use same checkpoint"}
 IGNORED = ("do_not_save_samples", "do_not_save_grid", "force_task_id")  # no effect on the images in A1111 either
 
-# A1111 1.9+: the schedule "Automatic" picks for samplers that prefer one (others use the model's own: "normal").
-AUTOMATIC_SCHEDULE = {"dpmpp_2m": "karras", "dpmpp_sde": "karras", "dpmpp_2s_a": "karras",
-                      "dpmpp_2m_sde": "exponential"}
 # A1111 hires upscaler labels -> easel's; other upscalers (ESRGAN, ...) fall back to lanczos, reported in `notes`.
 UPSCALERS = {"Latent": "latent", "Latent (antialiased)": "latent-antialiased", "Latent (bicubic)": "latent-bicubic",
              "Latent (bicubic antialiased)": "latent-antialiased", "Latent (nearest)": "latent-nearest",

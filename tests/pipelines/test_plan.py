@@ -118,6 +118,19 @@ def test_names_resolve_one_way_everywhere():
     assert GenerationRequest().resolved(64, 1).scheduler == "karras"  # the default when nothing names one
 
 
+def test_automatic_is_the_samplers_preferred_schedule_everywhere():
+    """A1111's "Automatic": the sampler's own preference (DPM++ 2M: Karras, 2M SDE: Exponential), else "normal";
+    the same answer through the request (CLI, native API) as through the A1111 routes."""
+    from easel.serve.a1111_schema import resolve_a1111_sampler
+    assert sampler_and_schedule("DPM++ 2M", "Automatic") == ("dpmpp_2m", "karras")
+    assert sampler_and_schedule("dpmpp_2m_sde", "automatic") == ("dpmpp_2m_sde", "exponential")
+    assert sampler_and_schedule("Euler a", "Automatic") == ("euler_a", "normal")
+    assert sampler_and_schedule("DPM++ 2M SDE Exponential", "Automatic") == ("dpmpp_2m_sde", "exponential")
+    for sampler in ("DPM++ 2M", "DPM++ SDE", "Euler", "DPM++ 2M SDE", "UniPC"):
+        via_request = GenerationRequest(sampler=sampler, scheduler="Automatic").resolved(64, 1)
+        assert (via_request.sampler, via_request.scheduler) == resolve_a1111_sampler(sampler, "Automatic"), sampler
+
+
 def test_extend_plan_reaches_every_plan_a_mode_builds(tiny_sd1):
     """The hook see-inside capture and ControlNet use: both hires passes get it, and observing changes nothing."""
     seen = []
