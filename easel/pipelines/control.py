@@ -32,6 +32,7 @@ from easel.pipelines.common import UNetFn
 from easel.pipelines.conditioning import SIGMA_RTOL
 from easel.pipelines.control_pre import canonical, preprocess
 from easel.pipelines.control_unit import ControlUnit
+from easel.pipelines import images
 from easel.pipelines.images import resize_image
 from easel.pipelines.plan import SamplingPlan
 from easel.pipelines.refiner import SwitchDenoiser
@@ -49,6 +50,9 @@ class ActiveControl:
     control: LoadedControlNet
     image: Image.Image  # the condition image before fitting (the unit's, else the request's init image)
     mask: Image.Image | None  # for the inpaint preprocessor
+    # Inpainting "only masked": (the init image's size, its repaint mask) whose crop the hint follows
+    masked_area: tuple[tuple[int, int], Image.Image] | None = None
+    padding: int = 0  # inpaint_full_res_padding, with masked_area
     hints: dict = dataclasses.field(default_factory=dict)  # (width, height) -> (1, 3, H, W) hint
 
     @property
@@ -72,11 +76,24 @@ class ActiveControl:
         """The hint (1, 3, height, width) float: the image fitted with the unit's resize mode, then preprocessed."""
         if (width, height) not in self.hints:
             u = self.unit
-            fitted = resize_image(self.image.convert("RGB"), width, height, u.resize_mode)
-            mask = None if self.mask is None else resize_image(self.mask.convert("L"), width, height, u.resize_mode)
+            fitted, mask = self.fitted(self.image.convert("RGB"), width, height), None
+            if self.mask is not None:
+                mask = self.fitted(self.mask.convert("L"), width, height)
             arr = preprocess(u.preprocessor, fitted, u.threshold_a, u.threshold_b, mask)  # (H, W, 3)
             self.hints[(width, height)] = torch.from_numpy(arr).permute(2, 0, 1)[None].contiguous()
         return self.hints[(width, height)]
+
+
+    def fitted(self, image: Image.Image, width: int, height: int) -> Image.Image:
+        """An image at the processing size: fitted with the unit's resize mode, or, when inpainting only the masked
+        area, brought to the init image's size and cropped to the same region as the init image (A1111's)."""
+        if self.masked_area is None:
+            return resize_image(image, width, height, self.unit.resize_mode)
+        size, region_mask = self.masked_area
+        if image.size != size:
+            image = resize_image(image, *size, self.unit.resize_mode)
+        region = images.expand_to_aspect(images.mask_crop_region(region_mask, self.padding), width, height, *size)
+        return images.crop_for_region(image, region, width, height)
 
 
 class ControlSet:
@@ -98,7 +115,10 @@ class ControlSet:
                                  f"latent size but the model's VAE downsamples by {model.config.vae.downsample}: "
                                  "use a ControlNet made for this model")
             image = unit.image if unit.image is not None else req.init_images[0]
-            controls.append(ActiveControl(unit, control, image, _unit_mask(unit, req)))
+            active = ActiveControl(unit, control, image, _unit_mask(unit, req))
+            if req.mode == "inpaint" and req.inpaint_full_res:
+                active.masked_area, active.padding = _masked_area(req), req.inpaint_full_res_padding
+            controls.append(active)
         return ControlSet(controls)
 
     def extend(self, plan: SamplingPlan, loaded) -> SamplingPlan:
@@ -133,6 +153,13 @@ def _unit_mask(unit: ControlUnit, req: GenerationRequest) -> Image.Image | None:
         return None
     mask = req.mask.convert("L")
     return ImageOps.invert(mask) if req.inpainting_mask_invert else mask
+
+
+def _masked_area(req: GenerationRequest) -> tuple[tuple[int, int], Image.Image]:
+    """(init image size, the repaint mask as inpainting prepares it) of an "only masked" inpainting request."""
+    size = req.init_images[0].size
+    mask = req.mask if req.mask.size == size else resize_image(images.binary_mask(req.mask), *size)
+    return size, images.prepare_mask(mask, blur=req.mask_blur, invert=req.inpainting_mask_invert)
 
 
 def cached_controlnet(loaded, spec: str, dtype: str, device) -> LoadedControlNet:

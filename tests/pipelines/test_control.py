@@ -228,3 +228,21 @@ def test_request_round_trip_and_errors(tiny):
         GenerationRequest("x", controlnets=[{"model": "cn", "strength": 1}])
     with pytest.raises(FileNotFoundError, match="ControlNet 'nope' not found"):
         generate(loaded, [ControlUnit("nope", control_image())])
+
+
+def test_only_masked_inpainting_crops_the_hint_like_the_init_image(tiny):
+    """With inpaint_full_res the processed picture is a crop around the mask: the hint is cropped the same way."""
+    from easel.pipelines import images
+    loaded, d = tiny
+    path = controlnet_file(d)[0]
+    init = control_image(size=64, seed=5)
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (40, 40, 56, 56))
+    req = GenerationRequest("x", width=32, height=32, init_images=[init], mask=mask, inpaint_full_res=True,
+                            inpaint_full_res_padding=4, mask_blur=0,
+                            controlnets=[ControlUnit(str(path), None, resize_mode="just_resize")])
+    hint = ControlSet.for_request(loaded, req).controls[0].hint(32, 32)[0].permute(1, 2, 0).numpy()
+    region = images.expand_to_aspect(images.mask_crop_region(mask, 4), 32, 32, 64, 64)
+    work = np.asarray(images.crop_for_region(init, region, 32, 32)) / 255.0
+    np.testing.assert_allclose(hint, work, atol=1e-6)
+    assert region != (0, 0, 64, 64)
