@@ -414,11 +414,14 @@ def frames_folder(out: Path) -> Path:
 
 
 def animate(pipe, settings: AnimationSettings | list[str], out: str | Path | None = None, request=None, *,
-            on_frame: Callable[[int, int], None] | None = None, callback=None, **options) -> AnimationResult:
+            on_frame: Callable[[int, int], None] | None = None, callback=None,
+            should_stop: Callable[[], bool] | None = None, **options) -> AnimationResult:
     """Draw the animation with `pipe` (easel.load()); `request` (GenerationRequest) gives steps, CFG, sampler,
     size, negative prompt; `options` are AnimationSettings fields when `settings` is a list of prompts. With
     `out`, writes the animation (format from the suffix) and every frame as a PNG with its parameters into
-    `frames_folder(out)`; `on_frame(done, total)` after each frame, `callback` at every step."""
+    `frames_folder(out)`; `on_frame(done, total)` after each frame, `callback` at every step. When
+    `should_stop()` turns true (a job cancelled), no further frame starts, and the frames done so far are
+    written (an interrupted frame itself comes out from its last step, as A1111's interrupt)."""
     from easel.pipelines.request import GenerationRequest
     if not isinstance(settings, AnimationSettings):
         settings = AnimationSettings(list(settings), **options)
@@ -430,7 +433,7 @@ def animate(pipe, settings: AnimationSettings | list[str], out: str | Path | Non
     base = dataclasses.replace(base, batch_size=1, n_iter=1, init_images=[], mask=None, enable_hr=False)
     folder = frames_folder(out) if out is not None else None
     frames, params = [], []
-    for n, (image, p) in enumerate(_frames(pipe, settings, base, callback)):
+    for n, (image, p) in enumerate(_frames(pipe, settings, base, callback, should_stop)):
         frames.append(image)
         params.append(p)
         if folder is not None:
@@ -440,13 +443,13 @@ def animate(pipe, settings: AnimationSettings | list[str], out: str | Path | Non
         if on_frame is not None:
             on_frame(n + 1, settings.frames)
     result = AnimationResult(frames, params, frames_dir=folder, smoothness=smoothness(frames))
-    if out is not None:
+    if out is not None and frames:
         result.path = save_animation(frames, out, ms=settings.ms, hold_last=1)
     return result
 
 
-def _frames(pipe, settings: AnimationSettings, base, callback):
-    """(image, parameters) of each frame in turn."""
+def _frames(pipe, settings: AnimationSettings, base, callback, should_stop=None):
+    """(image, parameters) of each frame in turn, until `should_stop()`."""
     from easel.pipelines.common import initial_noise
     keys, seeds, prompts = settings.keyframe_list(), settings.seed_list(), settings.prompts
     sched = settings.schedules()
@@ -459,6 +462,8 @@ def _frames(pipe, settings: AnimationSettings, base, callback):
     encoded: dict = {}
     first = previous = None
     for frame in range(settings.frames):
+        if should_stop is not None and should_stop():
+            return
         i, t = travel_position(keys, frame)
         j = min(i + 1, len(prompts) - 1)
         noise = slerp(noises[i], noises[j], t) if t > 0 else noises[i]
@@ -473,7 +478,7 @@ def _frames(pipe, settings: AnimationSettings, base, callback):
             req = dataclasses.replace(req, init_images=[moved], denoising_strength=1 - values["strength"])
             info.update({k: round(v, 6) for k, v in values.items()})
         extend = travel_extension(req, prompts[j], t, noise, encoded)
-        result = pipe.generate(req, callback, extend_plan=extend)[0]
+        result = pipe.generate(req, callback, extend_plan=extend, should_stop=should_stop)[0]
         previous = result.image
         first = first or result.image
         yield result.image, {**result.params, "animation": info}

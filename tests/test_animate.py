@@ -205,3 +205,15 @@ def test_cli_animate(tmp_path, tiny_sd1_file, capsys):
     assert "unknown animation format" in capsys.readouterr().err
     assert main(["animate", "a", "b", "--keyframes", "0,x", "--out", str(out)]) == 2
     assert "--keyframes takes whole numbers" in capsys.readouterr().err
+
+
+def test_should_stop_ends_after_the_frames_done(pipe, tmp_path):
+    """A cancelled job: no frame starts once should_stop() is true; what was drawn is still written."""
+    done = []
+    out = anim.animate(pipe, ["a cat", "a dog"], tmp_path / "c.gif", request(), frames=6,
+                       on_frame=lambda d, t: done.append(d), should_stop=lambda: len(done) >= 2)
+    assert len(out.frames) == 2 and done == [1, 2]
+    with Image.open(out.path) as im:
+        assert im.n_frames == 2
+    none = anim.animate(pipe, ["a cat"], tmp_path / "n.gif", request(), frames=3, should_stop=lambda: True)
+    assert none.frames == [] and none.path is None and not (tmp_path / "n.gif").exists()
