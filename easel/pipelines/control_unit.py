@@ -120,6 +120,39 @@ class ControlUnit:
         return ControlUnit(**d)
 
 
+# sd-webui-controlnet unit fields easel has no use for: preprocessing already runs at the generation size (its
+# "pixel perfect"), and models stay where the base model is.
+A1111_IGNORED = ("enabled", "lowvram", "low_vram", "processor_res", "pixel_perfect", "guessmode", "is_ui",
+                 "input_mode", "batch_images", "output_dir", "loopback", "hr_option", "save_detected_map",
+                 "advanced_weighting", "inpaint_crop_input_image", "effective_region_mask", "ipadapter_input",
+                 "union_control_type", "mask_image")
+
+
+def from_a1111(args: list, decode=None) -> list[ControlUnit]:
+    """The units of an A1111 request's `alwayson_scripts.controlnet.args` (sd-webui-controlnet's API): disabled
+    units and model "None" are skipped, `image` may be base64 or {"image", "mask"}, the model may carry its
+    " [hash]", the legacy `guessmode` means "ControlNet is more important"; the other UI-only fields are ignored."""
+    if not isinstance(args, list):
+        raise ValueError("alwayson_scripts.controlnet.args must be a list of ControlNet units")
+    units = []
+    for i, arg in enumerate(args):
+        if not isinstance(arg, dict):
+            raise ValueError(f"alwayson_scripts.controlnet.args[{i}] must be an object (a ControlNet unit)")
+        if arg.get("enabled", True) is False or str(arg.get("model", "None")) in ("None", "none", ""):
+            continue
+        d = {k: v for k, v in arg.items() if k not in A1111_IGNORED and v is not None}
+        image = d.get("image", d.get("input_image"))
+        if isinstance(image, dict):  # {"image": b64, "mask": b64}: the unit's own mask (the inpaint preprocessor)
+            d.pop("input_image", None)
+            d["image"], mask = image.get("image"), image.get("mask")
+            if mask is not None:
+                d["mask"] = mask
+        if arg.get("guessmode") and "control_mode" not in d:
+            d["control_mode"] = "control"
+        units.append(ControlUnit.from_dict(d, len(units), decode))
+    return units
+
+
 def _choice(value, choices: tuple[str, ...], labels: dict[str, str]):
     """An index, a label ("Crop and Resize") or a spelling with hyphens/spaces -> the canonical name."""
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(choices):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,19 +47,28 @@ def controlnet_dirs() -> list[Path]:
     return dirs + [d / sub for d in model_dirs() for sub in ("ControlNet", "controlnet")]
 
 
-def resolve_controlnet(spec: str | os.PathLike) -> Path:
-    """The path of a ControlNet given as a path, a file name or a stem ("control_v11p_sd15_canny")."""
-    path = Path(spec).expanduser()
-    if path.exists():
-        return path
-    name = str(spec)
+def list_controlnets() -> list[Path]:
+    """Every ControlNet file and diffusers ControlNet folder in the ControlNet folders (first of each name)."""
+    found: dict[str, Path] = {}
     for d in controlnet_dirs():
         if not d.is_dir():
             continue
         for p in sorted(d.iterdir()):
-            if (p.name == name or p.stem == name or p.stem.split(" [")[0] == name) and (
-                    p.suffix in SUFFIXES or (p / "config.json").is_file()):
-                return p
+            if p.suffix in SUFFIXES or (p / "config.json").is_file():
+                found.setdefault(p.stem if p.is_file() else p.name, p)
+    return list(found.values())
+
+
+def resolve_controlnet(spec: str | os.PathLike) -> Path:
+    """The path of a ControlNet given as a path, a file name or a stem ("control_v11p_sd15_canny"), also as A1111
+    writes it with its hash ("control_v11p_sd15_canny [d14c016b]")."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    name = re.sub(r"\s*\[[0-9a-fA-F]+\]$", "", str(spec))
+    for p in list_controlnets():
+        if name in (p.name, p.stem):
+            return p
     raise ControlNetNotFound(f"ControlNet {name!r} not found: it is not a path, and no file or diffusers folder of "
                              f"that name is in {', '.join(str(d) for d in controlnet_dirs())}. Put the .safetensors "
                              "/ .pth file there (or set EASEL_CONTROLNETS) or pass its path")

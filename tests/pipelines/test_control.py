@@ -246,3 +246,31 @@ def test_only_masked_inpainting_crops_the_hint_like_the_init_image(tiny):
     work = np.asarray(images.crop_for_region(init, region, 32, 32)) / 255.0
     np.testing.assert_allclose(hint, work, atol=1e-6)
     assert region != (0, 0, 64, 64)
+
+
+def test_a1111_alwayson_units(tiny, tmp_path, monkeypatch):
+    """sd-webui-controlnet's API units: disabled ones skipped, image dicts, labels, " [hash]" model names."""
+    from easel.pipelines.control_unit import from_a1111
+    from easel.pipelines.request import decode_image, image_to_base64
+    from easel.weights.controlnet_load import list_controlnets, resolve_controlnet
+    loaded, d = tiny
+    folder = tmp_path / "ControlNet"
+    folder.mkdir()
+    path = controlnet_file(folder, name="control_v11p_sd15_canny")[0]
+    monkeypatch.setenv("EASEL_CONTROLNETS", str(folder))
+    b64 = image_to_base64(control_image())
+    units = from_a1111([
+        {"enabled": True, "module": "canny", "model": "control_v11p_sd15_canny-sd1 [0123abcd]", "weight": 0.7,
+         "image": {"image": b64, "mask": None}, "resize_mode": "Just Resize", "lowvram": False,
+         "processor_res": 512, "threshold_a": 100, "threshold_b": 200, "guidance_start": 0.1,
+         "guidance_end": 0.9, "control_mode": 1, "pixel_perfect": True},
+        {"enabled": False, "model": "x", "image": b64},
+        {"model": "None"},
+        {"input_image": b64, "model": "control_v11p_sd15_canny-sd1", "guessmode": True}], decode_image)
+    assert [u.control_mode for u in units] == ["prompt", "control"]
+    assert units[0].resize_mode == "just_resize" and units[0].image.size == (32, 32)
+    assert resolve_controlnet(units[0].model) == path and list_controlnets() == [path]
+    res = generate(loaded, units)
+    assert res[0].params["controlnet_units"][1]["control_mode"] == "control"
+    with pytest.raises(ValueError, match=r"args\[0\] must be an object"):
+        from_a1111(["canny"])
