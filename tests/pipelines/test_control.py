@@ -69,10 +69,10 @@ def test_weight_zero_is_bit_identical_to_no_controlnet(tiny):
     assert np.abs(plain.astype(int) - on.astype(int)).max() > 5  # and a real ControlNet does change the image
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_matches_diffusers_controlnet_pipelines(tmp_path, family):
     """Same weights, image, noise and scheduler as diffusers' StableDiffusion(XL)ControlNetPipeline: the first
-    step's residuals and the final latents agree to float precision."""
+    step's residuals and the final latents agree to float precision (SD2: v-prediction, OpenCLIP text)."""
     diffusers = pytest.importorskip("diffusers")
     loaded = make_tiny(tmp_path, family)
     path, net, cfg = controlnet_file(tmp_path, family)
