@@ -34,7 +34,8 @@ LABELS = [("steps", "Steps"), ("sampler_label", "Sampler"), ("scheduler_label", 
           ("hr_prompt", "Hires prompt"), ("hr_negative_prompt", "Hires negative prompt"),
           ("hr_cfg_scale", "Hires CFG Scale"), ("lora_hashes_text", "Lora hashes"), ("ti_hashes_text", "TI hashes"),
           ("refiner_checkpoint", "Refiner"),
-          ("refiner_switch_at", "Refiner switch at"), ("version", "Version")]
+          ("refiner_switch_at", "Refiner switch at"), ("prompt_template", "Template"),
+          ("negative_prompt_template", "Negative Template"), ("version", "Version")]
 
 
 def infotext(params: dict) -> str:

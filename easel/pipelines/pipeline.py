@@ -1,6 +1,8 @@
 """The Python API: `easel.load(...)` returns a Pipeline whose methods return PIL images."""
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import os
 
@@ -70,6 +72,13 @@ class Pipeline:
         The request's LoRAs (prompt tags and `loras`) are merged into every model used for the run only.
         """
         request.dtype, request.device = self.dtype, self.device
+        if request.draws_per_image:  # wildcards / {a|b}: each image draws its prompt from its own seed
+            request = dataclasses.replace(request)
+            request.fix_seeds()
+            return [image for one in request.per_image(self.config.default_batch)
+                    for image in self.generate(one, callback, preview_sink, on_batch=on_batch, should_stop=should_stop,
+                                               extend_plan=extend_plan)]
+        request = request.expanded()  # LoRA tags and word warnings read the prompt the images are made from
         prepare = mode_preparer(request.mode, request.enable_hr)
         networks = ActiveNetworks(request)  # an unknown LoRA fails here, before a refiner is loaded
         options = {}

@@ -175,8 +175,10 @@ def pass_steps(req: GenerationRequest) -> list[int]:
 
 
 def count_steps(req: GenerationRequest) -> int:
-    """Sampler steps a request runs in all: every pass of every batch (progress totals and ETAs use this)."""
-    return sum(pass_steps(req)) * req.n_iter
+    """Sampler steps a request runs in all: every pass of every batch (progress totals and ETAs use this); a
+    request whose images draw their own wildcards runs one image at a time."""
+    runs = (req.batch_size or 1) * req.n_iter if req.draws_per_image else req.n_iter
+    return sum(pass_steps(req)) * runs
 
 
 # --- noise -------------------------------------------------------------------------------------------------

@@ -157,8 +157,13 @@ class GenerationRequest:
         """Whether the request makes several images whose prompts may differ (wildcards or `{a|b}` choices, drawn
         from each image's own seed): run `per_image()` then."""
         from easel.text.wildcards import has_dynamic_syntax
-        texts = (self.prompt, self.negative_prompt, self.hr_prompt or "", self.hr_negative_prompt or "")
+        texts = (*self._templates().values(), self.hr_prompt or "", self.hr_negative_prompt or "")
         return (self.batch_size or 1) * self.n_iter > 1 and any(has_dynamic_syntax(t) for t in texts)
+
+    def _templates(self) -> dict[str, str]:
+        """The prompts as written: an already expanded request (resolved()) keeps them in extra."""
+        return {name: (self.extra or {}).get(f"{name}_template", getattr(self, name))
+                for name in ("prompt", "negative_prompt")}
 
     def per_image(self, default_batch: int = 1) -> list["GenerationRequest"]:
         """One request per image (batch 1, its own seed and variation seed, as the batch would have given it), so
@@ -166,7 +171,12 @@ class GenerationRequest:
         if self.seed is None or self.seed < 0:
             raise ValueError("per_image needs a fixed seed: call fix_seeds() first")
         count = (self.batch_size or default_batch) * self.n_iter
-        return [dataclasses.replace(self, seed=self.seed + i, batch_size=1, n_iter=1,
+        written = self._templates()  # an expanded request is drawn again per image, from the prompts as written
+        styles = self.styles or list((self.extra or {}).get("applied_styles", []))
+        extra = {k: v for k, v in (self.extra or {}).items()
+                 if k not in ("prompt_template", "negative_prompt_template", "applied_styles")}
+        return [dataclasses.replace(self, **written, styles=list(styles), extra=dict(extra), seed=self.seed + i,
+                                    batch_size=1, n_iter=1,
                                     subseed=self.subseed + i if self.subseed >= 0 else self.subseed)
                 for i in range(count)]
 

@@ -119,3 +119,27 @@ def test_deep_nesting_and_long_prompts_are_refused_or_fast():
     assert expand("{a|b} " * 20000, 1).count(" ") == 20000  # long prompts: linear, no quadratic re-scan
     with pytest.raises(ValueError, match="expands past"):
         expand("x" * 100_001 + "{a}", 1)
+
+
+def test_each_image_of_a_batch_draws_its_own_prompt_and_records_the_template(one_thread):
+    """Through Pipeline.generate: a batch of 4 with {a|b} choices gets each image's prompt from its own seed (as
+    four single images would), the progress total counts every run, and the PNG keeps the template."""
+    import easel
+    from easel.pipelines.metadata import infotext
+    from easel.pipelines.plan import count_steps
+    from easel.pipelines.request import GenerationRequest
+    pipe = easel.load(None)
+    template = "a {red|blue|green|yellow|pink|purple} star"
+    req = GenerationRequest(template, seed=11, steps=2, batch_size=4)
+    steps = []
+    results = pipe.generate(req, callback=lambda d: steps.append(d["i"]))
+    prompts = [r.params["prompt"] for r in results]
+    singles = [GenerationRequest(template, seed=11 + i, steps=2, batch_size=1).expanded().prompt for i in range(4)]
+    assert prompts == singles and len(set(prompts)) > 1
+    assert len(steps) == count_steps(req.resolved(pipe.config.default_size, pipe.config.default_batch))
+    assert [r.params["seed"] for r in results] == [11, 12, 13, 14]
+    assert all(r.params["prompt_template"] == template for r in results)
+    assert f"Template: {template}" in infotext(results[0].params)
+    assert not any("red" in w or "star" in w for r in results for w in r.warnings)  # words read after expansion
+    resolved = req.resolved(pipe.config.default_size, pipe.config.default_batch)  # as a server may pass it on
+    assert [r.params["prompt"] for r in pipe.generate(resolved)] == prompts
