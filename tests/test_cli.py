@@ -67,9 +67,14 @@ def test_errors_are_one_clear_line(tmp_path, tiny_sd1_file, capsys, args, match)
 
 
 def test_models_lists_files(tmp_path, tiny_sd1_file, capsys, monkeypatch):
+    import shutil
+    for folder in ("ESRGAN", "upscale_models", "loras"):  # upscalers and LoRAs are no checkpoints
+        (tiny_sd1_file.parent / folder).mkdir(exist_ok=True)
+        shutil.copy(tiny_sd1_file, tiny_sd1_file.parent / folder / f"not-a-model-{folder}.safetensors")
     monkeypatch.setenv("EASEL_MODELS", str(tiny_sd1_file.parent))
     assert main(["models"]) == 0
-    assert "tiny-sd1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "tiny-sd1" in out and "not-a-model" not in out
 
 
 def test_tokenizer_install_fills_the_cache(tmp_path, monkeypatch, capsys):

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-UPSCALER_FOLDERS = ("upscalers", "upscale_models", "ESRGAN", "RealESRGAN", "SwinIR", "DAT", "HAT", "ScuNET")
+from easel.weights.registry import UPSCALER_FOLDERS  # one list: these folders are also no checkpoints
 UPSCALER_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt")
 PIXEL_UPSCALERS = ("lanczos", "nearest")  # need no file
 

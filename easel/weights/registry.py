@@ -17,6 +17,8 @@ log = logging.getLogger("easel")
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "assets" / "shapeworld"
 BUILTIN_FILE = BUILTIN_DIR / "shapeworld.safetensors"
+# Folders of upscaler files (A1111's and ComfyUI's names) inside a model folder: not Stable Diffusion checkpoints.
+UPSCALER_FOLDERS = ("upscalers", "upscale_models", "ESRGAN", "RealESRGAN", "SwinIR", "DAT", "HAT", "ScuNET")
 
 
 class ModelNotFound(FileNotFoundError):
@@ -75,9 +77,9 @@ def _entry(p: Path) -> ModelEntry | None:
 
 
 def _not_component(p: Path) -> bool:
-    """Skip weights that belong to a diffusers folder (unet/, vae/ ...) and VAE/LoRA folders."""
-    return not (p.parent / "config.json").is_file() and not any(
-        part.lower() in ("lora", "loras", "vae", "embeddings") for part in p.parts)
+    """Skip weights that belong to a diffusers folder (unet/, vae/ ...) and VAE/LoRA/embedding/upscaler folders."""
+    skip = {"lora", "loras", "vae", "embeddings", *(f.lower() for f in UPSCALER_FOLDERS)}
+    return not (p.parent / "config.json").is_file() and not any(part.lower() in skip for part in p.parts)
 
 
 def find_model(name: str | None, model_hash: str | None = None) -> ModelEntry | None:
