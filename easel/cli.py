@@ -526,7 +526,8 @@ def add_generation_flags(p: argparse.ArgumentParser, *tables: dict) -> None:
 CONTROL_FLAGS = {"--control-image": ("image", str, "the condition image of that ControlNet (default in img2img and "
                                      "inpaint: the init image)"),
                  "--control-weight": ("weight", float, "how strongly it steers, 0-2 (default 1)"),
-                 "--control-start": ("guidance_start", float, "fraction of the steps before which it is off (default 0)"),
+                 "--control-start": ("guidance_start", float, "fraction of the steps before which it is off "
+                                     "(default 0)"),
                  "--control-end": ("guidance_end", float, "fraction of the steps after which it is off (default 1)"),
                  "--control-mode": ("control_mode", str, "balanced | prompt (My prompt is more important) | control "
                                     "(ControlNet is more important)"),

@@ -45,12 +45,12 @@ class ControlNetConfig:
     def for_model(model: ModelConfig, **options) -> "ControlNetConfig":
         """The ControlNet of a model: its UNet's encoder (4 latent channels even for an inpainting UNet, as
         released ControlNets take) with a hint block that brings pixels down by the VAE's factor."""
-        levels = int(math.log2(model.vae.downsample)) + 1
-        if 2 ** (levels - 1) != model.vae.downsample or levels > len(HINT_CHANNELS) + 1:
-            raise ValueError(f"no ControlNet hint block for a VAE that downsamples by {model.vae.downsample}")
-        channels = HINT_CHANNELS[:levels] if levels <= len(HINT_CHANNELS) else HINT_CHANNELS + (HINT_CHANNELS[-1],)
+        levels = int(math.log2(model.vae.downsample)) + 1  # one stride-2 conv per halving
+        if 2 ** (levels - 1) != model.vae.downsample or levels > len(HINT_CHANNELS):
+            raise ValueError(f"no ControlNet hint block for a VAE that downsamples by {model.vae.downsample} "
+                             f"(easel builds them for 1, 2, 4 and 8)")
         unet = dataclasses.replace(model.unet, in_channels=model.unet.out_channels)
-        return ControlNetConfig(unet, hint_block_channels=channels, **options)
+        return ControlNetConfig(unet, hint_block_channels=HINT_CHANNELS[:levels], **options)
 
 
 def encoder_skip_channels(cfg: UNetConfig) -> list[int]:

@@ -174,3 +174,13 @@ def test_names_are_found_in_the_controlnet_folders(tmp_path, monkeypatch):
     assert resolve_controlnet("control_v11p_sd15_canny") == path
     with pytest.raises(ControlNetNotFound, match="not found.*EASEL_CONTROLNETS"):
         resolve_controlnet("control_v11p_sd15_depth")
+
+
+def test_hint_block_follows_the_vae_factor():
+    model = tiny_config("sd1", 300)
+    for f, widths in ((2, (16, 32)), (4, (16, 32, 96)), (8, (16, 32, 96, 256))):
+        vae = dataclasses.replace(model.vae, ch_mult=(1,) * (f.bit_length()))
+        cfg = ControlNetConfig.for_model(dataclasses.replace(model, vae=vae))
+        assert cfg.hint_block_channels == widths and cfg.downsample == f
+    with pytest.raises(ValueError, match="downsamples by 16"):
+        ControlNetConfig.for_model(dataclasses.replace(model, vae=dataclasses.replace(model.vae, ch_mult=(1,) * 5)))
