@@ -24,7 +24,8 @@ def test_cache_key_changes_with_each_input(change):
 
 def test_cache_key_is_stable():
     assert cache_key(key_fields(**BASE)) == cache_key(key_fields(**dict(BASE)))
-    assert key_fields(**BASE)["torch"] == "2.13.0" and key_fields("h", (1,), torch.float32)["torch"] == torch.__version__
+    assert key_fields(**BASE)["torch"] == "2.13.0"
+    assert key_fields("h", (1,), torch.float32)["torch"] == torch.__version__
 
 
 @pytest.mark.parametrize("manifest", [None, "{not json", json.dumps({"model_hash": "other"})])
@@ -44,33 +45,35 @@ def test_a_stale_cache_folder_is_emptied_not_trusted(tmp_path, manifest):
 
 
 class Block(torch.nn.Module):
-    """A conv, GroupNorm and SiLU: the UNet's commonest pattern, small enough to compile in seconds."""
+    """Two linears and a GELU: small enough to compile in seconds; in bf16 freezing prepacks their weights."""
 
     def __init__(self):
         super().__init__()
-        self.conv, self.norm = torch.nn.Conv2d(4, 32, 3, padding=1), torch.nn.GroupNorm(8, 32)
+        self.a, self.b = torch.nn.Linear(32, 64), torch.nn.Linear(64, 32)
 
     def forward(self, x):
-        return torch.nn.functional.silu(self.norm(self.conv(x)))
+        return self.b(torch.nn.functional.gelu(self.a(x)))
 
 
 @pytest.mark.slow
 @needs_compiler
 def test_compiled_module_matches_eager_caches_on_disk_and_sees_weight_changes(tmp_path, one_thread):
     torch.manual_seed(0)
-    block = Block().eval().requires_grad_(False)
-    x = torch.randn(2, 4, 8, 8)
+    block = Block().eval().requires_grad_(False).to(torch.bfloat16)
+    x = torch.randn(4, 32).to(torch.bfloat16)
     eager = block(x)
     wrapper = compile_module(block, "h1", root=tmp_path)
     assert compile_module(block, "h1", root=tmp_path) is wrapper  # compiling twice wraps once
-    torch.testing.assert_close(block(x), eager, atol=1e-5, rtol=1e-5)
-    assert list(block.state_dict()) == ["conv.weight", "conv.bias", "norm.weight", "norm.bias"]  # names unchanged
-    folder = cache_folder(key_fields("h1", tuple(x.shape), torch.float32), tmp_path)
+    torch.testing.assert_close(block(x), eager, atol=2e-2, rtol=2e-2)
+    assert list(block.state_dict()) == ["a.weight", "a.bias", "b.weight", "b.bias"]  # names unchanged
+    folder = cache_folder(key_fields("h1", tuple(x.shape), torch.bfloat16), tmp_path)
     assert len(list(folder.rglob("*"))) > 2  # inductor wrote its caches into the keyed folder
     with torch.no_grad():  # as a LoRA merge does: weights written in place after compiling
-        block.conv.weight.mul_(2)
-    changed = Block.forward(block, x)
-    torch.testing.assert_close(block(x), changed)  # the frozen constants are stale: the eager path runs
+        block.a.weight.mul_(2)
+        changed = Block.forward(block, x)
+        stale = wrapper.compiled(x)  # the compiled code alone: frozen (prepacked) weights from before
+    assert not torch.allclose(stale, changed, atol=2e-2)  # freezing is on, so the guard below is needed
+    torch.testing.assert_close(block(x), changed)  # the guarded call runs eagerly on the new weights
     uncompile_module(block)
     assert "forward" not in block.__dict__
 

@@ -213,8 +213,9 @@ def pending_groups(lines: list[BatchLine], out: str | os.PathLike, max_batch: in
     return todo, skipped
 
 
-def run_batch(pipe, groups: list[list[BatchLine]], out: str | os.PathLike, on_image: Callable[[Path], None] | None = None,
-              progress: bool = True, desc: str = "batch") -> list[Path]:
+def run_batch(pipe, groups: list[list[BatchLine]], out: str | os.PathLike,
+              on_image: Callable[[Path], None] | None = None, progress: bool = True,
+              desc: str = "batch") -> list[Path]:
     """Make the groups' images in `out` (see pending_groups), a progress bar over their steps; returns the PNGs
     written, `on_image(path)` told of each as soon as it is written."""
     from tqdm import tqdm

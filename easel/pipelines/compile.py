@@ -109,7 +109,9 @@ class CompiledForward:
         self.params = list(module.parameters())
         self.versions = self._versions()
         self.model_hash, self.freezing, self.root = model_hash, freezing, root
-        self.compiled = torch.compile(self.eager, backend="inductor", options={"freezing": freezing})
+        # freezing is read from inductor's global config when the first call compiles (torch.compile's `options`
+        # do not reach it in torch 2.13), so it is patched around each call
+        self.compiled = torch.compile(self.eager, backend="inductor")
         self._warned = False
 
     def _versions(self) -> int:
@@ -125,7 +127,8 @@ class CompiledForward:
             return self.eager(x, *args, **kwargs)
         p = self.params[0]
         fields = key_fields(self.model_hash, tuple(x.shape), p.dtype, p.device.type, freezing=self.freezing)
-        with inductor_cache(cache_folder(fields, self.root)), torch.no_grad():
+        from torch._inductor import config
+        with inductor_cache(cache_folder(fields, self.root)), config.patch(freezing=self.freezing), torch.no_grad():
             return self.compiled(x, *args, **kwargs)
 
 
