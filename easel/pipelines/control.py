@@ -73,7 +73,7 @@ class ActiveControl:
         return [w * SOFT_DECAY ** (n - 1 - k) for k in range(n)]
 
     def hint(self, width: int, height: int) -> torch.Tensor:
-        """The hint (1, 3, height, width) float: the image fitted with the unit's resize mode, then preprocessed."""
+        """The hint (1, 3, height, width) float: the image fitted to the processing size, then preprocessed."""
         if (width, height) not in self.hints:
             u = self.unit
             fitted, mask = self.fitted(self.image.convert("RGB"), width, height), None
@@ -82,7 +82,6 @@ class ActiveControl:
             arr = preprocess(u.preprocessor, fitted, u.threshold_a, u.threshold_b, mask)  # (H, W, 3)
             self.hints[(width, height)] = torch.from_numpy(arr).permute(2, 0, 1)[None].contiguous()
         return self.hints[(width, height)]
-
 
     def fitted(self, image: Image.Image, width: int, height: int) -> Image.Image:
         """An image at the processing size: fitted with the unit's resize mode, or, when inpainting only the masked
