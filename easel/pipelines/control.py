@@ -16,7 +16,8 @@ A1111's (sd-webui-controlnet's) rules, kept exactly:
   (the middle block's by the weight, the first skip's by 0.825 ** 12 on SD1/SD2), still on both halves;
 - "ControlNet is more important" (`control`, soft injection + CFG injection) uses the same decaying scales on the
   prompt half only: the negative prompt's prediction runs without ControlNet, so guidance pushes towards it;
-- a global-pooling ControlNet (1.1 shuffle) also acts on the prompt half only.
+- a global-pooling ControlNet (1.1 shuffle) also acts on the prompt half only;
+- in a hires fix's second pass a canny unit always gets the decaying scales (sd-webui-controlnet forces them there).
 The guidance batch is (negative prompt rows, then prompt rows) as `GuidedDenoiser` builds it.
 """
 from __future__ import annotations
@@ -65,10 +66,12 @@ class ActiveControl:
         u = self.unit
         return u.weight > 0 and u.guidance_start <= fraction <= u.guidance_end
 
-    def scales(self, n: int) -> list[float]:
-        """The weight of each of the n residuals (input block 0 first, the middle block last)."""
+    def scales(self, n: int, hires_pass: bool = False) -> list[float]:
+        """The weight of each of the n residuals (input block 0 first, the middle block last). A canny unit in a
+        hires fix's second pass always gets the decaying scales (sd-webui-controlnet: fewer artifacts)."""
         w = float(self.unit.weight)
-        if self.unit.control_mode == "balanced":
+        soft = self.unit.control_mode != "balanced" or (hires_pass and canonical(self.unit.preprocessor) == "canny")
+        if not soft:
             return [w] * n
         return [w * SOFT_DECAY ** (n - 1 - k) for k in range(n)]
 
@@ -98,8 +101,9 @@ class ActiveControl:
 class ControlSet:
     """The ControlNets of one request: loaded (cached on the model), applied to each plan, recorded in params."""
 
-    def __init__(self, controls: list[ActiveControl]):
+    def __init__(self, controls: list[ActiveControl], first_pass_size: tuple[int, int] | None = None):
         self.controls = controls
+        self.first_pass_size = first_pass_size  # (width, height) of a hires fix's first pass; None: no hires fix
 
     @staticmethod
     def for_request(loaded, req: GenerationRequest) -> "ControlSet":
@@ -118,7 +122,9 @@ class ControlSet:
             if req.mode == "inpaint" and req.inpaint_full_res:
                 active.masked_area, active.padding = _masked_area(req), req.inpaint_full_res_padding
             controls.append(active)
-        return ControlSet(controls)
+        size = model.config.default_size
+        first = (req.width or size, req.height or size) if req.mode == "txt2img" and req.enable_hr else None
+        return ControlSet(controls, first)
 
     def extend(self, plan: SamplingPlan, loaded) -> SamplingPlan:
         """The plan with its ControlNets applied (a plan that runs no step is returned as it is)."""
@@ -128,7 +134,8 @@ class ControlSet:
         h, w = plan.noise.shape[-2:]
         hints = [c.hint(w * f, h * f).to(plan.noise.device) for c in self.controls]
         tracker = StepTracker(plan.denoiser, plan.sigmas)
-        if not hook_unet(tracker.inner, lambda fn: ControlledUNet(fn, self.controls, hints, tracker)):
+        hires = self.first_pass_size is not None and (w * f, h * f) != self.first_pass_size
+        if not hook_unet(tracker.inner, lambda fn: ControlledUNet(fn, self.controls, hints, tracker, hires)):
             return plan  # only a refiner runs this plan: A1111 does not control the refiner either
         return dataclasses.replace(plan, denoiser=tracker)
 
@@ -212,8 +219,10 @@ def hook_unet(denoiser, make: Callable[[UNetFn], Callable]) -> bool:
 class ControlledUNet:
     """The UNet call with the active ControlNets' residuals added (cldm's ControlledUnetModel, several nets)."""
 
-    def __init__(self, fn: UNetFn, controls: list[ActiveControl], hints: list[torch.Tensor], tracker: StepTracker):
+    def __init__(self, fn: UNetFn, controls: list[ActiveControl], hints: list[torch.Tensor], tracker: StepTracker,
+                 hires_pass: bool = False):
         self.fn, self.controls, self.hints, self.tracker = fn, controls, hints, tracker
+        self.hires_pass = hires_pass
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         fraction = self.tracker.step / max(self.tracker.steps, 1)
@@ -237,7 +246,7 @@ class ControlledUNet:
         # A 9-channel inpainting UNet's input is latent + mask + masked image: the ControlNet takes the latent only.
         x_in = x[:, :net.cfg.unet.in_channels]
         out = net(x_in, hint, t, cond["context"], cond.get("y"))
-        scales = control.scales(len(out))
+        scales = control.scales(len(out), self.hires_pass)
         if control.cond_only and rows > self.tracker.batch:  # no negative half at CFG scale 1
             keep = torch.ones(rows, 1, 1, 1, device=x.device, dtype=out[0].dtype)
             keep[:self.tracker.batch] = 0

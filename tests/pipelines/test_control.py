@@ -274,3 +274,25 @@ def test_a1111_alwayson_units(tiny, tmp_path, monkeypatch):
     assert res[0].params["controlnet_units"][1]["control_mode"] == "control"
     with pytest.raises(ValueError, match=r"args\[0\] must be an object"):
         from_a1111(["canny"])
+
+
+def test_hires_pass_softens_canny_units_only(tiny):
+    """sd-webui-controlnet forces the decaying scales on canny units in the hires pass, and only there."""
+    loaded, d = tiny
+    path = controlnet_file(d)[0]
+    seen = []
+
+    def spy(p, _):
+        node = p.denoiser.inner.inner  # StepTracker -> GuidedDenoiser -> eps wrapper
+        seen.append((tuple(p.noise.shape[-2:]), node.model.hires_pass))
+        return p
+    from easel.pipelines import plan
+    from easel.pipelines.pipeline import mode_preparer
+    req = GenerationRequest("x", width=32, height=32, steps=2, seed=1, enable_hr=True, hr_scale=1.5,
+                            controlnets=[ControlUnit(str(path), control_image(), preprocessor="canny")])
+    with plan.extending(ControlSet.for_request(loaded, req).extend, spy), torch.no_grad():
+        plan.run_batches(*mode_preparer("txt2img", True)(loaded, req))
+    assert seen == [((16, 16), False), ((24, 24), True)]
+    unit = lambda pre: ActiveControl(ControlUnit("x", preprocessor=pre), None, control_image(), None)  # noqa: E731
+    assert unit("canny").scales(3, hires_pass=True) == [0.825 ** 2, 0.825, 1.0]
+    assert unit("none").scales(3, hires_pass=True) == [1.0] * 3 and unit("canny").scales(3) == [1.0] * 3
