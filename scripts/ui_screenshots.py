@@ -2,6 +2,7 @@
 
     python scripts/ui_screenshots.py                 # writes docs/ui/{desktop,queue,lightbox,img2img,...}.png
     python scripts/ui_screenshots.py --only inside   # just the Inside tab: docs/ui/inside.png, inside-phone.png
+    python scripts/ui_screenshots.py --only train    # just the Train tab (a LoRA of hearts): docs/ui/train.png
     python scripts/ui_screenshots.py --out /tmp/shots --chromium /usr/bin/chromium
 
 Needs `pip install playwright` and a chromium binary (Debian: `apt-get install chromium`); no browser download.
@@ -20,7 +21,7 @@ from pathlib import Path
 PROMPT = "a red star above a blue circle"
 
 
-def start_server():
+def start_server(train_root: Path | None = None, output_dir: Path | None = None):
     """The easel app on a free localhost port, served by uvicorn from a background thread; returns (url, server)."""
     import uvicorn
 
@@ -28,8 +29,9 @@ def start_server():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(Settings(port=port)), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    settings = Settings(port=port, train_root=str(train_root) if train_root else None,
+                        output_dir=str(output_dir) if output_dir else None)
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     deadline = time.monotonic() + 60
     while not server.started:
@@ -167,6 +169,44 @@ def take_inside_views(browser, url: str, out: Path, steps: int) -> None:
         context.close()
 
 
+HEART_COLOURS = {"red": (220, 40, 40), "blue": (40, 70, 220), "green": (40, 170, 60), "yellow": (235, 210, 40),
+                 "purple": (150, 60, 200), "orange": (240, 140, 30)}
+
+
+def write_hearts(folder: Path) -> Path:
+    """A small dataset: 64x64 hearts (two discs and a triangle) in six colours and two sizes, captioned."""
+    from PIL import Image, ImageDraw
+    folder.mkdir(parents=True, exist_ok=True)
+    for colour, rgb in HEART_COLOURS.items():
+        for size, r in (("small", 9), ("large", 14)):
+            im = Image.new("RGB", (64, 64), (0, 0, 0))
+            d = ImageDraw.Draw(im)
+            cx, cy = 32, 28
+            d.ellipse((cx - 2 * r, cy - r, cx, cy + r), fill=rgb)
+            d.ellipse((cx, cy - r, cx + 2 * r, cy + r), fill=rgb)
+            d.polygon([(cx - 2 * r + 1, cy + r // 3), (cx + 2 * r - 1, cy + r // 3), (cx, cy + 2 * r + 2)], fill=rgb)
+            im.save(folder / f"{colour}_{size}.png")
+            (folder / f"{colour}_{size}.txt").write_text(f"a {size} {colour} heart")
+    return folder
+
+
+def take_train(browser, url: str, out: Path, steps: int) -> None:
+    """train.png: the Train tab after a LoRA run on the hearts (loss curve, sample sheets), desktop, dark."""
+    context, page = open_page(browser, url, {"width": 1280, "height": 1000}, 1, "dark")
+    page.click("#tab-train")
+    page.select_option("#train-dataset", "hearts")
+    set_fields(page, **{"train-name": "heart", "train-steps": steps, "train-lr": "0.001", "train-rank": 8,
+                        "train-batch_size": 2, "train-sample_every": max(1, steps // 6),
+                        "train-sample_prompts": "a red heart\na blue heart\na green heart"})
+    page.check("#train-overwrite")
+    page.click("#train-start")
+    page.wait_for_selector("body[data-trained]", timeout=1_800_000)
+    page.wait_for_function("n => document.getElementById('train-sample').complete && "
+                           "document.getElementById('train-curve').dataset.points === String(n)", arg=steps)
+    shoot(page, out, "train")
+    context.close()
+
+
 def take_all(browser, url: str, out: Path, steps: int) -> None:
     """Every picture of the README's web UI section: desktop, queue, full-size view, tabs, phone (dark, light),
     the Inside tab."""
@@ -182,6 +222,7 @@ def take_all(browser, url: str, out: Path, steps: int) -> None:
         shoot(page, out, f"phone-{scheme}")
         context.close()
     take_inside_views(browser, url, out, steps)
+    take_train(browser, url, out, 4 * steps)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,21 +232,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chromium", default=os.environ.get("EASEL_CHROMIUM") or shutil.which("chromium"),
                     help="chromium or chrome binary (default: chromium on PATH)")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--only", choices=["inside"], help="take only these pictures")
+    ap.add_argument("--only", choices=["inside", "train"], help="take only these pictures")
     args = ap.parse_args(argv)
     if not args.chromium:
         sys.exit("no chromium found: apt-get install chromium, or pass --chromium PATH")
     from playwright.sync_api import sync_playwright
     args.out.mkdir(parents=True, exist_ok=True)
-    url, server = start_server()
+    import tempfile
+    scratch = Path(tempfile.mkdtemp(prefix="easel_shots_"))  # the training data, run folder and LoRA go here
+    os.environ["EASEL_LORA_DIRS"] = str(scratch / "loras")
+    url, server = start_server(train_root=write_hearts(scratch / "root" / "hearts").parent, output_dir=scratch)
+    take = {"inside": take_inside_views,
+            "train": lambda b, u, o, s: take_train(b, u, o, 4 * s)}.get(args.only, take_all)
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=args.chromium,
                                         args=["--disable-dev-shm-usage"] + (["--no-sandbox"] if os.geteuid() == 0 else []))
-            (take_inside_views if args.only == "inside" else take_all)(browser, url, args.out, args.steps)
+            take(browser, url, args.out, args.steps)
             browser.close()
     finally:
         server.should_exit = True
+        shutil.rmtree(scratch, ignore_errors=True)
     return 0
 
 

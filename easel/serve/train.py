@@ -170,7 +170,7 @@ class TrainTask:
     last: dict = dataclasses.field(default_factory=dict)  # the newest log record
     result: dict | None = None
     resumed_from: int | None = None  # the step a checkpoint of the same run and settings continued from
-    warnings: list = dataclasses.field(default_factory=list)  # skipped files, resumption
+    warnings: list = dataclasses.field(default_factory=list)  # the files the data scan skipped, and why
     since: float = dataclasses.field(default_factory=time.time)
     url_id: str = ""  # the job's id, set once queued
 
@@ -180,7 +180,8 @@ class TrainTask:
         return {"kind": b.kind, "name": b.name, "dataset": b.dataset, "images": self.images, "file": self.out.name,
                 "use": f"<lora:{b.name}:1>" if b.kind == "lora" else b.name,
                 "settings": b.model_dump(), "loss": self.last.get("loss"), "lr": self.last.get("lr"),
-                "samples": self.samples(), "result": self.result, "resumed_from": self.resumed_from, "warnings": self.warnings[-20:]}
+                "samples": self.samples(), "result": self.result, "resumed_from": self.resumed_from,
+                "warnings": self.warnings[-20:]}
 
     def samples(self) -> list[dict]:
         """This run's sample sheets, oldest first: [{step, url}]."""
@@ -284,6 +285,7 @@ class TrainTask:
         resolution = self.body.resolution or cfg.default_size
         if resolution % (cfg.vae.downsample * 2):
             raise ValueError(f"resolution {resolution} must be a multiple of {cfg.vae.downsample * 2}")
+        self.warnings = []  # scanned again: the folder may have changed since the job was queued
         ds = _Watched(self.dataset, data_options(self.body, resolution), log=self._warn)
         ds.on_batch = self._stepper(job)
         return ds
@@ -380,6 +382,17 @@ def check_limits(body: TrainBody, settings) -> None:
                          "(e.g. the subject's class, 'dog')")
 
 
+def check_sample_prompts(prompts: list[str]) -> None:
+    """The LoRAs a sample prompt names must be the server's, as in any generation request (names, never paths)."""
+    from easel.pipelines.request import GenerationRequest
+    from easel.serve.trust import check_names
+    for i, prompt in enumerate(prompts):
+        try:
+            check_names(GenerationRequest(prompt=prompt), None)
+        except ValueError as e:
+            raise ValueError(f"sample_prompts[{i}]: {e}") from None
+
+
 def output_path(body: TrainBody) -> Path:
     """Where the result goes: the first LoRA folder (EASEL_LORA_DIRS, else ./models/Lora) or embedding folder."""
     if body.kind == "lora":
@@ -402,6 +415,7 @@ def prepare(app: FastAPI, body: TrainBody) -> TrainTask:
     root = train_root(settings)
     path = dataset_path(root, body.dataset)
     check_limits(body, settings)
+    check_sample_prompts(body.sample_prompts)
     model = queue.check_model(body.model)
     config = queue.model_config(model)
     check_memory_for(body, config, settings)

@@ -147,7 +147,7 @@ def test_register_routers_includes_plugins_that_exist(monkeypatch):
     app = create_app(Settings(max_queue=5), JobQueue(max_queued=5))
     from fastapi.testclient import TestClient
     assert TestClient(app).get("/sdapi/v1/ping").json() == {"queue": 5}
-    assert register_routers(app) == ["a1111"]  # ui returned None; openai_images is missing
+    assert register_routers(app) == ["a1111", "train"]  # ui returned None; openai_images is missing
 
 
 def test_png_bytes_carry_parameters():

@@ -176,9 +176,12 @@ def test_bad_settings_are_4xx_naming_the_fix(start_server, train_env, tmp_path):
              ({"name": "../x"}, 422, "name"), ({"kind": "embedding"}, 400, "init_word"),
              ({"lr": -1}, 422, "lr"), ({"lr_scheduler": "wavy"}, 422, "lr_scheduler"),
              ({"rank": 0}, 422, "rank"), ({"nope": 1}, 422, "nope"), ({"model": "nosuch"}, 400, "unknown model"),
-             ({"dataset": "nocaps"}, 400, "missing caption: nocaps/x.png has no x.txt"), ({"name": "taken"}, 409, "overwrite: true"),
+             ({"dataset": "nocaps"}, 400, "missing caption: nocaps/x.png has no x.txt"),
+             ({"name": "taken"}, 409, "overwrite: true"),
              ({"dataset": "nocaps", "on_bad": "error"}, 400, "on_bad skip"),
-             ({"sample_every": 5, "steps": 2}, 400, "sample_every"), ({"resolution": 4096}, 400, "--max-pixels")]
+             ({"sample_every": 5, "steps": 2}, 400, "sample_every"), ({"resolution": 4096}, 400, "--max-pixels"),
+             ({"sample_prompts": ["a <lora:/etc/shadow:1>"]}, 400, "sample_prompts[0]: prompt: LoRA '/etc/shadow' "
+              "is not one of this server's LoRAs")]
     with httpx.Client(base_url=server.url, timeout=30) as c:
         for fields, status, words in cases:
             r = c.post("/api/v1/train", json=lora_body(**fields))

@@ -126,7 +126,9 @@ const LORA_TAG = /<(lora|lyco):([^:>]+)(?::([^>]*))?>/gi;
 export function initLoras(entries) {
   const pick = $("lora-pick");
   $("prompt").addEventListener("input", renderLoraChips);
-  $("lora-add").addEventListener("click", () => { if (pick.value) addLora(pick.value, Number($("lora-weight").value || 1)); });
+  $("lora-add").addEventListener("click", () => {
+    if (pick.value) addLora(pick.value, Number($("lora-weight").value || 1));
+  });
   fillLoras(entries);
 }
 

@@ -262,7 +262,7 @@ function drawCurve() {
   }
   svg.append(el("text", { x: left, y: H - 8 }, "step 0"));
   svg.append(el("text", { x: W - right, y: H - 8, "text-anchor": "end" }, `step ${span}`));
-  svg.append(el("text", { x: (left + W - right) / 2, y: H - 8, "text-anchor": "middle" }, "loss"));
+  svg.append(el("text", { x: (left + W - right) / 2, y: H - 8, "text-anchor": "middle" }, "loss per step (line: moving average)"));
   box.replaceChildren(svg);
   box.dataset.points = String(pts.length);
 }
@@ -316,7 +316,11 @@ export async function initTrain(config) {
   if (saved) write(saved);
   setKind($("train-kind").value);
   let kind = $("train-kind").value;
-  $("train-kind").addEventListener("change", () => { setKind($("train-kind").value, kind); kind = $("train-kind").value; save(); });
+  $("train-kind").addEventListener("change", () => {
+    setKind($("train-kind").value, kind);
+    kind = $("train-kind").value;
+    save();
+  });
   $("train-form").addEventListener("input", save);
   $("train-form").addEventListener("submit", (e) => { e.preventDefault(); start(); });
   $("train-start").addEventListener("click", start);
