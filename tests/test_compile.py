@@ -62,11 +62,11 @@ def test_compiled_module_matches_eager_caches_on_disk_and_sees_weight_changes(tm
     block = Block().eval().requires_grad_(False).to(torch.bfloat16)
     x = torch.randn(4, 32).to(torch.bfloat16)
     eager = block(x)
-    wrapper = compile_module(block, "h1", root=tmp_path)
-    assert compile_module(block, "h1", root=tmp_path) is wrapper  # compiling twice wraps once
+    wrapper = compile_module(block, "h1", freezing=True, root=tmp_path)
+    assert compile_module(block, "h1", freezing=True, root=tmp_path) is wrapper  # compiling twice wraps once
     torch.testing.assert_close(block(x), eager, atol=2e-2, rtol=2e-2)
     assert list(block.state_dict()) == ["a.weight", "a.bias", "b.weight", "b.bias"]  # names unchanged
-    folder = cache_folder(key_fields("h1", tuple(x.shape), torch.bfloat16), tmp_path)
+    folder = cache_folder(key_fields("h1", tuple(x.shape), torch.bfloat16, freezing=True), tmp_path)
     assert len(list(folder.rglob("*"))) > 2  # inductor wrote its caches into the keyed folder
     with torch.no_grad():  # as a LoRA merge does: weights written in place after compiling
         block.a.weight.mul_(2)

@@ -1,5 +1,7 @@
-"""`--compile` / `easel.load(..., compile=True)`: the UNet through torch.compile (inductor, with freezing), its
-compiled code cached on disk so that a second process skips inductor's code generation and C++ builds.
+"""`--compile` / `easel.load(..., compile=True)`: the UNet through torch.compile (inductor), its compiled code cached
+on disk so that a second process skips inductor's code generation and C++ builds. Freezing (weights as constants,
+prepacked) is an option, off by default: on the built-in model it made a warm-cache start 5x slower (119 s vs 22 s,
+bench/compile_start.py), the freezing passes running again in every process.
 
 The cache lives in one folder per (model hash, latent shape, dtype, device, torch version, CPU vector ISA, options):
 `<cache root>/<key>/`, inductor's own caches (FX graph, AOTAutograd, kernels) inside it. Each folder holds a
@@ -34,7 +36,7 @@ def cache_root() -> Path:
 
 
 def key_fields(model_hash: str, shape: tuple[int, ...], dtype: torch.dtype, device: str = "cpu",
-               torch_version: str | None = None, isa: str | None = None, freezing: bool = True) -> dict:
+               torch_version: str | None = None, isa: str | None = None, freezing: bool = False) -> dict:
     """Everything that changes the compiled code of one UNet call."""
     return {"format": FORMAT, "model_hash": model_hash, "shape": [int(s) for s in shape], "dtype": str(dtype),
             "device": str(device), "torch": torch_version or torch.__version__,
@@ -104,7 +106,7 @@ class CompiledForward:
     """A module's forward through torch.compile, with inductor's on-disk cache chosen per input shape, and the
     eager forward whenever the weights changed since compiling."""
 
-    def __init__(self, module: torch.nn.Module, model_hash: str, freezing: bool = True, root: Path | None = None):
+    def __init__(self, module: torch.nn.Module, model_hash: str, freezing: bool = False, root: Path | None = None):
         self.eager = module.forward  # the bound forward as it was (the class's)
         self.params = list(module.parameters())
         self.versions = self._versions()
@@ -132,7 +134,7 @@ class CompiledForward:
             return self.compiled(x, *args, **kwargs)
 
 
-def compile_module(module: torch.nn.Module, model_hash: str, freezing: bool = True,
+def compile_module(module: torch.nn.Module, model_hash: str, freezing: bool = False,
                    root: Path | None = None) -> CompiledForward:
     """Make `module(...)` run compiled (its state dict, names and weights unchanged); returns the wrapper."""
     reason = compiler_missing()
@@ -150,7 +152,7 @@ def uncompile_module(module: torch.nn.Module) -> None:
     module.__dict__.pop("forward", None)
 
 
-def compile_pipeline(pipe, freezing: bool = True, root: Path | None = None):
+def compile_pipeline(pipe, freezing: bool = False, root: Path | None = None):
     """Compile a Pipeline's UNet in place (what `--compile`, `easel.load(compile=True)` and a server option call);
     returns the pipeline. The first image of each new size compiles (minutes for SD1.5 at 512; a warm disk cache
     makes it much shorter); later images are faster."""
