@@ -68,7 +68,7 @@ def test_errors_are_one_clear_line(tmp_path, tiny_sd1_file, capsys, args, match)
 
 def test_models_lists_files(tmp_path, tiny_sd1_file, capsys, monkeypatch):
     import shutil
-    for folder in ("ESRGAN", "upscale_models", "loras"):  # upscalers and LoRAs are no checkpoints
+    for folder in ("ESRGAN", "upscale_models", "loras", "ControlNet"):  # upscalers, LoRAs, ControlNets: no checkpoints
         (tiny_sd1_file.parent / folder).mkdir(exist_ok=True)
         shutil.copy(tiny_sd1_file, tiny_sd1_file.parent / folder / f"not-a-model-{folder}.safetensors")
     monkeypatch.setenv("EASEL_MODELS", str(tiny_sd1_file.parent))

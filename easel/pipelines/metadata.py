@@ -49,6 +49,9 @@ def infotext(params: dict) -> str:
         p.pop("denoising_strength", None)
     p.update(_a1111_extras(params))
     fields = [f"{label}: {_quote(p[key])}" for key, label in LABELS if p.get(key) not in (None, "")]
+    # sd-webui-controlnet's "ControlNet N: ..." fields, one per unit, before "Version" as the extension writes them
+    units = [f"{label}: {_quote(text)}" for label, text in (params.get("controlnet_infotext") or {}).items()]
+    fields[-1:-1] = units
     lines = [params.get("prompt", "")]
     if params.get("negative_prompt"):
         lines.append(f"Negative prompt: {params['negative_prompt']}")

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from easel.weights.registry import UPSCALER_FOLDERS  # one list: these folders are also no checkpoints
+from easel.weights.folders import UPSCALER_FOLDERS  # one list: `easel models` skips these folders
 UPSCALER_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt")
 PIXEL_UPSCALERS = ("lanczos", "nearest")  # need no file
 

@@ -18,6 +18,7 @@ import torch
 from easel.models.configs import ModelConfig, UNetConfig
 from easel.models.controlnet import ControlNet, ControlNetConfig
 from easel.weights import controlnet_keys as keys
+from easel.weights.folders import CONTROLNET_FOLDERS
 from easel.weights.load import CheckpointError, PICKLE_SUFFIXES, file_hash, read_state_dict
 from easel.weights.model_io import parse_dtype
 from easel.weights.registry import model_dirs
@@ -44,7 +45,7 @@ class LoadedControlNet:
 def controlnet_dirs() -> list[Path]:
     """Folders searched for ControlNets by name, in order."""
     dirs = [Path(p) for p in os.environ.get("EASEL_CONTROLNETS", "").split(":") if p]
-    return dirs + [d / sub for d in model_dirs() for sub in ("ControlNet", "controlnet")]
+    return dirs + [d / sub for d in model_dirs() for sub in CONTROLNET_FOLDERS]
 
 
 def list_controlnets() -> list[Path]:

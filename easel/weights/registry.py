@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from easel.weights.folders import not_checkpoint_folders
 from easel.weights.load import cache_dir, file_sha256
 
 log = logging.getLogger("easel")
@@ -17,8 +18,6 @@ log = logging.getLogger("easel")
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "assets" / "shapeworld"
 BUILTIN_FILE = BUILTIN_DIR / "shapeworld.safetensors"
-# Folders of upscaler files (A1111's and ComfyUI's names) inside a model folder: not Stable Diffusion checkpoints.
-UPSCALER_FOLDERS = ("upscalers", "upscale_models", "ESRGAN", "RealESRGAN", "SwinIR", "DAT", "HAT", "ScuNET")
 
 
 class ModelNotFound(FileNotFoundError):
@@ -77,8 +76,9 @@ def _entry(p: Path) -> ModelEntry | None:
 
 
 def _not_component(p: Path) -> bool:
-    """Skip weights that belong to a diffusers folder (unet/, vae/ ...) and VAE/LoRA/embedding/upscaler folders."""
-    skip = {"lora", "loras", "vae", "embeddings", *(f.lower() for f in UPSCALER_FOLDERS)}
+    """Skip weights that belong to a diffusers folder (unet/, vae/ ...) and VAE/LoRA/embedding/ControlNet/upscaler
+    folders."""
+    skip = not_checkpoint_folders()
     return not (p.parent / "config.json").is_file() and not any(part.lower() in skip for part in p.parts)
 
 

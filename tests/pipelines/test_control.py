@@ -204,6 +204,9 @@ def test_params_record_units_and_a1111_text(tiny):
     text = p["controlnet_infotext"]["ControlNet 0"]
     assert text.startswith("Module: canny, Model: ") and "Weight: 0.8" in text
     assert "Control Mode: My prompt is more important" in text and "Guidance End: 0.9" in text
+    from easel.pipelines.metadata import infotext
+    line = infotext(p).splitlines()[-1]  # as sd-webui-controlnet writes it: quoted, before Version
+    assert f'ControlNet 0: "{text}", Version: ' in line
 
 
 def test_request_round_trip_and_errors(tiny):
