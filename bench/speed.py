@@ -32,8 +32,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per side (after one warm-up call each)")
     p.add_argument("--threads", type=int, default=1, help="torch / OpenVINO threads (default 1)")
     p.add_argument("--openvino", action="store_true", help="add OpenVINO (pip install openvino) as a peer")
-    p.add_argument("--compile", action="store_true", help="add easel + torch.compile (inductor, freezing); its "
-                   "compile time is printed separately")
+    p.add_argument("--compile", action="store_true", help="add easel + torch.compile (inductor); its compile time "
+                   "is printed separately")
+    p.add_argument("--freezing", action="store_true", help="with --compile: inductor's freezing (weights as "
+                   "prepacked constants)")
     return p.parse_args()
 
 
@@ -115,12 +117,12 @@ def openvino_call(module: torch.nn.Module, example: tuple, dtype: torch.dtype, t
     return lambda: torch.from_numpy(compiled(inputs)[0])
 
 
-def compiled_call(ours: torch.nn.Module, call, part: str) -> tuple[object, float]:
+def compiled_call(ours: torch.nn.Module, call, part: str, freezing: bool) -> tuple[object, float]:
     """easel's module through easel.pipelines.compile (fresh in-memory, disk cache as configured) and the
     seconds its first call took (compilation included)."""
     from easel.pipelines.compile import compile_module
     target = ours if part == "unet" else ours.decoder
-    compile_module(target, f"bench-{part}")
+    compile_module(target, f"bench-{part}", freezing=freezing)
     t0 = time.perf_counter()
     with torch.inference_mode():
         call()
@@ -160,7 +162,7 @@ def main() -> None:
                 diff = (call().float() - reference).abs().max().item()
                 print(f"{name}: warm, max |{name} - easel| = {diff:.2e}", flush=True)
         if args.compile:
-            calls["easel+compile"], first = compiled_call(ours, easel_call, args.part)
+            calls["easel+compile"], first = compiled_call(ours, easel_call, args.part, args.freezing)
             print(f"easel+compile: first call (compiling) {first:.1f} s, max |compiled - eager| = "
                   f"{(calls['easel+compile']().float() - reference).abs().max().item():.2e}", flush=True)
         times = {name: [] for name in calls}

@@ -195,3 +195,16 @@ def test_builtin_model_batch_file(tmp_path, capsys):
     assert main(["batch", str(path), "--out", str(out), "--steps", "2"]) == 0
     assert sorted(p.name for p in out.glob("*.png")) == ["00001-00-0.png", "00002-00-3.png"]
     assert Image.open(out / "00002-00-3.png").size == (64, 64)
+
+
+def test_lines_that_cannot_join_run_alone_through_the_pipeline(tmp_path, tiny_sd1_file, capsys):
+    """A hires-fix line (or an edit, a LoRA, ...) goes through Pipeline.generate with its own batch."""
+    path = write(tmp_path, "a red cat", '{"prompt": "a blue dog", "enable_hr": true, "hr_scale": 1.5, "batch_size": 2}')
+    out = tmp_path / "out"
+    assert run_batch_cli(path, tiny_sd1_file, out, "--seed", "3") == ["00001-00-3.png", "00002-00-4.png",
+                                                                      "00002-01-5.png"]
+    assert Image.open(out / "00002-01-5.png").size == (48, 48)
+    capsys.readouterr()
+    assert main(["info", "--json", str(out / "00002-01-5.png")]) == 0
+    params = json.loads(capsys.readouterr().out)
+    assert params["enable_hr"] is True and params["seed"] == 5 and params["prompt"] == "a blue dog"
