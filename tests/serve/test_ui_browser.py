@@ -600,5 +600,9 @@ def test_train_tab_trains_a_lora_shows_its_curve_and_samples_and_cancels(browser
     page.click("#tab-train")
     page.wait_for_function("document.getElementById('train-status').textContent.startsWith('Cancelled')")
     assert page.input_value("#train-name") == "long"  # the form is kept too
+    page.set_viewport_size({"width": 390, "height": 844})  # a phone: one column, the run above the form
+    page.wait_for_function("document.documentElement.scrollWidth <= 390")
+    curve, form = page.locator("#train-curve").bounding_box(), page.locator("#train-form").bounding_box()
+    assert curve["x"] >= 0 and curve["x"] + curve["width"] <= 390 and curve["y"] < form["y"]
     context.close()
     assert not errors, errors

@@ -293,7 +293,10 @@ function showSample(k) {
   img.alt = `sample images at step ${s.step}`;
   img.hidden = false;
   $("train-sample-step").textContent = `at step ${s.step}`;
-  [...$("train-strip").children].forEach((b, j) => b.setAttribute("aria-pressed", String(j === k)));
+  const strip = $("train-strip");
+  [...strip.children].forEach((b, j) => b.setAttribute("aria-pressed", String(j === k)));
+  const frame = strip.children[k];  // kept in view (horizontally only: the page does not jump)
+  if (frame) strip.scrollLeft = Math.max(0, frame.offsetLeft - (strip.clientWidth - frame.offsetWidth) / 2);
 }
 
 function useLora() {
