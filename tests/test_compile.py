@@ -115,3 +115,18 @@ def test_no_compiler_is_one_clear_line(tmp_path, tiny_sd1_file, monkeypatch, cap
     assert main(["generate", "x", "--model", str(tiny_sd1_file), "--out", str(tmp_path), "--compile"]) == 2
     err = capsys.readouterr().err
     assert "cannot compile: no C++ compiler" in err and "run without --compile" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+@needs_compiler
+def test_without_freezing_the_compiled_code_reads_the_live_weights(tmp_path, one_thread):
+    """A LoRA merged after compiling is applied by the compiled code itself (no eager fallback needed)."""
+    torch.manual_seed(0)
+    block = Block().eval().requires_grad_(False)
+    x = torch.randn(4, 32)
+    wrapper = compile_module(block, "h2", root=tmp_path)
+    block(x)
+    with torch.no_grad():
+        block.a.weight.mul_(2)
+        changed = Block.forward(block, x)
+        torch.testing.assert_close(wrapper.compiled(x), changed, atol=1e-5, rtol=1e-5)

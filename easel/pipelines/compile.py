@@ -9,8 +9,9 @@ manifest of those fields; a folder whose manifest does not match its key (or can
 emptied and rebuilt, never trusted. With freezing the weights are baked into the compiled code as constants, so
 keying by model hash keeps one model's code from serving another.
 
-Weights changed in place after compiling (a LoRA merged for one request) are noticed by the parameters' version
-counters; such calls run the eager UNet, which sees the live weights, so images stay right (just not faster).
+Without freezing the compiled code reads the live weights, so a LoRA merged for one request just works. With
+freezing, weights changed in place after compiling are noticed by the parameters' version counters; such calls run
+the eager UNet, which sees the live weights, so images stay right (just not faster).
 """
 from __future__ import annotations
 
@@ -115,23 +116,32 @@ class CompiledForward:
         # do not reach it in torch 2.13), so it is patched around each call
         self.compiled = torch.compile(self.eager, backend="inductor")
         self._warned = False
+        self.folders: dict[tuple[int, ...], Path] = {}
 
     def _versions(self) -> int:
         """Sum of the parameters' in-place version counters: it moves when any weight is written in place."""
         return sum(p._version for p in self.params)
 
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """The compiled forward (compiling, or loading from the cache, on a new shape); eager if weights moved."""
-        if self._versions() != self.versions:
+        """The compiled forward (compiling, or loading from the cache, on a new shape); with freezing, eager once
+        the weights moved (without it the compiled code reads the live weights)."""
+        if self.freezing and self._versions() != self.versions:
             if not self._warned:
-                log.warning("the UNet's weights changed since it was compiled (a LoRA?): running it eagerly")
+                log.warning("weights changed since they were frozen into the compiled UNet (a LoRA?): running it "
+                            "eagerly")
                 self._warned = True
             return self.eager(x, *args, **kwargs)
-        p = self.params[0]
-        fields = key_fields(self.model_hash, tuple(x.shape), p.dtype, p.device.type, freezing=self.freezing)
         from torch._inductor import config
-        with inductor_cache(cache_folder(fields, self.root)), config.patch(freezing=self.freezing), torch.no_grad():
+        with inductor_cache(self._folder(tuple(x.shape))), config.patch(freezing=self.freezing), torch.no_grad():
             return self.compiled(x, *args, **kwargs)
+
+    def _folder(self, shape: tuple[int, ...]) -> Path:
+        """The cache folder of one input shape (checked once per process, not at every step)."""
+        if shape not in self.folders:
+            p = self.params[0]
+            fields = key_fields(self.model_hash, shape, p.dtype, p.device.type, freezing=self.freezing)
+            self.folders[shape] = cache_folder(fields, self.root)
+        return self.folders[shape]
 
 
 def compile_module(module: torch.nn.Module, model_hash: str, freezing: bool = False,
