@@ -5,8 +5,8 @@ A ControlNet is a trainable copy of the UNet's encoder (`input_blocks`, `middle_
 `input_hint_block` (a few stride-2 convs down to the latent grid, added after the first input block); every input
 block's output and the middle block's leave through a zero-initialised 1x1 conv (`zero_convs.N.0`,
 `middle_block_out.0`). Those outputs, scaled, are added to the UNet's skip connections and middle block
-(`controlled_unet_forward`), which is all a ControlNet changes. Module names equal the checkpoint keys of
-ControlNet 1.1 files after stripping `control_model.`.
+(`UNetModel.forward(..., control=residuals)`), which is all a ControlNet changes. Module names equal the checkpoint
+keys of ControlNet 1.1 files after stripping `control_model.`.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from torch import nn
 
 from easel.models.configs import ModelConfig, UNetConfig
 from easel.models.layers import Downsample, ResBlock, SpatialTransformer, timestep_embedding
-from easel.models.unet import Block, UNetModel
+from easel.models.unet import Block
 
 # Widths of the hint block's conv pairs (CompVis `input_hint_block`, diffusers' conditioning embedding): one
 # stride-2 conv between consecutive widths, so 4 widths bring a 512 px hint to the 64 px latent grid.
@@ -165,31 +165,3 @@ def check_fits(cfg: ControlNetConfig, unet: UNetConfig, name: str = "this Contro
             "ControlNet made for this model's family (an SD1.5 ControlNet with SD1.x models, SDXL with SDXL)")
 
 
-def controlled_unet_forward(unet: UNetModel, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                            y: torch.Tensor | None = None,
-                            control: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """The UNet's forward with ControlNet residuals added to its skip connections and to the middle block's
-    output (cldm's ControlledUnetModel); `control` None is the plain forward."""
-    if control is None:
-        return unet(x, timesteps, context, y)
-    cfg, dtype = unet.cfg, unet.dtype
-    if len(control) != len(unet.input_blocks) + 1:
-        raise ValueError(f"got {len(control)} ControlNet residuals for a UNet with {len(unet.input_blocks)} skips "
-                         "and a middle block")
-    if cfg.adm_in_channels and y is None:
-        raise ValueError("this UNet (SDXL-style, adm_in_channels>0) needs `y`: build it with `sdxl_vector`")
-    timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])  # (B,)
-    emb = unet.time_embed(timestep_embedding(timesteps, cfg.model_channels).to(dtype))  # (B, 4 mc)
-    if y is not None:
-        emb = emb + unet.label_emb(y.to(dtype))
-    h, context = x.to(dtype), context.to(dtype)
-    skips = []
-    for block in unet.input_blocks:
-        h = block(h, emb, context)
-        skips.append(h)
-    control = list(control)
-    h = unet.middle_block(h, emb, context) + control.pop().to(dtype)
-    for block in unet.output_blocks:
-        h = torch.cat([h, skips.pop() + control.pop().to(dtype)], dim=1)  # (B, C + C_skip, H, W)
-        h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
-    return unet.out(h).to(x.dtype)

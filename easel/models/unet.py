@@ -109,8 +109,10 @@ class UNetModel(nn.Module):
         return self.out[2].weight.dtype
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                y: torch.Tensor | None = None) -> torch.Tensor:
-        """Predict eps (or v) for latents `x` (B, C, H, W) at `timesteps` (B,) or scalar, text `context` (B, T, D)."""
+                y: torch.Tensor | None = None, control: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Predict eps (or v) for latents `x` (B, C, H, W) at `timesteps` (B,) or scalar, text `context` (B, T, D).
+        `control`: ControlNet residuals, one per skip connection and the middle block's last (cldm's
+        ControlledUnetModel adds them there)."""
         cfg, dtype = self.cfg, self.dtype
         if cfg.adm_in_channels and y is None:
             raise ValueError("this UNet (SDXL-style, adm_in_channels>0) needs `y`: build it with `sdxl_vector`")
@@ -124,12 +126,19 @@ class UNetModel(nn.Module):
         emb = self.time_embed(timestep_embedding(timesteps, cfg.model_channels).to(dtype))  # (B, 4 mc)
         if y is not None:
             emb = emb + self.label_emb(y.to(dtype))
+        if control is not None and len(control) != len(self.input_blocks) + 1:
+            raise ValueError(f"got {len(control)} ControlNet residuals for a UNet with {len(self.input_blocks)} skips "
+                             "and a middle block")
         h, context = x.to(dtype), context.to(dtype)
         skips = []
         for block in self.input_blocks:
             h = block(h, emb, context)
             skips.append(h)
         h = self.middle_block(h, emb, context)
+        if control is not None:
+            control = [c.to(dtype) for c in control]
+            h = h + control.pop()
+            skips = [s + c for s, c in zip(skips, control)]
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
             # An upsampler must land exactly on the next skip's size (odd sizes round up on the way down).

@@ -28,7 +28,6 @@ from collections.abc import Callable
 import torch
 from PIL import Image, ImageOps
 
-from easel.models.controlnet import controlled_unet_forward
 from easel.pipelines.common import UNetFn
 from easel.pipelines.conditioning import SIGMA_RTOL
 from easel.pipelines.control_pre import canonical, preprocess
@@ -234,7 +233,7 @@ class ControlledUNet:
             residuals = self.residuals(control, hint, x, t, cond)
             total = residuals if total is None else [a + r for a, r in zip(total, residuals)]
         fn = self.fn
-        return controlled_unet_forward(fn.unet, x.to(fn.dtype), t, control=total, **cond).float()
+        return fn.unet(x.to(fn.dtype), t, control=total, **cond).float()
 
     def residuals(self, control: ActiveControl, hint: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
                   cond: dict) -> list[torch.Tensor]:

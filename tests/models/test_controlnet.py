@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_config
-from easel.models.controlnet import (ControlNet, ControlNetConfig, check_fits, controlled_unet_forward,
+from easel.models.controlnet import (ControlNet, ControlNetConfig, check_fits,
                                      encoder_skip_channels)
 from easel.models.unet import UNetModel, sdxl_vector
 from easel.weights import controlnet_keys as keys
@@ -68,8 +68,8 @@ def test_fresh_controlnet_changes_nothing_and_residuals_reach_the_unet():
         fresh = ControlNet(cfg)(x, hint, t, ctx)
         assert all(float(r.abs().max()) == 0 for r in fresh)
         plain = unet(x, t, ctx)
-        torch.testing.assert_close(controlled_unet_forward(unet, x, t, ctx, None, fresh), plain, rtol=0, atol=1e-6)
-        moved = controlled_unet_forward(unet, x, t, ctx, None, random_controlnet()[0](x, hint, t, ctx))
+        torch.testing.assert_close(unet(x, t, ctx, None, control=fresh), plain, rtol=0, atol=1e-6)
+        moved = unet(x, t, ctx, None, control=random_controlnet()[0](x, hint, t, ctx))
     assert float((moved - plain).abs().max()) > 1e-3
 
 
