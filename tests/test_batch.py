@@ -208,3 +208,12 @@ def test_lines_that_cannot_join_run_alone_through_the_pipeline(tmp_path, tiny_sd
     assert main(["info", "--json", str(out / "00002-01-5.png")]) == 0
     params = json.loads(capsys.readouterr().out)
     assert params["enable_hr"] is True and params["seed"] == 5 and params["prompt"] == "a blue dog"
+
+
+def test_controlnet_lines_never_join(tmp_path):
+    """ControlNets are applied by Pipeline.generate: a line with them must not be sampled in a joint batch."""
+    from easel.pipelines.batch_run import joint_key
+    line = read_batch_file(write(tmp_path, "a"))[0]
+    assert joint_key(line.request) is not None
+    line.request.controlnets = [object()]  # any unit
+    assert joint_key(line.request) is None

@@ -157,10 +157,11 @@ def _check_field(name: str, value) -> None:
 # --- grouping and sharding ---------------------------------------------------------------------------------------
 def joint_key(req: GenerationRequest) -> tuple | None:
     """What lines must share to sample in one model batch (None: the line runs alone: an edit, hires fix,
-    refiner, LoRA, variation seed, previews or several batches)."""
+    refiner, LoRA, ControlNet, variation seed, previews or several batches)."""
     from easel.pipelines.names import sampler_and_schedule
     from easel.text.prompt import extract_extra_networks
     if (req.mode != "txt2img" or req.enable_hr or req.refiner_checkpoint or req.loras or req.n_iter != 1
+            or getattr(req, "controlnets", None)  # applied by Pipeline.generate, not by the joint batch
             or req.subseed_strength > 0 or req.seed_resize_from_w or req.seed_resize_from_h or req.preview_every
             or extract_extra_networks(req.prompt)[1] or extract_extra_networks(req.negative_prompt)[1]):
         return None
