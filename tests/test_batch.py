@@ -217,3 +217,17 @@ def test_controlnet_lines_never_join(tmp_path):
     assert joint_key(line.request) is not None
     line.request.controlnets = [object()]  # any unit
     assert joint_key(line.request) is None
+
+
+@pytest.mark.parametrize("fields", [{"prompt": "a {red|blue} star"}, {"prompt": "a __colour__ star"},
+                                    {"prompt": "a star", "styles": ["photo"]}])
+def test_lines_with_styles_or_wildcards_never_join(tmp_path, monkeypatch, fields):
+    """Their prompts are drawn per image (and may bring LoRA tags) by Pipeline.generate."""
+    from easel.pipelines.batch_run import joint_key
+    (tmp_path / "wildcards").mkdir()
+    (tmp_path / "wildcards" / "colour.txt").write_text("red\nblue\n")
+    (tmp_path / "styles.csv").write_text("name,prompt,negative_prompt\nphoto,{prompt} photo,\n")
+    monkeypatch.setenv("EASEL_WILDCARDS", str(tmp_path / "wildcards"))
+    monkeypatch.setenv("EASEL_STYLES", str(tmp_path / "styles.csv"))
+    lines = read_batch_file(write(tmp_path, "a star", json.dumps(fields)))
+    assert joint_key(lines[0].request) is not None and joint_key(lines[1].request) is None

@@ -157,17 +157,25 @@ def _check_field(name: str, value) -> None:
 # --- grouping and sharding ---------------------------------------------------------------------------------------
 def joint_key(req: GenerationRequest) -> tuple | None:
     """What lines must share to sample in one model batch (None: the line runs alone: an edit, hires fix,
-    refiner, LoRA, ControlNet, variation seed, previews or several batches)."""
+    refiner, LoRA, ControlNet, styles, wildcards, variation seed, previews or several batches: Pipeline.generate
+    handles those)."""
     from easel.pipelines.names import sampler_and_schedule
     from easel.text.prompt import extract_extra_networks
     if (req.mode != "txt2img" or req.enable_hr or req.refiner_checkpoint or req.loras or req.n_iter != 1
-            or getattr(req, "controlnets", None)  # applied by Pipeline.generate, not by the joint batch
+            or getattr(req, "controlnets", None) or getattr(req, "styles", None) or _dynamic(req)
             or req.subseed_strength > 0 or req.seed_resize_from_w or req.seed_resize_from_h or req.preview_every
             or extract_extra_networks(req.prompt)[1] or extract_extra_networks(req.negative_prompt)[1]):
         return None
     sampler, scheduler = sampler_and_schedule(req.sampler, req.scheduler)
     # the size as written (None: the model's): groups depend on the file alone, known before the model loads
     return req.width, req.height, req.steps, sampler, scheduler, req.eta, req.tiled_vae
+
+
+def _dynamic(req: GenerationRequest) -> bool:
+    """Whether the prompts hold wildcards or {a|b} choices (drawn per image by Pipeline.generate; a style or a
+    wildcard may also bring a LoRA tag): such lines run alone."""
+    from easel.text.wildcards import has_dynamic_syntax
+    return any(has_dynamic_syntax(t) for t in (req.prompt, req.negative_prompt))
 
 
 def make_groups(lines: list[BatchLine], max_batch: int) -> list[list[BatchLine]]:
