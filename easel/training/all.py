@@ -77,6 +77,11 @@ class Layout:
         return self.root / "clip" / "text_encoder.safetensors"
 
     @property
+    def bilingual_text_encoder(self) -> Path:
+        """The text encoder after `python3 -m easel.training.bilingual` (used instead of CLIP's when present)."""
+        return self.root / "bilingual" / "text_encoder.safetensors"
+
+    @property
     def vae(self) -> Path:
         """Trained VAE weights with its config."""
         return self.root / "vae" / "vae.safetensors"
@@ -283,8 +288,9 @@ def build_model(layout: Layout, base: ModelConfig, unet_variant: str) -> LoadedM
     if vae.config != cfg.vae:
         raise TrainingError(f"the trained VAE ({vae.config}) is not the preset's ({cfg.vae}): use the same --preset")
     unet_file = _require(layout.stage("unet") / f"unet_{unet_variant}.safetensors", "unet", layout.root)
+    text_file = layout.bilingual_text_encoder if layout.bilingual_text_encoder.is_file() else layout.text_encoder
     parts = {"unet": load_file(str(unet_file)), "vae": vae.state_dict(),
-             "text_encoder.0": load_file(str(_require(layout.text_encoder, "clip", layout.root)))}
+             "text_encoder.0": load_file(str(_require(text_file, "clip", layout.root)))}
     model = StableDiffusion.empty(cfg)
     model.load_components(parts, dtype=torch.float32)
     return LoadedModel(model.eval().requires_grad_(False), [tok], str(layout.model), "")

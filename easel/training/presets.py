@@ -2,8 +2,8 @@
 
 Sizes follow throughput and quality measurements of a prototype on a 2-core CPU: a (16, 32, 64) VAE with 4x downsampling (64 px
 images -> 16x16x4 latents), a (32, 64, 128) UNet with cross-attention at 8x8 and 4x4 (more updates
-beat more parameters at this budget), and a 4-layer, 128-wide CLIP text encoder over a ~630-token
-vocabulary. eps-prediction with SD's scaled-linear betas, as the prototype that was measured.
+beat more parameters at this budget), and a 4-layer, 128-wide CLIP text encoder over a ~700-token
+vocabulary (English words and Chinese characters). eps-prediction with SD's scaled-linear betas, as the prototype that was measured.
 """
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import dataclasses
 from easel.models.clip_vision import CLIPVisionConfig
 from easel.models.configs import CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
 
-# The BPE trained on the default corpus (20k captions + the grammar's words) has 628 tokens; the
+# The shipped model's tokenizer: the first model's 628 English tokens + 76 for the 43 Chinese characters. The
 # real size always comes from the trained tokenizer via `shapeworld_config`.
-SHAPEWORLD_VOCAB = 628
+SHAPEWORLD_VOCAB = 704
 IMAGE_SIZE = 64
 
 SHAPEWORLD_TEXT = CLIPTextConfig(

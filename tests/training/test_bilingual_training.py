@@ -117,3 +117,22 @@ def test_train_all_warm_starts_from_a_model(tmp_path):
         assert f.metadata()["kind"] == "easel-clip-image-tower"
     metrics = json.loads((tmp_path / "v2" / "clip" / "metrics.json").read_text())
     assert "raw_zh_hardneg_relation" in metrics and np.isfinite(metrics["raw_hardneg_relation"])
+
+
+def test_language_distillation_trains_the_text_encoder_and_reassembles(tmp_path):
+    from safetensors.torch import load_file
+
+    from easel.training import bilingual
+    from easel.training.cli import main
+    from easel.weights.model_io import load_model
+    common = ["--preset", "tiny", "--clip-steps", "2", "--vae-steps", "2", "--unet-steps", "2", "--latents", "64",
+              "--captions", "300", "--no-judge", "--no-progress", "--threads", "1"]
+    assert main(["all", "--out", str(tmp_path), *common]) == 0
+    before = load_model(tmp_path / "shapeworld.safetensors").model.text_encoders[0].state_dict()
+    assert bilingual.main(["--out", str(tmp_path), "--steps", "3", "--preset", "tiny", "--lr", "1e-2"]) == 0
+    distilled = load_file(str(tmp_path / "bilingual" / "text_encoder.safetensors"))
+    after = load_model(tmp_path / "shapeworld.safetensors").model.text_encoders[0].state_dict()
+    assert all(torch.equal(after[k].float(), v) for k, v in distilled.items())  # the model now has it
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # and it learnt
+    log = [json.loads(line) for line in (tmp_path / "bilingual" / "log.jsonl").read_text().splitlines()]
+    assert log and all(np.isfinite(r["match"]) and np.isfinite(r["keep"]) for r in log)
