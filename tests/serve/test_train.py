@@ -200,3 +200,20 @@ def test_openapi_lists_the_training_routes(start_server):
     assert {"kind", "dataset", "name", "steps", "rank", "lr", "init_word", "sample_every"} <= set(body["properties"])
     assert {"403", "409", "413"} <= set(spec["paths"]["/api/v1/train"]["post"]["responses"])
     assert "kind" in [p["name"] for p in spec["paths"]["/api/v1/jobs"]["get"]["parameters"]]
+
+
+def test_serve_flags_turn_training_on(tmp_path):
+    import argparse
+
+    from easel.serve import cli as serve_cli
+    parser = argparse.ArgumentParser()
+    serve_cli.add_serve_parser(parser.add_subparsers(dest="command"))
+    parse = lambda argv: parser.parse_args(["serve", *argv])  # noqa: E731
+    s = serve_cli.settings_from_args(parse([]))
+    assert s.train_root is None and s.max_train_steps == 5000  # off by default
+    s = serve_cli.settings_from_args(parse(["--train-root", str(tmp_path), "--max-train-steps", "50"]))
+    assert (s.train_root, s.max_train_steps) == (str(tmp_path), 50)
+    with pytest.raises(ValueError, match="--train-root .*no such folder"):
+        serve_cli.settings_from_args(parse(["--train-root", str(tmp_path / "nope")]))
+    with pytest.raises(ValueError, match="--max-train-steps must be positive"):
+        serve_cli.settings_from_args(parse(["--max-train-steps", "0"]))

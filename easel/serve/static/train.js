@@ -274,7 +274,9 @@ function showSamples(list) {
   samples = list;
   const strip = list.map((s, k) => {
     const b = Object.assign(document.createElement("button"), { type: "button", className: "frame" });
-    b.append(Object.assign(document.createElement("img"), { src: s.url, alt: `samples at step ${s.step}` }));
+    const img = Object.assign(document.createElement("img"), { src: s.url, alt: `samples at step ${s.step}` });
+    img.addEventListener("load", keepInView);
+    b.append(img);
     b.title = `step ${s.step}`;
     b.addEventListener("click", () => showSample(k));
     return b;
@@ -293,9 +295,15 @@ function showSample(k) {
   img.alt = `sample images at step ${s.step}`;
   img.hidden = false;
   $("train-sample-step").textContent = `at step ${s.step}`;
+  [...$("train-strip").children].forEach((b, j) => b.setAttribute("aria-pressed", String(j === k)));
+  keepInView();
+}
+
+// The selected frame in the middle of the strip (horizontally only: the page does not jump); again as the
+// thumbnails load, since their widths are known only then.
+function keepInView() {
   const strip = $("train-strip");
-  [...strip.children].forEach((b, j) => b.setAttribute("aria-pressed", String(j === k)));
-  const frame = strip.children[k];  // kept in view (horizontally only: the page does not jump)
+  const frame = strip.children[sampleIndex];
   if (frame) strip.scrollLeft = Math.max(0, frame.offsetLeft - (strip.clientWidth - frame.offsetWidth) / 2);
 }
 
