@@ -181,7 +181,7 @@ def test_joint_denoiser_equals_each_lines_guided_denoiser(tiny_sd1):
     sigma = sigmas[0]
     with torch.no_grad():
         alone = [g(xs, sigma) for g, xs in zip(guided, x.split([1, 2, 1]))]
-        assert torch.equal(JointDenoiser(guided[:1], [1])(x[:1], sigma), alone[0])  # mirrors GuidedDenoiser exactly
+        assert torch.equal(JointDenoiser(guided[:1], [1])(x[:1], sigma), alone[0])  # the same model_call as forward
         joint = JointDenoiser(guided, [1, 2, 1])(x, sigma)
     torch.testing.assert_close(joint, torch.cat(alone), atol=1e-4, rtol=1e-4)
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import math
 import os
 import sys
 from collections.abc import Callable
@@ -310,8 +309,7 @@ class JointDenoiser:
         """Guided x0 of every line's rows of x (B, ...) at noise level sigma."""
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
         sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma.float()
-        calls = [_model_inputs(g, xs, ss) for g, xs, ss in zip(self.parts, x.split(self.sizes),
-                                                                  sigma.split(self.sizes))]
+        calls = [g.model_call(xs, ss) for g, xs, ss in zip(self.parts, x.split(self.sizes), sigma.split(self.sizes))]
         outputs = self._stacked_calls(calls, extra)
         return torch.cat([finish(o) for (_, _, _, finish), o in zip(calls, outputs)])
 
@@ -332,20 +330,3 @@ class JointDenoiser:
         return outputs
 
 
-def _model_inputs(g, x: torch.Tensor, sigma: torch.Tensor) -> tuple:
-    """(x, sigma, conditioning, finish) of the one model call GuidedDenoiser `g` makes for x; `finish(output)`
-    applies its guidance. Mirrors GuidedDenoiser.forward (a test holds them equal)."""
-    step = g.step_of(float(sigma.reshape(-1)[0]))
-    parts = g.cond.at_step(step)
-    if len(parts) == 1 and parts[0][1] == 1 and math.isclose(g.scale, 1.0):
-        return x, sigma, g._batched([parts[0][0]], x.shape[0], with_uncond=False), lambda out: out
-    conds = [g.uncond.at_step(step)[0][0]] + [c for c, _ in parts]
-    k = len(conds)
-
-    def finish(out: torch.Tensor) -> torch.Tensor:
-        outs = out.chunk(k)  # uncond first, then each AND part
-        denoised = outs[0]
-        for (_, w), c in zip(parts, outs[1:]):
-            denoised = denoised + (g.scale * w) * (c - outs[0])
-        return denoised
-    return torch.cat([x] * k), torch.cat([sigma] * k), g._batched(conds, x.shape[0], with_uncond=True), finish

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import regex
@@ -465,21 +466,28 @@ class GuidedDenoiser(nn.Module):
 
     def forward(self, x: Tensor, sigma: Tensor | float, **extra) -> Tensor:
         """Guided x0 for x (B, ...) at noise level sigma: u + scale * sum_i w_i (c_i - u)."""
-        sigma = _batch_sigma(sigma, x)
+        xs, sigmas, cond, finish = self.model_call(x, _batch_sigma(sigma, x))
+        return finish(self.inner(xs, sigmas, **cond, **extra))
+
+    def model_call(self, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor], Callable]:
+        """(x, sigma, conditioning) of the one batched model call for x at sigma (B,), and `finish(output)` that
+        applies the guidance to its output (easel batch stacks several prompts' calls into one)."""
         step = self.step_of(float(sigma.reshape(-1)[0]))
         parts = self.cond.at_step(step)
         if len(parts) == 1 and parts[0][1] == 1 and math.isclose(self.scale, 1.0):
             # at scale 1 a single prompt's guided output is its own prediction: skip the uncond half
-            return self.inner(x, sigma, **self._batched([parts[0][0]], x.shape[0], with_uncond=False), **extra)
+            return x, sigma, self._batched([parts[0][0]], x.shape[0], with_uncond=False), lambda out: out
         conds = [self.uncond.at_step(step)[0][0]] + [c for c, _ in parts]
         k = len(conds)
+
+        def finish(out: Tensor) -> Tensor:
+            outs = out.chunk(k)  # uncond first (as CFGDenoiser), then each AND part
+            denoised = outs[0]
+            for (_, w), c in zip(parts, outs[1:]):
+                denoised = denoised + (self.scale * w) * (c - outs[0])
+            return denoised
         both = self._batched(conds, x.shape[0], with_uncond=True)
-        out = self.inner(torch.cat([x] * k), torch.cat([sigma] * k), **both, **extra)  # (k B, ...)
-        outs = out.chunk(k)  # uncond first (as CFGDenoiser), then each AND part
-        denoised = outs[0]
-        for (_, w), c in zip(parts, outs[1:]):
-            denoised = denoised + (self.scale * w) * (c - outs[0])
-        return denoised
+        return torch.cat([x] * k), torch.cat([sigma] * k), both, finish  # (k B, ...)
 
     def _batched(self, conds: list[dict[str, Tensor]], batch: int, with_uncond: bool) -> dict[str, Tensor]:
         """Stack [uncond,] AND parts into one UNet batch, their contexts padded to one length as A1111 does."""
