@@ -69,6 +69,8 @@ def router(app: FastAPI) -> APIRouter:
     _add_control(r, app)
     _add_lists(r, app)
     _add_options(r, app)
+    from easel.serve import a1111_controlnet
+    app.include_router(a1111_controlnet.router(app))  # sd-webui-controlnet's /controlnet routes
     return r
 
 
@@ -157,7 +159,7 @@ def build_info(job: Job, mapped: Mapped, saved: list[str]) -> dict:
         "sd_model_name": first.get("model"), "sd_model_hash": first.get("model_hash"), "sd_vae_name": None,
         "sd_vae_hash": None, "seed_resize_from_w": req.seed_resize_from_w, "seed_resize_from_h": req.seed_resize_from_h,
         "denoising_strength": denoise, "extra_generation_params": _extra_params(texts[0]) if texts else {},
-        "index_of_first_image": 0, "infotexts": texts, "styles": [], "clip_skip": req.clip_skip,
+        "index_of_first_image": 0, "infotexts": texts, "styles": list(req.styles), "clip_skip": req.clip_skip,
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.started or job.created)),
         "is_using_inpainting_conditioning": None, "version": f"easel {__version__}",
         "unsupported": mapped.unsupported, "ignored": mapped.ignored, "notes": mapped.notes,

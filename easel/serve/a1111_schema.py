@@ -50,9 +50,9 @@ IMG2IMG_FIELDS: dict[str, tuple[Any, Any]] = {
 }
 
 # Fields easel has no equivalent for; reported as unsupported unless sent at a value that changes nothing.
-UNSUPPORTED = ("styles", "restore_faces", "tiling", "s_min_uncond", "s_churn", "s_tmax", "s_tmin", "s_noise",
+UNSUPPORTED = ("restore_faces", "tiling", "s_min_uncond", "s_churn", "s_tmax", "s_tmin", "s_noise",
                "override_settings_restore_afterwards", "disable_extra_networks", "firstpass_image", "comments",
-               "script_name", "script_args", "alwayson_scripts", "infotext", "firstphase_width", "firstphase_height",
+               "infotext", "firstphase_width", "firstphase_height",
                "hr_checkpoint_name", "image_cfg_scale", "mask_round", "initial_noise_multiplier", "latent_mask")
 NEUTRAL = {"mask_round": True, "override_settings_restore_afterwards": True, "s_noise": 1.0,
            "initial_noise_multiplier": 1.0, "hr_checkpoint_name": "Use same checkpoint"}
@@ -119,7 +119,7 @@ def to_request(body: dict, sent: set[str], img2img: bool, options: dict, resolve
     sampler, scheduler = resolve_a1111_sampler(get("sampler_name") or get("sampler_index"), get("scheduler"))
     fields = {name: get(name) for name in ("prompt", "negative_prompt", "steps", "cfg_scale", "width", "height",
                                            "seed", "batch_size", "n_iter", "eta")}
-    fields.update(sampler=sampler, scheduler=scheduler, loras=list(get("loras")),
+    fields.update(sampler=sampler, scheduler=scheduler, loras=list(get("loras")), styles=list(get("styles") or []),
                   clip_skip=int(options.get("CLIP_stop_at_last_layers", 1)),
                   preview_mode="full" if options.get("show_progress_type") == "Full" else "approx")
     fields.update(_seed_fields(get))
@@ -131,6 +131,7 @@ def to_request(body: dict, sent: set[str], img2img: bool, options: dict, resolve
         _img2img_fields(get, fields, mapped, decode)
     else:
         _hires_fields(get, fields, mapped)
+    fields["controlnets"] = _alwayson_scripts(get("alwayson_scripts"), mapped, decode)
     _report(body, sent, defaults, mapped)
     mapped.request = GenerationRequest(**fields)
     mapped.request.check()
@@ -223,6 +224,31 @@ def _img2img_fields(get: _Body, fields: dict, mapped: Mapped, decode=decode_imag
                   **{f"outpaint_{side}": get(f"outpaint_{side}") for side in ("left", "right", "up", "down")})
     if get("mask"):
         fields["mask"] = decode(get("mask"), "mask")
+
+
+def _alwayson_scripts(scripts: dict, mapped: Mapped, decode) -> list:
+    """The ControlNet units of `alwayson_scripts.controlnet.args` (sd-webui-controlnet's API shape), each naming a
+    listed ControlNet and counted before any image is decoded; other always-on scripts are reported unsupported."""
+    from easel.pipelines.control_unit import from_a1111
+    from easel.serve.control_trust import check_count, listed_name
+    units = []
+    for key, value in scripts.items():
+        if key.strip().lower() != "controlnet":
+            if value not in (None, {}, []):
+                mapped.unsupported.append(f"alwayson_scripts.{key}")
+            continue
+        args = value.get("args", []) if isinstance(value, dict) else value
+        if not isinstance(args, list):
+            raise ValueError("alwayson_scripts.controlnet.args must be a list of units: {\"args\": [unit, ...]} "
+                             "(sd-webui-controlnet's API)")
+        enabled = [(i, a) for i, a in enumerate(args) if isinstance(a, dict) and a.get("enabled", True) is not False
+                   and str(a.get("model", "None")) not in ("None", "none", "")]
+        check_count(enabled, "ControlNet units in alwayson_scripts.controlnet.args")
+        args = list(args)
+        for i, arg in enabled:
+            args[i] = {**arg, "model": listed_name(arg["model"], f"alwayson_scripts.controlnet.args[{i}].model")}
+        units = from_a1111(args, decode)
+    return units
 
 
 def _report(body: dict, sent: set[str], defaults: dict, mapped: Mapped) -> None:

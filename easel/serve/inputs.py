@@ -62,11 +62,36 @@ def decode_checked(value, name: str, max_pixels: int) -> Image.Image:
 
 
 def decode_body_images(body: dict, max_pixels: int) -> dict:
-    """A copy of a native request body with init_images / mask decoded (checked first); other fields as given."""
+    """A copy of a native request body with init_images / mask and the ControlNet units' images decoded (checked
+    first; a unit's ControlNet must be a listed name); other fields as given."""
     out = dict(body)
+    if out.get("controlnets") is not None:
+        out["controlnets"] = decode_controlnets(out["controlnets"], max_pixels)
     if out.get("init_images") is not None:
         out["init_images"] = [decode_checked(im, f"init_images[{i}]", max_pixels)
                               for i, im in enumerate(out["init_images"])]
     if out.get("mask") is not None:
         out["mask"] = decode_checked(out["mask"], "mask", max_pixels)
+    return out
+
+
+def decode_controlnets(units, max_pixels: int) -> list:
+    """Native `controlnets`: at most MAX_CONTROLNETS units, each naming a listed ControlNet (never a path), their
+    `image` / `mask` (or sd-webui-controlnet's `input_image`) decoded with the size checked first."""
+    from easel.serve.control_trust import check_count, listed_name
+    if not isinstance(units, list):
+        raise ValueError(f"controlnets must be a list of ControlNet units (got {type(units).__name__})")
+    check_count(units, "controlnets")
+    out = []
+    for i, unit in enumerate(units):
+        if not isinstance(unit, dict):
+            raise ValueError(f"controlnets[{i}] must be an object with at least 'model' and 'image'")
+        # A null alias would shadow the field it stands for: drop it.
+        unit = {k: v for k, v in unit.items() if not (k in ("module", "input_image") and v is None)}
+        if "model" in unit:
+            unit["model"] = listed_name(unit["model"], f"controlnets[{i}].model")
+        for key in ("image", "input_image", "mask"):
+            if unit.get(key) is not None:
+                unit[key] = decode_checked(unit[key], f"controlnets[{i}].{key}", max_pixels)
+        out.append(unit)
     return out

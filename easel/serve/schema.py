@@ -6,12 +6,32 @@ import math
 import typing
 
 from PIL import Image
-from pydantic import ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from easel.pipelines.request import GenerationRequest
 
+
+class ControlUnitBody(BaseModel):
+    """One ControlNet unit of a native request (easel.pipelines.control_unit.ControlUnit; images as base64)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model: str = Field(description="a name from GET /controlnet/model_list (never a path)")
+    image: str | None = Field(None, description="the condition image, base64 (null: the init image)")
+    mask: str | None = Field(None, description="for the inpaint preprocessor outside inpainting (white = repaint)")
+    weight: float = 1.0
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+    control_mode: str | int = Field("balanced", description="balanced, prompt, control (or A1111's labels, 0-2)")
+    resize_mode: str | int = Field("crop_and_resize", description="just_resize, crop_and_resize, resize_and_fill")
+    preprocessor: str = Field("none", description="a name from GET /controlnet/module_list")
+    threshold_a: float | None = None
+    threshold_b: float | None = None
+    module: str | None = Field(None, description="sd-webui-controlnet's name for preprocessor")
+    input_image: str | None = Field(None, description="sd-webui-controlnet's name for image")
+
+
 # Fields whose Python type is not JSON: images travel as base64 PNG/JPEG text (or data: URLs).
-_JSON_TYPES = {"init_images": list[str], "mask": str | None,
+_JSON_TYPES = {"init_images": list[str], "mask": str | None, "controlnets": list[ControlUnitBody],
                # A1111 sends choice fields as indices (0, 1, 2): GenerationRequest maps them to names.
                "resize_mode": str | int, "inpainting_fill": str | int, "loras": list[str]}
 _SERVER_SET = ("dtype", "device")  # the server's model decides these, not the client
