@@ -36,7 +36,8 @@ from easel.serve.a1111_schema import (
     to_request,
 )
 from easel.serve.inputs import decode_checked, image_bytes
-from easel.serve.jobs import FAILED, INTERRUPTED, Job
+from easel.serve.a1111_scripts import SCRIPTS, assemble, grid_order, plan_xyz, script_of
+from easel.serve.jobs import DONE, FAILED, INTERRUPTED, Job
 from easel.serve.models import model_entries
 from easel.serve.preview import to_base64_png
 from easel.serve.schema import GENERATION_RESPONSES
@@ -99,6 +100,8 @@ async def generate(app: FastAPI, request: Request, body, img2img: bool) -> dict:
     if mapped.unsupported or mapped.notes:
         log.warning("A1111 request fields not honoured", extra={
             "event": "a1111_unsupported", "unsupported": mapped.unsupported, "notes": mapped.notes})
+    if script_of(data.get("script_name")):
+        return await generate_xyz(app, request, data, mapped, img2img)
     job = enqueue(app, mapped.request, mapped.model)
     await wait_or_cancel(request, job, queue)
     if job.state == FAILED:
@@ -107,6 +110,57 @@ async def generate(app: FastAPI, request: Request, body, img2img: bool) -> dict:
     saved = await run_in_threadpool(_save, app, job, img2img) if mapped.save_images else []
     info = build_info(job, mapped, saved)
     return {"images": images, "parameters": echo(data, img2img), "info": json.dumps(info, default=str)}
+
+
+async def generate_xyz(app: FastAPI, request: Request, data: dict, mapped: Mapped, img2img: bool) -> dict:
+    """script_name "x/y/z plot": every cell checked first, then run as its own job on the queue; the answer is the
+    grid then the cells (A1111's order), each with its infotext. An interrupted or cancelled cell ends the plot:
+    the cells made so far come back, without a grid."""
+    queue = app.state.queue
+    if mapped.request.batch_size not in (None, 1) or mapped.request.n_iter != 1:
+        mapped.notes.append("batch_size and n_iter: an X/Y/Z plot makes one image per cell")
+    if mapped.save_images:
+        mapped.notes.append("save_images: the X/Y/Z plot's images are not saved on the server")
+    plan = await run_in_threadpool(plan_xyz, mapped.request, mapped.model, data.get("script_args"), img2img, queue,
+                                   app.state.settings, partial(resolve_checkpoint, queue))
+    results, job = {}, None
+    for key in plan.order:
+        job = enqueue(app, plan.cells[key], plan.models[key])
+        await wait_or_cancel(request, job, queue)
+        if job.state == FAILED:
+            raise HTTPException(*failure(job))
+        if job.state != DONE or not job.results:
+            break
+        results[key] = job.results[0]
+    complete = len(results) == len(plan.cells)
+    cells = [results[k] for k in grid_order(plan) if k in results]
+    plot = await run_in_threadpool(assemble, results, plan) if complete else None
+    texts = ([plot.infotext] if plot else []) + [infotext(c.params) for c in cells]
+    images = []
+    if mapped.send_images:
+        grid = [base64.b64encode(_grid_png(plot)).decode("ascii")] if plot else []
+        images = grid + [to_base64_png(c.image, c.params) for c in cells]
+    info = build_info(job, mapped, [])
+    first = [cells[0].params] if plot and cells else []
+    params = first + [c.params for c in cells]
+    info.update(infotexts=texts, index_of_first_image=1 if plot else 0,
+                all_prompts=[p.get("prompt", "") for p in params], all_seeds=[p.get("seed") for p in params],
+                all_negative_prompts=[p.get("negative_prompt", "") for p in params],
+                interrupted=not complete, xyz=plot.params.get("xyz") if plot else None)
+    return {"images": images, "parameters": echo(data, img2img), "info": json.dumps(info, default=str)}
+
+
+def _grid_png(plot) -> bytes:
+    """The grid as PNG bytes with A1111's parameters text (the plot's infotext) and easel's JSON."""
+    import io
+
+    from PIL import PngImagePlugin
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text("parameters", plot.infotext)
+    meta.add_text("easel", json.dumps(plot.params, sort_keys=True, default=str))
+    buf = io.BytesIO()
+    plot.grid.save(buf, format="PNG", pnginfo=meta)
+    return buf.getvalue()
 
 
 async def wait_or_cancel(request: Request, job: Job, queue) -> None:
@@ -256,6 +310,16 @@ def _add_lists(r: APIRouter, app: FastAPI) -> None:
     @r.get("/upscalers", summary="Image upscalers for hires fix")
     def upscalers() -> list[dict]:
         return [{"name": "Lanczos", "model_name": None, "model_path": None, "model_url": None, "scale": None}]
+
+    @r.get("/prompt-styles", summary="Styles of the server's styles.csv files (name, prompt, negative_prompt)")
+    def prompt_styles() -> list[dict]:
+        from easel.text.styles import load_styles
+        return [{"name": name, "prompt": st.prompt, "negative_prompt": st.negative_prompt}
+                for name, st in load_styles().items()]
+
+    @r.get("/scripts", summary="The scripts script_name may run (easel runs the X/Y/Z plot)")
+    def scripts() -> dict:
+        return {"txt2img": list(SCRIPTS), "img2img": list(SCRIPTS)}
 
     @r.get("/latent-upscale-modes", summary="Latent upscalers for hires fix")
     def latent_upscale_modes() -> list[dict]:
