@@ -36,6 +36,8 @@ from easel.serve.a1111_schema import (
     to_request,
 )
 from easel.serve.inputs import decode_checked, image_bytes
+from easel.serve import a1111_extras
+from easel.serve.a1111_extras import upscaler_list
 from easel.serve.a1111_scripts import SCRIPTS, assemble, grid_order, plan_xyz, script_of
 from easel.serve.jobs import DONE, FAILED, INTERRUPTED, Job
 from easel.serve.models import model_entries
@@ -70,6 +72,7 @@ def router(app: FastAPI) -> APIRouter:
     _add_control(r, app)
     _add_lists(r, app)
     _add_options(r, app)
+    r.include_router(a1111_extras.router(app, wait_or_cancel))
     from easel.serve import a1111_controlnet
     app.include_router(a1111_controlnet.router(app))  # sd-webui-controlnet's /controlnet routes
     return r
@@ -307,9 +310,10 @@ def _add_lists(r: APIRouter, app: FastAPI) -> None:
         from easel.weights.lora import list_loras
         return [{"name": e["name"], "alias": e["name"], "path": str(e["path"]), "metadata": {}} for e in list_loras()]
 
-    @r.get("/upscalers", summary="Image upscalers for hires fix")
+    @r.get("/upscalers", summary="Upscalers for Extras and hires fix: None, Lanczos, Nearest, then the upscaler "
+                                 "files found (names only, never the server's paths)")
     def upscalers() -> list[dict]:
-        return [{"name": "Lanczos", "model_name": None, "model_path": None, "model_url": None, "scale": None}]
+        return upscaler_list()
 
     @r.get("/prompt-styles", summary="Styles of the server's styles.csv files (name, prompt, negative_prompt)")
     def prompt_styles() -> list[dict]:

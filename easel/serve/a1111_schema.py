@@ -192,6 +192,8 @@ def _upscaler(label: str | None, mapped: Mapped) -> str:
     from easel.pipelines.names import resolve_upscaler
     if label is None:
         return "latent"  # A1111's default latent upscale mode
+    from easel.serve.schema import check_upscaler_not_path
+    check_upscaler_not_path(label, "hr_upscaler")
     try:
         return resolve_upscaler(label)
     except ValueError:

@@ -57,6 +57,7 @@ def plan_xyz(request: GenerationRequest, model: str | None, script_args, img2img
                 names.append(queue.check_model(resolve_checkpoint(str(v))))
             except ValueError as e:
                 raise ValueError(f"script_args: {full[model_axis].name.upper()} checkpoint {v!r}: {e}") from None
+    _check_named_values(full, queue)
     cells = cell_requests(request, axes)
     models = {key: names[key[model_axis]] if model_axis is not None else model for key in cells}
     for key, req in cells.items():
@@ -64,6 +65,22 @@ def plan_xyz(request: GenerationRequest, model: str | None, script_args, img2img
         admit(req, settings, queue.model_config(models[key]))
     order = sorted(cells, key=lambda k: (k[model_axis] if model_axis is not None else 0, k[2], k[1], k[0]))
     return XYZPlan(cells, models, full, order)
+
+
+def _check_named_values(full: list, queue) -> None:
+    """Axes whose values name files (hires upscaler, refiner) take names only: checked before any cell is built,
+    since building one looks the file up."""
+    from easel.serve.schema import check_upscaler_not_path
+    for axis in full:
+        for v in axis.values:
+            where = f"script_args: {axis.name.upper()} {axis.field}"
+            if axis.field == "hr_upscaler":
+                check_upscaler_not_path(v, where)
+            elif axis.field == "refiner_checkpoint" and v not in (None, "", "None"):
+                try:
+                    queue.check_model(str(v))
+                except ValueError as e:
+                    raise ValueError(f"{where} {v!r}: {e}") from None
 
 
 def assemble(results: dict, plan: XYZPlan):

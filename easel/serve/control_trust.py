@@ -1,4 +1,5 @@
-"""ControlNet units a client sends: how many, and which ControlNet files they may name (trust.py's rule).
+"""ControlNet units a client sends: how many, and which ControlNet files they may name (trust.py's rule); and
+the upscalers a client may name (Extras, hires fix), by the same rule.
 
 Over HTTP a ControlNet is a name from the server's ControlNet folders (GET /controlnet/model_list), never a path:
 a name that is not listed is refused with the same message whether or not a file of that name exists, and before
@@ -40,3 +41,20 @@ def check_count(units: list, where: str) -> None:
     """LimitError when a request has more ControlNet units than MAX_CONTROLNETS."""
     if len(units) > MAX_CONTROLNETS:
         raise LimitError("max_controlnets", len(units), MAX_CONTROLNETS, f"the number of {where}")
+
+
+def upscaler_name(name, where: str) -> str:
+    """The listed name of an upscaler a request gives ("None", "Lanczos", "Nearest", a file's A1111 label or stem),
+    never a path: ValueError (400) names GET /sdapi/v1/upscalers otherwise."""
+    from easel.upscale.find import PIXEL_UPSCALERS, list_upscalers, norm
+    key = norm(name) if isinstance(name, str) else ""
+    if key == "none":
+        return "None"
+    if key in PIXEL_UPSCALERS:
+        return key
+    if key and "/" not in name and "\\" not in name:
+        for entry in list_upscalers():
+            if key in (norm(entry.name), norm(entry.path.stem), norm(entry.path.name)):
+                return entry.name
+    raise ValueError(f"{where}: upscaler {name!r} is not one of this server's upscalers; requests name one from "
+                     "GET /sdapi/v1/upscalers (a name, never a path)")

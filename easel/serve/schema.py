@@ -72,8 +72,16 @@ def request_from_body(body: dict) -> tuple[GenerationRequest, str | None]:
         req = GenerationRequest.from_dict(body)
     except Image.DecompressionBombError as e:  # PIL refuses images of hundreds of megapixels
         raise ValueError(f"an input image is too large to decode ({e})") from None
+    check_upscaler_not_path(body.get("hr_upscaler"), "hr_upscaler")  # before anything looks for the file
     req.check()
     return req, model
+
+
+def check_upscaler_not_path(name, where: str) -> None:
+    """Over HTTP an upscaler is a name from GET /sdapi/v1/upscalers, never a path (the server's files stay its own)."""
+    if isinstance(name, str) and ("/" in name or "\\" in name):
+        raise ValueError(f"{where}: upscaler {name!r} is a path; requests name an upscaler from "
+                         "GET /sdapi/v1/upscalers (a name, never a path)")
 
 
 ERROR_SCHEMA = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"],

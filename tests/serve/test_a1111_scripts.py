@@ -60,6 +60,8 @@ def test_xyz_plot_grid_then_cells_each_a_real_generation(client, server):
     ({"script_name": "x/y/z plot", "script_args": ["Steps"]}, "script_args"),
     ({"script_name": "x/y/z plot", "script_args": ["Prompt S/R", "green,blue", None]}, "not in the prompt"),
     ({"script_name": "x/y/z plot", "script_args": ["Styles", "photo,nope", None]}, "nope"),
+    ({"script_name": "x/y/z plot", "script_args": ["Hires upscaler", "Lanczos,/etc/x.pth", None]}, "never a path"),
+    ({"script_name": "x/y/z plot", "script_args": ["Refiner checkpoint", "/etc/passwd", None]}, "refiner"),
 ])
 def test_xyz_errors_are_400s_before_anything_runs(client, server, body, message):
     before = len(server.queue.jobs())
