@@ -16,7 +16,7 @@ from easel.pipelines.control_unit import ControlUnit
 RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_fill")
 # In A1111's numbering (its API sends inpainting_fill as 0..3): 0 fill, 1 original, 2 latent noise, 3 latent nothing.
 INPAINTING_FILLS = ("fill", "original", "latent_noise", "latent_nothing")
-HR_UPSCALERS = ("latent", "latent-nearest", "latent-bicubic", "latent-antialiased", "lanczos")
+HR_UPSCALERS = ("latent", "latent-nearest", "latent-bicubic", "latent-antialiased", "lanczos", "nearest")
 PREVIEW_MODES = ("approx", "full")
 IMAGE_FIELDS = ("init_images", "mask")
 
