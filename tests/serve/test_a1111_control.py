@@ -4,6 +4,7 @@ random-weight ControlNet, 2 steps at 64 px."""
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -114,3 +115,32 @@ def test_openapi_has_the_controlnet_shapes(client):
     item = doc["components"]["schemas"]["JobBody"]["properties"]["controlnets"]["items"]
     assert item["$ref"].endswith("/ControlUnitBody")
     assert "guidance_end" in doc["components"]["schemas"]["ControlUnitBody"]["properties"]
+
+
+def test_weight_zero_is_the_image_without_controlnet_and_img2img_uses_the_init_image(client):
+    plain = client.post("/sdapi/v1/txt2img", json=FAST).json()["images"][0]
+    zero = client.post("/sdapi/v1/txt2img", json={**FAST, "alwayson_scripts": {"controlnet": {"args": [
+        unit(weight=0)]}}})
+    assert zero.status_code == 200 and decode(zero.json()["images"][0]).tobytes() == decode(plain).tobytes()
+    no_image = unit()
+    del no_image["image"]
+    body = {**FAST, "init_images": [b64_png(sketch())], "denoising_strength": 0.5,
+            "alwayson_scripts": {"controlnet": {"args": [no_image]}}}
+    r = client.post("/sdapi/v1/img2img", json=body)
+    assert r.status_code == 200 and "ControlNet 0" in json.loads(r.json()["info"])["infotexts"][0], r.text
+    r = client.post("/sdapi/v1/txt2img", json={**FAST, "alwayson_scripts": {"controlnet": {"args": [no_image]}}})
+    assert r.status_code == 400 and "has no image" in r.json()["error"]
+
+
+def test_native_controlnet_job_runs_and_records_its_unit(client):
+    good = {"model": CN, "image": b64_png(sketch()), "preprocessor": "scribble_xdog", "weight": 0.7}
+    job = client.post("/api/v1/jobs", json={**FAST, "controlnets": [good]}).json()
+    for _ in range(600):
+        done = client.get(f"/api/v1/jobs/{job['id']}").json()
+        if done["state"] not in ("queued", "running"):
+            break
+        time.sleep(0.1)
+    assert done["state"] == "done", done
+    params = done["params"][0]
+    assert params["controlnet_units"][0]["model"] == CN and params["controlnet_units"][0]["weight"] == 0.7
+    assert params["controlnet_infotext"]["ControlNet 0"].startswith("Module: scribble, Model: random-cn [")
