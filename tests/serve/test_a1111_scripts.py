@@ -82,3 +82,12 @@ def test_styles_apply_and_are_listed(client):
     assert client.get("/sdapi/v1/prompt-styles").json() == [
         {"name": "photo", "prompt": "{prompt}; a photo", "negative_prompt": "blurry"}]
     assert client.get("/sdapi/v1/scripts").json()["txt2img"] == ["x/y/z plot"]
+
+
+def test_xyz_checkpoint_axis_takes_the_server_titles(client):
+    titles = [m["title"] for m in client.get("/sdapi/v1/sd-models").json()]
+    assert titles
+    body = {**FAST, "steps": 1, "script_name": "x/y/z plot", "script_args": ["Checkpoint name", titles[0], []]}
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["images"]) == 2 and "X Type: Checkpoint" in json.loads(r.json()["info"])["infotexts"][0]
