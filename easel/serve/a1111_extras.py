@@ -15,14 +15,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from easel.serve.inputs import decode_checked
-from easel.serve.jobs import DONE, FAILED, TRAIN
+from easel.serve.jobs import DONE, EXTRAS, FAILED
 from easel.serve.preview import to_base64_png
 from easel.serve.schema import GENERATION_RESPONSES, LimitError, MemoryLimit
 from easel.serve.service import failure
 
-# The one Job.kind whose task the queue runs today is TRAIN (jobs.py runs `task.run` for it only); the task says
-# what it is in to_dict()["kind"]. A kind of its own needs the queue to run any job that has a task.
-TASK_KIND = TRAIN
+TASK_KIND = EXTRAS  # the queue runs any job that has a task; this kind keeps upscales apart from training jobs
 BYTES_PER_OUTPUT_PIXEL = 3 * 4 * 4  # float32 RGB: the tiles' sum, their weights, the result, and the PIL copy
 MAX_BATCH_IMAGES = 16  # images of one /extra-batch-images call
 

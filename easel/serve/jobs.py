@@ -45,6 +45,7 @@ LOADING, PREPARING, SAMPLING = "loading_model", "preparing", "sampling"
 INSPECTING = "inspecting"  # after sampling, a job submitted with inspect=True draws its capture (easel.serve.inside)
 GENERATE, LOAD = "generate", "load"  # Job.kind: a generation, or a model load asked for by a settings change
 TRAIN = "train"  # Job.kind: a training run on the worker's model (Job.task does the work: easel.serve.train)
+EXTRAS = "extras"  # Job.kind: an upscale (A1111's Extras) run as a task (easel.serve.a1111_extras)
 TRAINING = "training"  # Job.phase of a training job once its steps run
 USER_ERROR, SERVER_ERROR = "user", "server"  # Job.error_kind of a failed job
 _EASEL_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # .../easel/
@@ -82,7 +83,7 @@ class Job:
     inside: object | None = None  # the drawn capture (an easel.serve.inside.Inside) once the job is finished
     inside_error: str | None = None  # why a job submitted with inspect has no capture (failed, or dropped)
     device: str | None = None
-    task: object | None = None  # kind TRAIN: what runs instead of a generation (`task.run(job, pipe)`, `to_dict()`)
+    task: object | None = None  # kinds TRAIN, EXTRAS: what runs instead of a generation (`task.run(job, pipe)`)
     version: int = 0  # bumped on every change so watchers (server-sent events) know when to send
     _flags: set = field(default_factory=set, repr=False)
     _step_times: list = field(default_factory=list, repr=False)
@@ -423,7 +424,7 @@ class JobQueue:
                 job.phase = PREPARING
                 job.version += 1
                 results = self._generate(job, pipe)
-            elif job.kind == TRAIN:
+            elif job.task is not None:  # any other kind (training, extras) is a task that does its own work
                 job.phase = PREPARING
                 job.version += 1
                 job.task.run(job, pipe)
