@@ -3,6 +3,7 @@
     python scripts/ui_screenshots.py                 # writes docs/ui/{desktop,queue,lightbox,img2img,...}.png
     python scripts/ui_screenshots.py --only inside   # just the Inside tab: docs/ui/inside.png, inside-phone.png
     python scripts/ui_screenshots.py --only train    # just the Train tab (a LoRA of hearts): docs/ui/train.png
+    python scripts/ui_screenshots.py --only controlnet   # the ControlNet panel: docs/ui/controlnet.png
     python scripts/ui_screenshots.py --out /tmp/shots --chromium /usr/bin/chromium
 
 Needs `pip install playwright` and a chromium binary (Debian: `apt-get install chromium`); no browser download.
@@ -207,6 +208,77 @@ def take_train(browser, url: str, out: Path, steps: int) -> None:
     context.close()
 
 
+CONTROLNET = "random-cn-builtin"  # --only controlnet: a random-weight ControlNet for the built-in model
+
+
+def write_controlnet_setup(scratch: Path) -> None:
+    """A models dir with ControlNet/random-cn-builtin.safetensors (random weights) and a styles.csv, found by the
+    server through $EASEL_MODELS and $EASEL_STYLES."""
+    import easel
+    from easel.pipelines.control_sheet import random_controlnet_file
+    folder = scratch / "models" / "ControlNet"
+    folder.mkdir(parents=True, exist_ok=True)
+    random_controlnet_file(easel.load().config, folder / f"{CONTROLNET}.safetensors")
+    os.environ["EASEL_MODELS"] = str(scratch / "models")
+    styles = scratch / "styles.csv"
+    styles.write_text('name,prompt,negative_prompt\nSharp,"{prompt}, sharp focus",blurry\n'
+                      'Flat colours,"{prompt}, flat colours",\nOn black,"{prompt}, on a black background",\n')
+    os.environ["EASEL_STYLES"] = str(styles)
+
+
+def sketch_png(path: Path) -> Path:
+    """A black-on-white sketch of a star and a circle (what canny turns into outlines)."""
+    from PIL import Image, ImageDraw
+    im = Image.new("RGB", (64, 64), "white")
+    d = ImageDraw.Draw(im)
+    d.polygon([(18, 6), (22, 17), (33, 17), (24, 24), (28, 35), (18, 28), (8, 35), (12, 24), (3, 17), (14, 17)],
+              fill="black")
+    d.ellipse((34, 34, 58, 58), fill="black")
+    im.save(path)
+    return path
+
+
+def take_controlnet(browser, url: str, out: Path, steps: int) -> None:
+    """controlnet.png: the ControlNet panel (an uploaded sketch with its canny hint, a drawn unit) beside the job's
+    result (two element screenshots side by side: the panel is below the fold of the form)."""
+    import io
+    import tempfile
+
+    from PIL import Image
+    context, page = open_page(browser, url, {"width": 1280, "height": 1500}, 1, "dark")
+    set_fields(page, prompt=PROMPT, steps=steps, seed=7, batch_size=1)
+    page.select_option("#styles", ["Sharp"])
+    page.click("#controlnet > summary")
+    page.set_input_files("#cn0-file", str(sketch_png(Path(tempfile.mkdtemp()) / "sketch.png")))
+    page.wait_for_selector("#cn0-canvas:not([hidden])")
+    page.check("#cn0-enabled")
+    page.select_option("#cn0-preprocessor", "canny")
+    page.click("#cn0-preview")
+    page.wait_for_selector("#cn0[data-previewed=canny]")
+    page.fill("#cn0-weight", "0.8")
+    page.click("#cn1 > summary")
+    page.click("#cn1-draw")
+    page.check("#cn1-enabled")
+    page.fill("#cn1-brush", "40")
+    box = page.locator("#cn1-canvas").bounding_box()
+    for (x0, y0), (x1, y1) in (((0.2, 0.25), (0.35, 0.3)), ((0.6, 0.65), (0.75, 0.7))):  # two rough blobs
+        page.mouse.move(box["x"] + box["width"] * x0, box["y"] + box["height"] * y0)
+        page.mouse.down()
+        page.mouse.move(box["x"] + box["width"] * x1, box["y"] + box["height"] * y1, steps=6)
+        page.mouse.up()
+    page.select_option("#cn1-control_mode", "control")
+    generate(page)
+    page.evaluate("document.activeElement && document.activeElement.blur()")
+    panel = Image.open(io.BytesIO(page.locator("#controlnet").screenshot()))  # the panel beside the result
+    result = Image.open(io.BytesIO(page.locator("#output").screenshot()))
+    sheet = Image.new("RGB", (panel.width + result.width + 48, max(panel.height, result.height) + 32), "#17171c")
+    sheet.paste(panel, (16, 16))
+    sheet.paste(result, (panel.width + 32, 16))
+    sheet.save(out / "controlnet.png")
+    print(f"wrote {out / 'controlnet.png'}")
+    context.close()
+
+
 def take_all(browser, url: str, out: Path, steps: int) -> None:
     """Every picture of the README's web UI section: desktop, queue, full-size view, tabs, phone (dark, light),
     the Inside tab."""
@@ -232,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chromium", default=os.environ.get("EASEL_CHROMIUM") or shutil.which("chromium"),
                     help="chromium or chrome binary (default: chromium on PATH)")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--only", choices=["inside", "train"], help="take only these pictures")
+    ap.add_argument("--only", choices=["inside", "train", "controlnet"], help="take only these pictures")
     args = ap.parse_args(argv)
     if not args.chromium:
         sys.exit("no chromium found: apt-get install chromium, or pass --chromium PATH")
@@ -241,9 +313,12 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
     scratch = Path(tempfile.mkdtemp(prefix="easel_shots_"))  # the training data, run folder and LoRA go here
     os.environ["EASEL_LORA_DIRS"] = str(scratch / "loras")
+    if args.only == "controlnet":
+        write_controlnet_setup(scratch)
     url, server = start_server(train_root=write_hearts(scratch / "root" / "hearts").parent, output_dir=scratch)
     take = {"inside": take_inside_views,
-            "train": lambda b, u, o, s: take_train(b, u, o, 4 * s)}.get(args.only, take_all)
+            "train": lambda b, u, o, s: take_train(b, u, o, 4 * s),
+            "controlnet": take_controlnet}.get(args.only, take_all)
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=args.chromium,

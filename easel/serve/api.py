@@ -7,13 +7,14 @@ import json
 
 from fastapi import APIRouter, FastAPI, Query
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from easel.serve.inputs import decode_body_images
+from easel.serve.inputs import decode_body_images, decode_checked
 from easel.serve.jobs import DONE, FAILED, FINISHED, Job
 from easel.serve.models import model_entries
-from easel.serve.preview import to_png
+from easel.serve.preview import to_base64_png, to_png
 from easel.serve.schema import ERROR_SCHEMA, GENERATION_RESPONSES, NOT_FOUND, JobBody, request_from_body
 from easel.serve.service import enqueue, failure
 from easel.serve.settings import TOKEN_COOKIE
@@ -112,6 +113,7 @@ def router(app: FastAPI) -> APIRouter:
     _add_inside(r, find)
     _add_session(r, app)
     _add_lists(r, queue)
+    _add_control(r, app)
     return r
 
 
@@ -201,6 +203,60 @@ def _add_lists(r: APIRouter, queue) -> None:
     def loras() -> list:
         from easel.weights.lora import list_loras
         return list_loras()
+
+    @r.get("/styles", summary="Styles of the server's styles.csv files (name, prompt, negative prompt); requests "
+                              "apply them by name in `styles`", responses={400: GENERATION_RESPONSES[400]})
+    def styles() -> list[dict]:
+        from easel.text.styles import load_styles
+        return [{"name": name, "prompt": st.prompt, "negative_prompt": st.negative_prompt}
+                for name, st in load_styles().items()]
+
+
+class PreprocessBody(BaseModel):
+    """One image through a ControlNet preprocessor (the hint a ControlNet unit would see)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    image: str = Field(..., description="the control image: base64 PNG/JPEG/WebP text or a data: URL")
+    preprocessor: str = Field("none", description="a name from GET /api/v1/preprocessors")
+    threshold_a: float | None = Field(None, description="the preprocessor's first parameter (null: its default)")
+    threshold_b: float | None = Field(None, description="its second parameter (null: its default)")
+    mask: str | None = Field(None, description="for the inpaint preprocessor: white = repaint (base64)")
+
+
+def _add_control(r: APIRouter, app: FastAPI) -> None:
+    """GET /controlnets and /preprocessors, POST /preprocess: what the web UI's ControlNet panel needs."""
+
+    @r.get("/controlnets", summary="ControlNets in the server's ControlNet folders (names only, never paths); a "
+                                   "job's `controlnets[].model` names one")
+    def controlnets() -> list[dict]:
+        from easel.weights.controlnet_load import list_controlnets
+        return [{"name": p.stem if p.is_file() else p.name} for p in list_controlnets()]
+
+    @r.get("/preprocessors", summary="ControlNet preprocessors that need no weights: names, default thresholds, "
+                                     "whether they need a mask; and sd-webui-controlnet's aliases")
+    def preprocessors() -> list[dict]:
+        from easel.pipelines.control_pre import ALIASES, PREPROCESSORS
+        return [{"name": name, "threshold_a": pre.threshold_a, "threshold_b": pre.threshold_b,
+                 "needs_mask": pre.needs_mask, "aliases": [a for a, n in ALIASES.items() if a and n == name]}
+                for name, pre in PREPROCESSORS.items()]
+
+    @r.post("/preprocess", summary="Run a preprocessor on an image: the hint a ControlNet would see, as base64 PNG",
+            responses={400: GENERATION_RESPONSES[400]})
+    async def preprocess(body: PreprocessBody) -> dict:
+        return await run_in_threadpool(preprocess_image, body, app.state.settings)
+
+
+def preprocess_image(body: PreprocessBody, settings) -> dict:
+    """{'image': base64 PNG of the hint, 'preprocessor', 'width', 'height'}; ValueError / LimitError name the
+    bad field (the image's size is read from its header before anything is decoded)."""
+    from easel.pipelines.control_pre import canonical, hint_image, preprocess
+    name = canonical(body.preprocessor)  # an unknown or weights-needing name fails before any decoding
+    # The preprocessors hold a few float copies of the image: bound it by the output limit too.
+    limit = min(settings.input_pixels(), settings.max_pixels)
+    image = decode_checked(body.image, "image", limit)
+    mask = decode_checked(body.mask, "mask", limit) if body.mask else None
+    hint = hint_image(preprocess(name, image, body.threshold_a, body.threshold_b, mask))
+    return {"image": to_base64_png(hint, None), "preprocessor": name, "width": hint.width, "height": hint.height}
 
 
 

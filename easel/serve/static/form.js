@@ -40,6 +40,19 @@ function setOptions(select, items, selected) {
   select.replaceChildren(...items.map(({ value, label }) => new Option(label, value, false, value === selected)));
 }
 
+// The styles multi-select (GET /api/v1/styles), hidden when the server has none.
+export function initStyles(styles) {
+  const select = $("styles");
+  select.replaceChildren(...styles.map((st) => {
+    const option = new Option(st.name, st.name);
+    option.title = [st.prompt && `prompt: ${st.prompt}`, st.negative_prompt && `negative: ${st.negative_prompt}`]
+      .filter(Boolean).join("\n");
+    return option;
+  }));
+  select.size = Math.min(6, Math.max(2, styles.length));
+  $("styles-box").hidden = !styles.length;
+}
+
 // Fill the choice lists (samplers, schedulers, ... from the server) and the schema's defaults.
 export function initForm(config, samplers, schedulers) {
   const d = config.defaults;
@@ -77,8 +90,14 @@ export function inMode(element, mode) {
   return true;
 }
 
+const selectedValues = (select) => [...select.selectedOptions].map((o) => o.value);
+
 function fieldValue(element) {
   if (element.type === "checkbox") return element.checked;
+  if (element.multiple) {  // a list field (styles): nothing chosen is left to the server
+    const values = selectedValues(element);
+    return values.length ? values : undefined;
+  }
   if (element.type === "number" || element.type === "range") {
     return element.value.trim() === "" ? undefined : Number(element.value);
   }
@@ -111,7 +130,10 @@ export function writeForm(fields) {
     if (!(name in fields)) continue;
     const value = fields[name];
     if (element.type === "checkbox") element.checked = Boolean(value);
-    else if (element.tagName === "SELECT" && value != null &&
+    else if (element.multiple) {
+      const chosen = Array.isArray(value) ? value.map(String) : [];
+      for (const option of element.options) option.selected = chosen.includes(option.value);
+    } else if (element.tagName === "SELECT" && value != null &&
              ![...element.options].some((o) => o.value === String(value))) continue;
     else element.value = value == null ? "" : value;
     element.dispatchEvent(new Event("input"));
@@ -215,7 +237,8 @@ export function saveForm(mode) {
   const fields = {};
   for (const element of document.querySelectorAll("[data-field]")) {
     // As typed (a blank number stays blank: "left to the server" survives the reload too).
-    fields[element.dataset.field] = element.type === "checkbox" ? element.checked : element.value;
+    fields[element.dataset.field] = element.type === "checkbox" ? element.checked
+      : element.multiple ? selectedValues(element) : element.value;
   }
   try {
     localStorage.setItem(STORE_KEY, JSON.stringify({ mode, model: $("model").value, fields }));

@@ -1,5 +1,6 @@
 // easel's web UI: tabs, the form (kept across reloads), generate / cancel over the native API (/api/v1), PNG info.
-import { $, api, initForm, initLoras, inMode, readForm, restoreForm, saveForm, writeForm } from "./form.js";
+import { $, api, initForm, initLoras, initStyles, inMode, readForm, restoreForm, saveForm, writeForm } from "./form.js";
+import { controlUnits, initControl } from "./control.js";
 import { clearSource, hasSource, initMaskBrush, maskDataUrl, maskEmpty, render, setSource,
          sourceDataUrl } from "./canvas.js";
 import { initGallery, lastResult, selectedResult, setProgressText } from "./gallery.js";
@@ -77,6 +78,8 @@ function buildRequest() {
     if (maskEmpty()) throw new Error("paint the area to repaint on the image first (drag the brush over it)");
     body.mask = maskDataUrl();
   }
+  const units = controlUnits(mode, EDIT_MODES.includes(mode));
+  if (units.length) body.controlnets = units;
   if (mode === "outpaint" && !["left", "right", "up", "down"].some((s) => body[`outpaint_${s}`] > 0)) {
     throw new Error("outpaint adds pixels on some side: set Left, Right, Up or Down above 0");
   }
@@ -220,11 +223,15 @@ async function boot() {
   let saved = null;
   let config = null;
   try {
-    let samplers, schedulers, loras, models;
-    [config, samplers, schedulers, loras, models] = await Promise.all(
-      ["/ui/config.json", "/api/v1/samplers", "/api/v1/schedulers", "/api/v1/loras", "/api/v1/models"].map((p) => api(p)));
+    let samplers, schedulers, loras, models, styles, controlnets, preprocessors;
+    [config, samplers, schedulers, loras, models, styles, controlnets, preprocessors] = await Promise.all(
+      ["/ui/config.json", "/api/v1/samplers", "/api/v1/schedulers", "/api/v1/loras", "/api/v1/models",
+       "/api/v1/styles", "/api/v1/controlnets", "/api/v1/preprocessors"]
+        .map((p) => (p === "/api/v1/styles" ? api(p).catch(() => []) : api(p))));  // a bad styles.csv: no styles
     initForm(config, samplers, schedulers);
     initLoras(loras);
+    initStyles(styles);
+    initControl(controlnets, preprocessors, () => {});
     fillModels(models);
     saved = restoreForm();
     $("server-status").textContent = `easel ${config.version}`;
