@@ -28,6 +28,7 @@ from easel.serve.metrics import CONTENT_TYPE, Metrics
 from easel.serve.schema import COMMON_RESPONSES, LimitError
 from easel.serve.service import admit, enqueue, failure, wait_for  # noqa: F401  (re-exported)
 from easel.serve.settings import MEMORY_FRACTION, TOKEN_COOKIE, Settings  # noqa: F401  (Settings re-exported)
+from easel.serve.trust import hide_paths
 
 log = logging.getLogger("easel.serve")
 PLUGIN_MODULES = ("a1111", "openai_images", "ui", "train")  # easel.serve.<name>, each optional
@@ -119,7 +120,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(e.to_dict(), status_code=e.http_status)
 
     async def bad_value(_, e: ValueError):
-        return JSONResponse({"error": str(e)}, status_code=400)
+        return JSONResponse({"error": hide_paths(str(e))}, status_code=400)
 
     async def full(_, e: QueueFull):
         return JSONResponse({"error": str(e), "limit": "max_queue", "max": e.max_queued}, status_code=503,

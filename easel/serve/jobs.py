@@ -607,7 +607,8 @@ def is_user_error(e: BaseException) -> bool:
 def describe_error(e: BaseException, kind: str = USER_ERROR, max_chars: int = 300) -> str:
     """A message for the client. A user error is told whole (easel's errors name the problem and the fix);
     a server error by its first line only, with the type unless it is one of ours (the traceback is logged)."""
-    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    from easel.serve.trust import hide_paths
+    text = hide_paths(str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e))
     if kind == USER_ERROR:
         return text
     first = text.strip().split("\n")[0][:max_chars]

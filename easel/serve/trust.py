@@ -48,3 +48,20 @@ def check_names(req: GenerationRequest, queue) -> None:
         except ValueError as e:
             raise ValueError(f"refiner_checkpoint: {e}") from None
         req.refiner_checkpoint = queue.model_spec(name)
+
+
+def hide_paths(text: str) -> str:
+    """`text` with the server's own folders (model folders, the cache, the working directory, the home folder)
+    replaced by placeholders: an error message still names the problem and the fix, without telling a client
+    where files live on the server."""
+    import os
+    from pathlib import Path
+
+    from easel.weights.load import cache_dir
+    from easel.weights.registry import model_dirs
+    places = [(str(d.resolve()), "<model folder>") for d in model_dirs() if d.is_absolute()]
+    places += [(str(cache_dir().resolve()), "<cache>"), (os.getcwd(), "<server folder>"), (str(Path.home()), "~")]
+    for path, name in sorted(places, key=lambda p: -len(p[0])):  # the longest first: a cache inside the home
+        if len(path) > 1:
+            text = text.replace(path, name)
+    return text

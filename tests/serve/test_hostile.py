@@ -267,3 +267,21 @@ def test_bad_lora_files_in_the_lora_folder(client, server, tmp_path, monkeypatch
     assert r.status_code in (200, 400), r.text  # NaN weights: a clear error or an image, never a 500
     after = client.post("/sdapi/v1/txt2img", json=FAST).json()["images"][0]
     assert after == before  # the weights were put back: the next image is the same as before
+
+
+def test_error_messages_do_not_tell_where_the_servers_files_are(tmp_path, monkeypatch):
+    """A message that names a server folder (an upscaler not found lists the model folders) reaches a client with
+    placeholders instead of the paths."""
+    import os
+    from easel.serve.jobs import describe_error
+    from easel.serve.trust import hide_paths
+    models = tmp_path / "srv" / "models"
+    monkeypatch.setenv("EASEL_MODELS", str(models))
+    monkeypatch.setenv("EASEL_CACHE", str(tmp_path / "srv" / "cache"))
+    text = (f"put files in {models}/ESRGAN or {tmp_path / 'srv' / 'cache'}/models/x, see {tmp_path / 'srv' / 'cache'}"
+            f"/compiled, not {os.getcwd()}/x")
+    hidden = hide_paths(text)
+    assert str(tmp_path) not in hidden and os.getcwd() not in hidden
+    assert "<model folder>/ESRGAN" in hidden and "<model folder>/x" in hidden and "<cache>/compiled" in hidden
+    assert "<server folder>/x" in hidden
+    assert str(tmp_path) not in describe_error(ValueError(text))
