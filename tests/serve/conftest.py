@@ -118,3 +118,11 @@ def start_server(serve_threads):
     yield start
     for s in servers:
         s.stop()
+
+
+@pytest.fixture
+def client(server):
+    """An HTTP client of the module's `server` fixture (each test module starts the server its tests need)."""
+    import httpx
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c

@@ -61,12 +61,6 @@ def server(start_server, tmp_path):
     return start_server(Settings(max_queue=4, output_dir=str(tmp_path / "out")))  # where save_images writes
 
 
-@pytest.fixture
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
-
-
 def test_txt2img_shapes_seeds_and_unsupported_fields(client):
     body = {**FAST, "batch_size": 2, "n_iter": 2, "seed": -1, "sampler_name": "DPM++ 2M", "scheduler": "Karras",
             "restore_faces": True, "tiling": False, "do_not_save_grid": True, "no_such_field": 1,

@@ -38,12 +38,6 @@ def server(start_server, models):
                                  max_memory_bytes=2**30))
 
 
-@pytest.fixture
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=120) as c:
-        yield c
-
-
 def test_extra_single_image_runs_as_a_job(client, server):
     before = len(server.queue.jobs())
     r = client.post("/sdapi/v1/extra-single-image", json={"image": b64_png(picture()), "upscaler_1": "Lanczos",

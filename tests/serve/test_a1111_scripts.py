@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import pytest
 
 from easel.pipelines.metadata import parse_infotext
@@ -25,12 +24,6 @@ def server(start_server, tmp_path, monkeypatch):
     (tmp_path / "styles.csv").write_text("name,prompt,negative_prompt\nphoto,{prompt}; a photo,blurry\n")
     monkeypatch.setenv("EASEL_STYLES", str(tmp_path / "styles.csv"))
     return start_server(Settings(max_queue=4, max_batch=6))
-
-
-@pytest.fixture
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=120) as c:
-        yield c
 
 
 def test_xyz_plot_grid_then_cells_each_a_real_generation(client, server):

@@ -16,8 +16,6 @@ import torch
 from PIL import Image
 
 from easel.serve.app import Settings
-from easel.serve.jobs import JobQueue
-from tests.serve.conftest import builtin_loader
 
 LIMITS = Settings(max_pixels=64 * 64, max_steps=10, max_batch=4, max_body_bytes=2_000_000, max_input_pixels=64 * 64)
 FAST = {"prompt": "a red star", "steps": 2, "seed": 1, "width": 64, "height": 64, "batch_size": 1}
@@ -74,12 +72,6 @@ def truncated_png() -> str:
 @pytest.fixture
 def server(start_server):
     return start_server(Settings(**{**LIMITS.__dict__}))
-
-
-@pytest.fixture
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
 
 
 def still_serving(c: httpx.Client) -> None:

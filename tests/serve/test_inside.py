@@ -24,12 +24,6 @@ def server(start_server):
     return start_server(Settings(max_queue=8))
 
 
-@pytest.fixture
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
-
-
 def run_job(client: httpx.Client, body: dict) -> dict:
     """Submit, wait until done, return the job."""
     r = client.post("/api/v1/jobs", json=body)

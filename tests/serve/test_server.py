@@ -46,12 +46,6 @@ def server(start_server):
     return start_server(Settings(max_queue=8))
 
 
-@pytest.fixture
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
-
-
 def test_job_round_trip_with_events_and_png_metadata(client):
     r = client.post("/api/v1/jobs", json={**FAST, "batch_size": 2, "steps": 3, "preview_every": 1})
     assert r.status_code == 202 and r.headers["location"] == f"/api/v1/jobs/{r.json()['id']}"

@@ -205,6 +205,7 @@ def test_panel_says_where_to_put_controlnets(browser, start_server, tmp_path, mo
     mod = _browser_module()
     monkeypatch.setenv("EASEL_MODELS", str(tmp_path))  # no ControlNet folder
     monkeypatch.delenv("EASEL_CONTROLNETS", raising=False)
+    monkeypatch.setenv("EASEL_STYLES", "")  # no styles file either
     monkeypatch.chdir(tmp_path)
     context, page, errors = mod.open_ui(browser, start_server())
     try:

@@ -72,8 +72,8 @@ def test_cli_style_and_wildcards_flags_reach_the_png(tmp_path, tiny_sd1_file, mo
     from PIL import Image
 
     from easel.cli import main
-    for env in ("EASEL_STYLES", "EASEL_WILDCARDS"):  # the flags prepend to these: restored after the test
-        monkeypatch.delenv(env, raising=False)
+    for env in ("EASEL_STYLES", "EASEL_WILDCARDS"):  # the flags prepend to these: setenv restores (removes) them
+        monkeypatch.setenv(env, "")                    # after the test; delenv of an unset one would not
     monkeypatch.chdir(tmp_path)
     (tmp_path / "styles.csv").unlink(missing_ok=True)
     styles = tmp_path / "my-styles.csv"
