@@ -339,7 +339,8 @@ def compare_to_reference(base: LoadedModel, lora: Path, prompts: list[str], cfg_
 
 def cache_problem(data: dict, base: LoadedModel) -> str:
     """Why a latent cache does not fit the base model ('' when it does): tokenizer, latent shape or VAE."""
-    from easel.world.dataset import render_batch
+    from easel.world.dataset import mixed_scene, to_tensor
+    from easel.world.render import render_array
     model, train = base.model, data["train"]
     side = model.config.default_size // model.config.vae.downsample
     if tuple(train["latents"].shape[1:]) != (model.config.unet.in_channels, side, side):
@@ -347,8 +348,9 @@ def cache_problem(data: dict, base: LoadedModel) -> str:
     caps = [c[0] for c in train["captions"][:8]]
     if not torch.equal(base.tokenizers[0](caps, max_length=77), train["ids"][:8, 0].long()):
         return "its captions were tokenized by another tokenizer"
+    share = data.get("key", {}).get("relation_share", 0.0)  # how the cache drew its scenes
     with torch.no_grad():  # train latent i is the encoded scene of seed i
-        x, _ = render_batch(list(range(4)), model.config.default_size)
+        x = torch.stack([to_tensor(render_array(mixed_scene(i, share), model.config.default_size)) for i in range(4)])
         z = model.vae.encode_latents(x.to(model.device, next(model.vae.parameters()).dtype))
     ref = train["latents"][:4].float().to(z.device)
     err = float((z.float() - ref).pow(2).mean() / ref.pow(2).mean().clamp(min=1e-8))
