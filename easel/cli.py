@@ -400,7 +400,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from easel.world.evaluate import EvalSettings, run_eval
     settings = EvalSettings(per_category=args.per_category, images_per_prompt=args.images_per_prompt,
                             steps=args.steps, sampler=args.sampler, scheduler=args.scheduler,
-                            cfg_scale=args.cfg_scale, seed=args.seed, loras=args.lora)
+                            cfg_scale=args.cfg_scale, seed=args.seed, loras=args.lora, lang=args.lang)
     if settings.per_category < 1 or settings.images_per_prompt < 1:
         raise ValueError("--per-category and --images-per-prompt must be at least 1")
     pipe = easel.load(args.model, dtype=args.dtype, device=args.device)
@@ -650,6 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="GenEval-style ShapeWorld benchmark of a model")
     e.add_argument("--model", "-m", help="model to evaluate (default: the built-in model)")
     e.add_argument("--per-category", type=int, default=32, help="prompts per category (default 32)")
+    e.add_argument("--lang", default="en", choices=["en", "zh"], help="the prompts' language: en or zh (default en)")
     e.add_argument("--images-per-prompt", type=int, default=4, help="images per prompt (default 4)")
     e.add_argument("--steps", type=int)
     e.add_argument("--sampler")

@@ -21,3 +21,23 @@ def test_eval_writes_every_row_and_grid(tmp_path):
     assert saved["rows"] == rows
     assert (tmp_path / "ev" / "report.md").read_text().startswith("| |")
     assert (tmp_path / "ev" / "failures.png").is_file()
+
+
+def test_cli_eval_takes_the_language(tmp_path, monkeypatch, capsys):
+    """`easel eval --lang zh` judges Chinese prompts (the report says so); a language it does not know is refused."""
+    from easel.cli import main
+    from easel.weights.model_io import save_model
+    loaded = make_tiny(tmp_path, "sd1")
+    loaded.model.config = dataclasses.replace(loaded.model.config, default_size=64)
+    model = save_model(loaded, tmp_path / "tiny.safetensors")
+    out = tmp_path / "ev"
+    args = ["eval", "--model", str(model), "--per-category", "1", "--images-per-prompt", "1", "--steps", "1"]
+    assert main([*args, "--lang", "zh", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["lang"] == "zh" and any("\u4e00" <= ch <= "\u9fff" for im in report["images"] for ch in im["prompt"])
+    capsys.readouterr()
+    try:
+        code = main([*args, "--lang", "fr", "--out", str(out)])
+    except SystemExit as e:
+        code = e.code
+    assert code == 2 and "invalid choice: 'fr'" in capsys.readouterr().err
