@@ -46,7 +46,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's tests.conftest
 
-from tests.conftest import tiny_config, tiny_vocab_size, write_tiny_vocab  # noqa: E402
+from tests.conftest import random_model, tiny_config, tiny_vocab_size, write_tiny_vocab  # noqa: E402
 
 PROMPT, NEGATIVE = "a red cat and a blue dog", "green"
 
@@ -56,7 +56,6 @@ def tiny_sd1(folder: Path, seed: int = 0):
     middle block has it (SD1.5: (1, 1, 1, 0)), so DAAM's skipped middle block sits at a resolution of its own.
     Its VAE downsamples by 8 as SD's (small and narrow), so that the diffusers folder's default size is 512 px
     (unet sample_size 64 x 8) and DAAM takes its SD1.5 path (a 64x64 grid)."""
-    from easel.models.sd import StableDiffusion
     from easel.text.tokenizer import CLIPTokenizer
     from easel.weights.model_io import LoadedModel
     vocab, merges = write_tiny_vocab(folder / "tok")
@@ -64,13 +63,7 @@ def tiny_sd1(folder: Path, seed: int = 0):
     unet = dataclasses.replace(cfg.unet, channel_mult=(1, 2, 2), transformer_depth=(1, 1, 0))
     vae = dataclasses.replace(cfg.vae, ch=16, ch_mult=(1, 1, 1, 1), norm_groups=8)
     cfg = dataclasses.replace(cfg, name="tiny-sd1-daam", unet=unet, vae=vae, default_size=512)
-    torch.manual_seed(seed)
-    model = StableDiffusion(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():  # zero-initialised output convs would make every UNet output 0
-            if p.ndim >= 2 and float(p.abs().max()) == 0:
-                p.normal_(0, 0.05)
-    return LoadedModel(model, [CLIPTokenizer.from_files(vocab, merges)], "", "")
+    return LoadedModel(random_model(cfg, seed), [CLIPTokenizer.from_files(vocab, merges)], "", "")
 
 
 def diffusers_pipe(loaded, folder: Path):

@@ -88,21 +88,28 @@ def _tiny_refiner_config(text: CLIPTextConfig, vae: VAEConfig) -> ModelConfig:
                                default_size=32)
 
 
+def random_model(cfg, seed: int = 0):
+    """A StableDiffusion of `cfg` with random weights, seeded; the zero-initialised layers get small random values
+    too (zero output convs would make every UNet output 0)."""
+    from easel.models.sd import StableDiffusion
+    torch.manual_seed(seed)
+    model = StableDiffusion(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2 and float(p.abs().max()) == 0:
+                p.normal_(0, 0.05)
+    return model
+
+
 def make_tiny(tmp_path, family: str = "sd1", seed: int = 0):
     """A LoadedModel of `tiny_config(family)` with random weights (std widened so outputs are not trivially tiny)
     and its tokenizers."""
-    from easel.models.sd import StableDiffusion
     from easel.text.tokenizer import CLIPTokenizer
     from easel.weights.model_io import LoadedModel
     tok_dir = tmp_path / "tok"
     vocab, merges = write_tiny_vocab(tok_dir)
     cfg = tiny_config(family, tiny_vocab_size(tok_dir))
-    torch.manual_seed(seed)
-    model = StableDiffusion(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():  # zero-initialised output convs would make every UNet output 0
-            if p.ndim >= 2 and float(p.abs().max()) == 0:
-                p.normal_(0, 0.05)
+    model = random_model(cfg, seed)
     # OpenCLIP-based encoders pad with "!" (id 0 in CLIP's vocabulary and in ours), OpenAI CLIP with <|endoftext|>.
     toks = [CLIPTokenizer.from_files(vocab, merges, pad_token="!" if enc.pad_token_id == 0 else "<|endoftext|>")
             for enc in cfg.text_encoders]
