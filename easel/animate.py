@@ -89,6 +89,8 @@ def parse_schedule(text: str | float, what: str = "schedule") -> Schedule:
             keys = [_keyframe(part) for part in _split_top(text)]
     except (SyntaxError, ValueError) as e:
         raise ValueError(f"{usage}: {e}") from None
+    except (RecursionError, MemoryError):  # thousands of nested operators: refused, not a crash
+        raise ValueError(f"{usage}: the expression is nested too deeply") from None
     keys.sort(key=lambda k: k[0])
     if len({f for f, _ in keys}) != len(keys):
         raise ValueError(f"{usage}: a frame appears twice")
@@ -140,10 +142,12 @@ def _evaluate(tree: ast.Expression, t: int, schedule: Schedule) -> float:
         if isinstance(node, ast.Expression):
             return ev(node.body)
         if isinstance(node, ast.Constant):
-            return node.value
+            # As a float: 9**9**9 then overflows at once instead of building an integer of millions of digits
+            # (a schedule may come from an HTTP request).
+            return float(node.value)
         if isinstance(node, ast.Name):
             if node.id == "t":
-                return t
+                return float(t)
             if node.id in _CONSTANTS:
                 return _CONSTANTS[node.id]
             raise ValueError(f"unknown name {node.id!r} in {text} (use t, pi, e)")
@@ -154,7 +158,7 @@ def _evaluate(tree: ast.Expression, t: int, schedule: Schedule) -> float:
         return _FUNCTIONS[node.func.id](*(ev(a) for a in node.args))
     try:
         value = float(ev(tree))
-    except (ArithmeticError, TypeError, OverflowError) as e:
+    except (ArithmeticError, TypeError, OverflowError, RecursionError) as e:
         raise ValueError(f"{text} fails at frame {t}: {e}") from None
     if not math.isfinite(value):
         raise ValueError(f"{text} is not finite at frame {t}")
@@ -415,11 +419,13 @@ def frames_folder(out: Path) -> Path:
 
 def animate(pipe, settings: AnimationSettings | list[str], out: str | Path | None = None, request=None, *,
             on_frame: Callable[[int, int], None] | None = None, callback=None,
-            should_stop: Callable[[], bool] | None = None, **options) -> AnimationResult:
+            should_stop: Callable[[], bool] | None = None,
+            on_image: Callable[[int, Image.Image, dict], None] | None = None, **options) -> AnimationResult:
     """Draw the animation with `pipe` (easel.load()); `request` (GenerationRequest) gives steps, CFG, sampler,
     size, negative prompt; `options` are AnimationSettings fields when `settings` is a list of prompts. With
     `out`, writes the animation (format from the suffix) and every frame as a PNG with its parameters into
-    `frames_folder(out)`; `on_frame(done, total)` after each frame, `callback` at every step. When
+    `frames_folder(out)`; `on_frame(done, total)` after each frame (and `on_image(n, image, params)` before it, so
+    that a server keeps the frames made so far), `callback` at every step. When
     `should_stop()` turns true (a job cancelled), no further frame starts, and the frames done so far are
     written (an interrupted frame itself comes out from its last step, as A1111's interrupt)."""
     from easel.pipelines.request import GenerationRequest
@@ -440,6 +446,8 @@ def animate(pipe, settings: AnimationSettings | list[str], out: str | Path | Non
             from easel.pipelines.metadata import save_png
             folder.mkdir(parents=True, exist_ok=True)
             save_png(image, folder / f"{n:05d}.png", p)
+        if on_image is not None:
+            on_image(n, image, p)
         if on_frame is not None:
             on_frame(n + 1, settings.frames)
     result = AnimationResult(frames, params, frames_dir=folder, smoothness=smoothness(frames))

@@ -11,8 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from easel.serve import animate_job, extras_job, xyz_job
 from easel.serve.inputs import decode_body_images, decode_checked
-from easel.serve.jobs import DONE, FAILED, FINISHED, Job
+from easel.serve.jobs import DONE, EXTRAS, FAILED, FINISHED, GENERATE, TRAIN, Job
 from easel.serve.models import model_entries
 from easel.serve.preview import to_base64_png, to_png
 from easel.serve.schema import ERROR_SCHEMA, GENERATION_RESPONSES, NOT_FOUND, JobBody, request_from_body
@@ -20,6 +21,8 @@ from easel.serve.service import enqueue, failure
 from easel.serve.settings import TOKEN_COOKIE
 
 PREFIX = "/api/v1"
+# Job.kind of every job the API lists (a model load asked for by a settings change is nobody's job to list).
+JOB_KINDS = (GENERATE, TRAIN, animate_job.KIND, xyz_job.KIND, EXTRAS)
 SSE_POLL_S = 0.1  # how often an event stream looks at its job
 CONFLICT = {409: {"description": "The job is not in a state that allows this", "content": {
     "application/json": {"schema": ERROR_SCHEMA}}}}
@@ -51,7 +54,7 @@ def router(app: FastAPI) -> APIRouter:
                             "markers), parameters and image URLs of each")
     def list_jobs(limit: int | None = Query(None, ge=1, description="only the newest `limit` jobs"),
                   state: str | None = Query(None, description="only jobs in this state"),
-                  kind: str | None = Query(None, description="only jobs of this kind: generate or train")
+                  kind: str | None = Query(None, description="only jobs of this kind: " + ", ".join(JOB_KINDS))
                   ) -> list[dict]:
         jobs = [j for j in queue.jobs() if (state is None or j.state == state) and (kind is None or j.kind == kind)]
         return [job_summary(j, queue) for j in jobs[-limit if limit else 0:]]
@@ -114,6 +117,8 @@ def router(app: FastAPI) -> APIRouter:
     _add_session(r, app)
     _add_lists(r, queue)
     _add_control(r, app)
+    for module in (animate_job, xyz_job, extras_job):  # task jobs: queued, followed and cancelled as the others
+        r.include_router(module.router(app, job_summary))
     return r
 
 
@@ -261,8 +266,11 @@ def preprocess_image(body: PreprocessBody, settings) -> dict:
 
 
 def job_summary(job: Job, queue) -> dict:
-    """A job as the native API shows it: state, progress, parameters and image URLs."""
+    """A job as the native API shows it: state, progress, parameters and image URLs; a task job (animate, xyz,
+    extras) its task's progress and file URLs under `task` (training keeps `train`)."""
     d = job.to_dict()
+    if job.kind != TRAIN:
+        d["task"], d["train"] = d.get("train"), None
     d["position"] = queue.position(job)
     d["images"] = [f"{PREFIX}/jobs/{job.id}/images/{i}.png" for i in range(len(job.results))]
     d["inside"] = f"{PREFIX}/jobs/{job.id}/inside" if job.inside is not None else None
@@ -283,8 +291,8 @@ async def _event_stream(job: Job, queue):
             seen_version = job.version
             event = {"id": job.id, "state": job.state, "phase": job.phase, "step": job.step, "total": job.total,
                      "eta_s": job.eta_s(), "position": queue.position(job)}
-            if job.task is not None:  # a training job: its loss and sample images too
-                event["train"] = job.task.to_dict()
+            if job.task is not None:  # a training job: its loss and sample images; other tasks: their progress
+                event["train" if job.kind == TRAIN else "task"] = job.task.to_dict()
             yield _sse("progress", event)
             step = job.preview_step
             if every and step is not None and (sent_preview is None or step // every > sent_preview // every):
