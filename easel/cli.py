@@ -35,6 +35,13 @@ REQUEST_FLAGS = {
     "subseed_strength": (("--subseed-strength",), "how much of the variation seed's noise to mix in, 0..1"),
     "preview_every": (("--preview-every",), "a live preview every N steps (0: none)"),
     "preview_mode": (("--preview-mode",), "previews by the fast latent->RGB map or a full VAE decode: approx|full"),
+    # opt-in lossy accelerations (README "Lossy accelerations"); the defaults are the exact path
+    "deepcache": (("--deepcache",), "feature caching (DeepCache): the full UNet every N-th call, its deep features "
+                                    "reused in between; 1 is off, try 3"),
+    "cfg_cutoff": (("--cfg-cutoff",), "guidance truncation: steps after this fraction run the prompt's pass only; "
+                                      "1 is off, try 0.6"),
+    "tome": (("--tome",), "token merging (ToMe): fraction of the highest-resolution self-attention tokens merged, "
+                          "0..1 (0 is off, try 0.5)"),
 }
 HIRES_FLAGS = {
     "enable_hr": (("--hires",), "hires fix: generate at the base size, upscale, repaint with img2img"),

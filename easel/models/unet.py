@@ -6,6 +6,9 @@ One config (`UNetConfig`) describes all three families; see `easel.models.config
 """
 from __future__ import annotations
 
+import contextvars
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -14,6 +17,12 @@ from easel.models.layers import (Downsample, ResBlock, SpatialTransformer, Upsam
                                  timestep_embedding)
 
 SDXL_TIME_EMBED_DIM = 256  # width of each of SDXL's six size/crop embeddings
+
+# Hook for opt-in lossy accelerations (easel.pipelines.accel, DeepCache): while set, `UNetModel.forward` hands its
+# call to `route(unet, x, timesteps, context, y, control)`, which returns the output or None (run as usual). A context
+# variable and not a patched method, so that it applies to one thread's sampling run only and every other caller of
+# the same module (another server worker, the exact path) is untouched.
+FORWARD_ROUTE: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("unet_forward_route", default=None)
 
 
 class Block(nn.Sequential):
@@ -113,6 +122,20 @@ class UNetModel(nn.Module):
         """Predict eps (or v) for latents `x` (B, C, H, W) at `timesteps` (B,) or scalar, text `context` (B, T, D).
         `control`: ControlNet residuals, one per skip connection and the middle block's last (cldm's
         ControlledUnetModel adds them there)."""
+        route = FORWARD_ROUTE.get()
+        if route is not None:
+            out = route(self, x, timesteps, context, y, control)
+            if out is not None:
+                return out
+        return self.forward_split(x, timesteps, context, y, control)[0]
+
+    def forward_split(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                      y: torch.Tensor | None = None, control: list[torch.Tensor] | None = None, *,
+                      branch: int | None = None, deep: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`forward`, split at skip branch `branch` for feature caching (DeepCache, Ma et al. 2023): returns (output,
+        the features entering output block L-1-branch, which pairs with input block `branch`). With `deep` (those
+        features from an earlier call), only input blocks 0..branch and output blocks L-1-branch.. run."""
         cfg, dtype = self.cfg, self.dtype
         if cfg.adm_in_channels and y is None:
             raise ValueError("this UNet (SDXL-style, adm_in_channels>0) needs `y`: build it with `sdxl_vector`")
@@ -122,6 +145,10 @@ class UNetModel(nn.Module):
             hint = (" (an inpainting UNet: latent + mask + masked-image latent; use inpainting)"
                     if cfg.in_channels == 9 else "")
             raise ValueError(f"this UNet takes {cfg.in_channels} input channels{hint}, got x with {x.shape[1]}")
+        if branch is not None and not 0 <= branch < len(self.input_blocks):
+            raise ValueError(f"branch must be in [0, {len(self.input_blocks)}) (got {branch})")
+        if deep is not None and branch is None:
+            raise ValueError("forward_split: `deep` features need the `branch` they were taken at")
         timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])  # (B,)
         emb = self.time_embed(timestep_embedding(timesteps, cfg.model_channels).to(dtype))  # (B, 4 mc)
         if y is not None:
@@ -130,20 +157,29 @@ class UNetModel(nn.Module):
             raise ValueError(f"got {len(control)} ControlNet residuals for a UNet with {len(self.input_blocks)} skips "
                              "and a middle block")
         h, context = x.to(dtype), context.to(dtype)
+        n_in = len(self.input_blocks) if deep is None else branch + 1  # the shallow path stops at `branch`
         skips = []
-        for block in self.input_blocks:
+        for block in self.input_blocks[:n_in]:
             h = block(h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
+        if deep is None:
+            h = self.middle_block(h, emb, context)
         if control is not None:
             control = [c.to(dtype) for c in control]
-            h = h + control.pop()
-            skips = [s + c for s, c in zip(skips, control)]
-        for block in self.output_blocks:
+            if deep is None:
+                h = h + control.pop()
+            skips = [s + c for s, c in zip(skips, control)]  # zip: only the skips that ran
+        first = 0 if deep is None else len(self.output_blocks) - 1 - branch
+        if deep is not None:
+            h = deep.to(dtype)
+        kept = None
+        for j, block in enumerate(self.output_blocks[first:], start=first):
+            if branch is not None and j == len(self.output_blocks) - 1 - branch:
+                kept = h  # the deep part's features, what a cached call reuses
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
             # An upsampler must land exactly on the next skip's size (odd sizes round up on the way down).
             h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
-        return self.out(h).to(x.dtype)
+        return self.out(h).to(x.dtype), kept
 
 
 def sdxl_size_embedding(original_size: tuple[int, int], crop_coords: tuple[int, int],

@@ -35,7 +35,8 @@ LABELS = [("steps", "Steps"), ("sampler_label", "Sampler"), ("scheduler_label", 
           ("hr_cfg_scale", "Hires CFG Scale"), ("lora_hashes_text", "Lora hashes"), ("ti_hashes_text", "TI hashes"),
           ("refiner_checkpoint", "Refiner"),
           ("refiner_switch_at", "Refiner switch at"), ("prompt_template", "Template"),
-          ("negative_prompt_template", "Negative Template"), ("version", "Version")]
+          ("negative_prompt_template", "Negative Template"), ("deepcache", "DeepCache"), ("cfg_cutoff", "CFG cutoff"),
+          ("tome", "ToMe"), ("version", "Version")]
 
 
 def infotext(params: dict) -> str:
@@ -152,6 +153,7 @@ _INFOTEXT_FIELDS = {
     "Hires schedule type": ("hr_scheduler", str), "Hires prompt": ("hr_prompt", str),
     "Hires negative prompt": ("hr_negative_prompt", str), "Hires CFG Scale": ("hr_cfg_scale", float),
     "Refiner switch at": ("refiner_switch_at", float), "Model": ("model", str), "Model hash": ("model_hash", str),
+    "DeepCache": ("deepcache", int), "CFG cutoff": ("cfg_cutoff", float), "ToMe": ("tome", float),
 }
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from easel.pipelines import common, conditioning
+from easel.pipelines import accel, common, conditioning
 from easel.pipelines.refiner import SwitchDenoiser, check_pair, switch_step
 from easel.pipelines.request import GenerationRequest
 from easel.pipelines.sizes import final_size  # noqa: F401  (part of the plan's interface: what a request produces)
@@ -213,8 +213,20 @@ def guided_denoiser(loaded, req: GenerationRequest, batch: int, sigmas: torch.Te
         scores = (req.extra.get("aesthetic_score", conditioning.AESTHETIC_SCORE),
                   req.extra.get("negative_aesthetic_score", conditioning.NEGATIVE_AESTHETIC_SCORE))
         cond, uncond = (conditioning.rescored(pc, s, req.width, req.height) for pc, s in zip((cond, uncond), scores))
-    denoiser = common.make_denoiser(model, common.make_schedule(model), wrap_unet)
+    denoiser = common.make_denoiser(model, common.make_schedule(model), _with_accel(req, wrap_unet))
+    if req.cfg_cutoff != accel.CFG_CUTOFF_OFF:  # opt-in guidance truncation (issue 11); off: the exact class
+        from easel.pipelines.accel.cfg_cutoff import CutoffGuidedDenoiser
+        return CutoffGuidedDenoiser(denoiser, cond, uncond, req.cfg_scale, sigmas, req.cfg_cutoff)
     return conditioning.GuidedDenoiser(denoiser, cond, uncond, req.cfg_scale, sigmas)
+
+
+def _with_accel(req: GenerationRequest, wrap_unet: Callable | None) -> Callable | None:
+    """`wrap_unet` with the request's opt-in feature caching / token merging innermost, next to the UNet (so a
+    9-channel model's extra channels are already there); unchanged when both are off."""
+    fast = accel.unet_wrapper(req)
+    if fast is None:
+        return wrap_unet
+    return fast if wrap_unet is None else (lambda fn: wrap_unet(fast(fn)))
 
 
 def request_denoiser(loaded, req: GenerationRequest, batch: int, sigmas: torch.Tensor, refiner=None, **options):

@@ -84,6 +84,11 @@ class GenerationRequest:
     controlnets: list = field(default_factory=list)
     # prompt tooling: A1111 styles by name (styles.csv), applied before wildcards and {a|b} choices are drawn
     styles: list[str] = field(default_factory=list)
+    # opt-in lossy accelerations (easel.pipelines.accel; the defaults are off): feature caching every N UNet calls,
+    # the negative-prompt pass dropped after this fraction of the steps, the fraction of tokens merged (ToMe)
+    deepcache: int = 1
+    cfg_cutoff: float = 1.0
+    tome: float = 0.0
 
     def __post_init__(self):
         # A1111's API sends choice fields as indices, the CLI with hyphens: store the canonical names.
@@ -198,6 +203,8 @@ class GenerationRequest:
         self._check_hires()
         self._check_extras()
         self._check_prompt_tools()
+        from easel.pipelines.accel import check as check_accel
+        check_accel(self.deepcache, self.cfg_cutoff, self.tome)
 
     def _check_basic(self) -> None:
         for name in ("width", "height"):

@@ -82,6 +82,8 @@ def image_params(loaded: LoadedModel, req: GenerationRequest, seed: int) -> dict
         p["loras"] = list(req.loras)
     if req.refiner_checkpoint:
         p.update(_fields(req, "refiner_checkpoint", "refiner_switch_at"))
+    from easel.pipelines.accel import params as accel_params
+    p.update(accel_params(req))  # opt-in lossy accelerations, only when used
     for key in ("prompt_template", "negative_prompt_template"):  # what wildcards / {a|b} / styles were drawn from
         if (req.extra or {}).get(key):
             p[key] = req.extra[key]
