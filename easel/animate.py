@@ -486,7 +486,10 @@ def _frames(pipe, settings: AnimationSettings, base, callback, should_stop=None)
             req = dataclasses.replace(req, init_images=[moved], denoising_strength=1 - values["strength"])
             info.update({k: round(v, 6) for k, v in values.items()})
         extend = travel_extension(req, prompts[j], t, noise, encoded)
-        result = pipe.generate(req, callback, extend_plan=extend, should_stop=should_stop)[0]
+        made = pipe.generate(req, callback, extend_plan=extend, should_stop=should_stop)
+        if not made:  # cancelled while this frame was drawn: the pipeline drops an unfinished image
+            return
+        result = made[0]
         previous = result.image
         first = first or result.image
         yield result.image, {**result.params, "animation": info}

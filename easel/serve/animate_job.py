@@ -184,7 +184,7 @@ def prepare(app: FastAPI, body: AnimateBody) -> tuple[AnimateTask, str | None]:
         try:
             check_names(dataclasses.replace(request, prompt=prompt), queue)
         except ValueError as e:
-            raise ValueError(f"prompts[{i}]: {e}") from None
+            raise ValueError(f"prompts[{i}]: {str(e).removeprefix('prompt: ')}") from None
     motion = {k: None if getattr(body, k) is None else str(getattr(body, k))
               for k in ("zoom", "angle", "translation_x", "translation_y", "strength")}
     settings = AnimationSettings(list(body.prompts), body.frames, body.keyframes, body.seeds, seed,
