@@ -1,4 +1,4 @@
-"""`easel train tokenizer|clip|vae|unet|all|lcm-lora|lora|embedding`: flags -> stage runs.
+"""`easel train tokenizer|clip|vae|unet|all|lcm-lora|controlnet|lora|embedding|finetune`: flags -> stage runs.
 
 Also runnable on its own, which is how data-parallel runs start:
     torchrun --nproc_per_node 2 -m easel.training.cli unet --out runs/shapeworld
@@ -79,6 +79,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="choose raw vs EMA UNet by validation loss only (skip the benchmark)")
     from easel.training.lcm_cli import add_lcm_parser
     add_lcm_parser(sub, _common)
+    from easel.training.controlnet_cli import add_controlnet_parser
+    add_controlnet_parser(sub, _common)
     from easel.training.user_cli import add_user_parsers
     add_user_parsers(sub)
     train.set_defaults(func=cmd_train)
@@ -131,6 +133,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(stages.stage_tokenizer(layout, args.captions, info))
         elif args.stage == "lcm-lora":
             from easel.training.lcm import run_from_args
+            metrics = run_from_args(args, info)
+            if info.main:
+                print(metrics)
+        elif args.stage == "controlnet":
+            from easel.training.controlnet_train import run_from_args
             metrics = run_from_args(args, info)
             if info.main:
                 print(metrics)

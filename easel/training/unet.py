@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch import Tensor
@@ -46,14 +47,16 @@ def file_digest(*paths: Path) -> str:
 @torch.no_grad()
 def encode_dataset(vae, tok: CLIPTokenizer, seeds: list[int], size: int = 64, captions_per_image: int = 2,
                    chunk: int = 256, progress: bool = True, langs: tuple[str, ...] = ("en",),
-                   relation_share: float = 0.0) -> dict:
-    """Render and encode scenes: latents (N, C, h, w) fp16 (scaled), token ids (N, R, 77) int32, captions."""
+                   relation_share: float = 0.0, with_objects: bool = False) -> dict:
+    """Render and encode scenes: latents (N, C, h, w) fp16 (scaled), token ids (N, R, 77) int32, captions; with
+    `with_objects` also the objects' places (N, 5, 3) = (cx, cy, r) for layout sketches."""
     from tqdm import tqdm
 
     from easel.world.captions import caption
     from easel.world.dataset import mixed_scene, to_tensor
     from easel.world.render import render_array
-    latents, ids, captions = [], [], []
+    from easel.world.sketch import objects_array
+    latents, ids, captions, places = [], [], [], []
     for i in tqdm(range(0, len(seeds), chunk), desc="encode latents", disable=not progress, file=sys.stderr):
         batch = seeds[i:i + chunk]
         scenes = [mixed_scene(s, relation_share) for s in batch]
@@ -65,7 +68,11 @@ def encode_dataset(vae, tok: CLIPTokenizer, seeds: list[int], size: int = 64, ca
         flat = [c for row in caps for c in row]
         ids.append(tok(flat, max_length=77).to(torch.int32).view(len(batch), captions_per_image, 77))
         captions += caps
-    return {"latents": torch.cat(latents), "ids": torch.cat(ids), "captions": captions}
+        places += [objects_array(scene.objects) for scene in scenes]
+    out = {"latents": torch.cat(latents), "ids": torch.cat(ids), "captions": captions}
+    if with_objects:
+        out["objects"] = torch.from_numpy(np.stack(places))
+    return out
 
 
 def load_or_build_cache(path: Path, vae_path: Path, tok_dir: Path, n_train: int, n_val: int, size: int,

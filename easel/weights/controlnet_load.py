@@ -21,7 +21,7 @@ from easel.weights import controlnet_keys as keys
 from easel.weights.folders import CONTROLNET_FOLDERS
 from easel.weights.load import CheckpointError, PICKLE_SUFFIXES, file_hash, read_state_dict
 from easel.weights.model_io import parse_dtype
-from easel.weights.registry import model_dirs
+from easel.weights.registry import BUILTIN_DIR, model_dirs
 
 SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 FOLDER_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
@@ -43,9 +43,9 @@ class LoadedControlNet:
 
 
 def controlnet_dirs() -> list[Path]:
-    """Folders searched for ControlNets by name, in order."""
+    """Folders searched for ControlNets by name, in order (the built-in model's own ControlNets last)."""
     dirs = [Path(p) for p in os.environ.get("EASEL_CONTROLNETS", "").split(":") if p]
-    return dirs + [d / sub for d in model_dirs() for sub in CONTROLNET_FOLDERS]
+    return dirs + [d / sub for d in model_dirs() for sub in CONTROLNET_FOLDERS] + [BUILTIN_DIR / "controlnet"]
 
 
 def list_controlnets() -> list[Path]:

@@ -204,6 +204,11 @@ def judge(image, prompt: Prompt) -> Verdict:
 
 def ground_truth_image(prompt: Prompt, seed: int = 0, size: int = 64) -> Image.Image:
     """A render that satisfies the prompt: exactly the named objects, relation placed clearly."""
+    return render(ground_truth_scene(prompt, seed), size)
+
+
+def ground_truth_scene(prompt: Prompt, seed: int = 0) -> Scene:
+    """A scene that satisfies the prompt; its objects follow the mentions in order (each repeated count times)."""
     rng = np.random.default_rng([seed, 0x6727])
     for attempt in range(100):
         specs = []
@@ -213,7 +218,7 @@ def ground_truth_image(prompt: Prompt, seed: int = 0, size: int = 64) -> Image.I
         objects = make_objects(rng, specs, prompt.relation)
         if objects is not None:
             background = int(rng.integers(BACKGROUND_RANGE[0], BACKGROUND_RANGE[1] + 1))
-            return render(Scene(background, objects, "benchmark", seed), size)
+            return Scene(background, objects, "benchmark", seed)
     raise RuntimeError(f"cannot place the objects of {prompt.text!r} in one image")
 
 
