@@ -29,7 +29,9 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 # The only files /ui/<name> serves (a fixed list, so no request can reach outside the folder).
 ASSETS = {"ui.css": "text/css", "ui.js": "text/javascript", "canvas.js": "text/javascript",
           "gallery.js": "text/javascript", "form.js": "text/javascript", "jobs.js": "text/javascript",
-          "inside.js": "text/javascript", "train.js": "text/javascript", "control.js": "text/javascript"}
+          "inside.js": "text/javascript", "train.js": "text/javascript", "control.js": "text/javascript",
+          "tasks.js": "text/javascript", "animate.js": "text/javascript", "extras.js": "text/javascript",
+          "xyz.js": "text/javascript"}
 PROMPT_CHARS = 200  # of each job's prompt in the queue list (the full prompt is in its images' parameters)
 UNREADABLE = {400: {"description": "No image, not an image, or one over the server's input pixel limit",
                     "content": {"application/json": {"schema": ERROR_SCHEMA}}}}

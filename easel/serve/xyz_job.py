@@ -61,6 +61,7 @@ class XYZTask:
     server: object  # the server's Settings (each cell admitted again once the model is loaded)
     results: dict = dataclasses.field(default_factory=dict)  # (x, y, z) -> GeneratedImage
     cell_pngs: list = dataclasses.field(default_factory=list)  # PNG bytes, in grid order, as they are made
+    cell_texts: list = dataclasses.field(default_factory=list)  # their A1111 parameters texts
     grid: bytes | None = None
     infotext: str = ""
     job_id: str = ""
@@ -71,6 +72,7 @@ class XYZTask:
 
     def run(self, job, pipe) -> None:
         """Each cell on the worker's model (a cancel keeps the cells made), then the grid when all are made."""
+        from easel.pipelines.metadata import infotext
         from easel.serve.preview import to_png
         from easel.serve.service import admit
         for req in self.cells.values():
@@ -84,6 +86,7 @@ class XYZTask:
                 break
             self.results[key] = made[0]
             self.cell_pngs.append(to_png(made[0].image, made[0].params))
+            self.cell_texts.append(infotext(made[0].params))
             show_preview(job, made[0].image)
             if reporter.should_stop():
                 break  # the interrupted cell is kept, as A1111 keeps an interrupted image
@@ -116,6 +119,7 @@ class XYZTask:
                 "axes": axes, "shape": [len(a.values) for a in self.axes], "cells": len(self.cells),
                 "cells_done": len(self.cell_pngs), "grid": f"{base}/grid.png" if self.grid else None,
                 "cell_urls": [f"{base}/cells/{n}.png" for n in range(len(self.cell_pngs))],
+                "cell_infotexts": list(self.cell_texts),
                 "infotext": self.infotext or None}
 
 

@@ -88,7 +88,7 @@ def sample_png(path) -> str:
 
 def test_txt2img_generates_and_shows_parameters(ui):
     page, server = ui
-    tabs = ["txt2img", "img2img", "Inpaint", "Outpaint", "PNG info", "Inside", "Train"]
+    tabs = ["txt2img", "img2img", "Inpaint", "Outpaint", "X/Y/Z", "Animate", "Extras", "PNG info", "Inside", "Train"]
     assert page.locator("#tabs [role=tab]").all_inner_texts() == tabs
     assert "Euler a" in page.locator("#sampler option").all_inner_texts()  # lists come from the server
     assert "Karras" in page.locator("#scheduler option").all_inner_texts()
@@ -415,6 +415,7 @@ def test_tabs_follow_the_arrow_keys(ui):
     for key, want in [("ArrowRight", "img2img"), ("ArrowRight", "inpaint"), ("End", "train"),
                       ("ArrowRight", "txt2img"), ("ArrowLeft", "train"), ("Home", "txt2img"),
                       ("ArrowLeft", "train"), ("ArrowLeft", "inside"), ("ArrowLeft", "pnginfo"),
+                      ("ArrowLeft", "extras"), ("ArrowLeft", "animate"), ("ArrowLeft", "xyz"),
                       ("ArrowLeft", "outpaint")]:
         page.keyboard.press(key)
         assert selected() == want, key

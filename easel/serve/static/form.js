@@ -113,7 +113,7 @@ export function readForm(mode) {
     const value = fieldValue(element);
     if (value !== undefined) body[element.dataset.field] = value;
   }
-  if (mode !== "txt2img" && !body.resize_mode) {
+  if (!["txt2img", "xyz"].includes(mode) && !body.resize_mode) {
     // "keep the image's size": no resize, so width and height come from the image itself.
     delete body.resize_mode; delete body.width; delete body.height;
   }

@@ -4,6 +4,7 @@
 import { $, api } from "./form.js";
 import { addJobResults, clearPreview, setProgressText, showJob, showPreview, showProgress } from "./gallery.js";
 import { addInsideJobs } from "./inside.js";
+import { showPlot, showXYZPreview } from "./xyz.js";
 
 let FINISHED = ["done", "failed", "cancelled", "interrupted"];  // the server's list replaces it (config)
 const POLL_MS = 1000;
@@ -46,8 +47,14 @@ export function currentJob() {
   return open.length ? open[0].id : null;
 }
 
-// Training jobs wait in the same queue (listed, each with its cancel button); the Train tab shows their progress.
-const isGeneration = (job) => job.mode !== "train" && job.kind !== "train";
+// Training, animation and upscale jobs wait in the same queue (listed, each with its cancel button); their own tabs
+// show their progress. Generations and X/Y/Z plots are followed here.
+const OWN_TAB = ["train", "animate", "extras"];
+const isGeneration = (job) => !OWN_TAB.includes(job.mode) && !OWN_TAB.includes(job.kind);
+const kindOf = (job) => job.kind || job.mode;
+// A task job's own description (its task's label), else the prompt.
+const taskOf = (job) => job.task || (kindOf(job) !== "train" ? job.train : null) || null;
+const jobText = (job) => (taskOf(job) && taskOf(job).label) || job.prompt || "";
 
 // Unfinished jobs, the running one(s) first, then the queue in its order.
 function openJobs() {
@@ -83,7 +90,11 @@ function follow(id) {
     update(p);
     showProgress(p);
   });
-  events.addEventListener("preview", (e) => showPreview(JSON.parse(e.data).image));
+  events.addEventListener("preview", (e) => {
+    const image = JSON.parse(e.data).image;
+    if (kindOf(jobs.get(id) || {}) === "xyz") showXYZPreview(id, image);
+    else showPreview(image);
+  });
   events.addEventListener("done", (e) => { events.close(); finished(JSON.parse(e.data)); });
   events.onerror = () => {  // the stream broke (server restarted, network): the poll takes over, then a new one
     if (!followed || followed.id !== id) return;
@@ -138,12 +149,14 @@ async function finished(summary) {
   }
   addJobResults([job], isFollowed || !followed);
   addInsideJobs([job]);
+  if (kindOf(job) === "xyz" && isFollowed) await showPlot(job.id);
   render();
   track();
   document.body.dataset.finished = job.id;  // tests (and scripts) wait on this
 }
 
 function describeEnd(job) {
+  if (kindOf(job) === "xyz") { describePlotEnd(job); return; }
   const n = job.n_images ?? (job.images || []).length;
   if (job.state === "failed") {
     onError(job.error || "the job failed");
@@ -158,13 +171,33 @@ function describeEnd(job) {
   }
 }
 
+function describePlotEnd(job) {
+  const task = taskOf(job) || {};
+  if (job.state === "failed") {
+    onError(job.error || "the plot failed");
+    setProgressText("Failed", "failed");
+  } else if (job.state !== "done") {
+    setProgressText(`${job.state[0].toUpperCase()}${job.state.slice(1)} after ${task.cells_done} of ${task.cells} cells`, job.state);
+  } else {
+    const seconds = job.finished && job.started ? ` in ${(job.finished - job.started).toFixed(1)} s` : "";
+    setProgressText(`Done: ${task.cells} cells and the grid${seconds}`, "done");
+    $("progress-fill").style.width = "100%";
+  }
+}
+
 // -- the list -------------------------------------------------------------------------------------------------
 const images = (n) => `${n} image${n === 1 ? "" : "s"}`;
 
 // The row's detail: what the badge (the state) does not say already.
 function describe(job) {
-  if (job.state === "running") return job.total ? `step ${job.step}/${job.total}` : "starting";
-  if (!isGeneration(job) && job.state !== "queued") return job.train && job.train.result ? job.train.file : "";
+  const unit = kindOf(job) === "animate" ? "frame" : kindOf(job) === "extras" && job.total > 1 ? "tile" : "step";
+  if (job.state === "running") return job.total ? `${unit} ${job.step}/${job.total}` : "starting";
+  if (kindOf(job) === "train" && job.state !== "queued") return job.train && job.train.result ? job.train.file : "";
+  if (!isGeneration(job) && job.state !== "queued") return job.state === "failed" ? job.error || "" : "";
+  if (kindOf(job) === "xyz" && job.state !== "queued" && job.state !== "failed") {
+    const task = taskOf(job) || {};
+    return task.cells ? `${task.cells_done}/${task.cells} cells` : "";
+  }
   if (job.state === "queued") return job.position ? `${job.position} ahead` : "next";
   if (job.state === "failed") return job.error || "";
   return job.n_images ? images(job.n_images) : "no images";
@@ -188,12 +221,12 @@ function fill(li, job) {
   const [state, text, detail, cancel] = li.children;
   li.dataset.state = job.state;
   state.textContent = job.state;
-  text.textContent = job.prompt || "(no prompt)";
-  text.title = job.n_images ? "Show its images" : job.prompt || "";
+  text.textContent = jobText(job) || "(no prompt)";
+  text.title = job.n_images ? "Show its images" : jobText(job);
   text.disabled = !job.n_images || !shown.has(job.id);
   detail.textContent = describe(job);
   cancel.hidden = isFinished(job);
-  cancel.setAttribute("aria-label", `Cancel job: ${job.prompt || job.id}`);
+  cancel.setAttribute("aria-label", `Cancel job: ${jobText(job) || job.id}`);
   cancel.title = job.state === "running" ? "Stop this job (finished images are kept)" : "Remove from the queue";
 }
 

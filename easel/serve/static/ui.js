@@ -7,11 +7,15 @@ import { initGallery, lastResult, selectedResult, setProgressText } from "./gall
 import { cancelJob, currentJob, loadJobs, submitted } from "./jobs.js";
 import { initInside } from "./inside.js";
 import { initTrain } from "./train.js";
+import { initAnimate } from "./animate.js";
+import { initExtras } from "./extras.js";
+import { initXYZ, readAxes } from "./xyz.js";
 
 const EDIT_MODES = ["img2img", "inpaint", "outpaint"];
 const SENT_PARAMS = ["prompt", "negative_prompt", "sampler", "scheduler", "steps", "cfg_scale"];
 let mode = "txt2img";
 let pngInfo = null;  // {file, request} of the image in the PNG info tab
+let samplersList = [];  // GET /api/v1/samplers (the Animate tab lists them too)
 
 function showError(message) {
   const box = $("error");
@@ -30,7 +34,8 @@ function setMode(next) {
     tab.tabIndex = on ? 0 : -1;
   }
   document.body.dataset.mode = next;
-  const own = ["pnginfo", "inside", "train"];  // tabs with a view of their own; the others share the generate view
+  // tabs with a view of their own; the others (X/Y/Z too: it plots the generate form) share the generate view
+  const own = ["pnginfo", "inside", "train", "animate", "extras"];
   for (const view of own) $(`${view}-view`).hidden = next !== view;
   $("generate-view").hidden = own.includes(next);
   if (own.includes(next)) return;
@@ -59,7 +64,7 @@ function tabKeys(e) {
 function syncDisabled() {
   const hiresOff = !$("enable_hr").checked;
   for (const e of $("hires-options").querySelectorAll("input, select")) e.disabled = hiresOff;
-  const keepSize = mode !== "txt2img" && !$("resize_mode").value;
+  const keepSize = EDIT_MODES.includes(mode) && !$("resize_mode").value;
   $("width").disabled = $("height").disabled = keepSize;
 }
 
@@ -83,6 +88,10 @@ function buildRequest() {
   if (mode === "outpaint" && !["left", "right", "up", "down"].some((s) => body[`outpaint_${s}`] > 0)) {
     throw new Error("outpaint adds pixels on some side: set Left, Right, Up or Down above 0");
   }
+  if (mode === "xyz") {
+    body.axes = readAxes();
+    delete body.inspect;  // a plot does not capture inside
+  }
   return body;
 }
 
@@ -95,7 +104,7 @@ async function generate() {
   button.disabled = true;  // only while submitting: one click, one job
   if (!currentJob()) setProgressText("Submitting\u2026", "submitting");
   try {
-    submitted(await api("/api/v1/jobs", { method: "POST", json: body }));
+    submitted(await api(mode === "xyz" ? "/api/v1/xyz" : "/api/v1/jobs", { method: "POST", json: body }));
   } catch (e) {
     showError(e.message);
     if (!currentJob()) setProgressText("Not started", "failed");
@@ -229,6 +238,7 @@ async function boot() {
        "/api/v1/styles", "/api/v1/controlnets", "/api/v1/preprocessors"]
         .map((p) => (p === "/api/v1/styles" ? api(p).catch(() => []) : api(p))));  // a bad styles.csv: no styles
     initForm(config, samplers, schedulers);
+    samplersList = samplers;
     initLoras(loras);
     initStyles(styles);
     initControl(controlnets, preprocessors, () => {});
@@ -241,6 +251,7 @@ async function boot() {
   wire();
   setMode(saved && tabs().some((t) => t.dataset.tab === saved.mode) ? saved.mode : "txt2img");
   await initTrain(config);
+  await Promise.all([initAnimate(samplersList, config), initExtras(), initXYZ()]);
   try {
     // finished jobs' images, and the running one followed again after a reload
     await loadJobs(showError, config && config.finished_states);
