@@ -147,16 +147,23 @@ def _seed_fields(get: _Body) -> dict:
             "seed_resize_from_h": max(0, get("seed_resize_from_h"))}
 
 
+# easel's own override_settings keys (A1111 has no such settings): the request fields of easel.pipelines.accel.
+ACCEL_OVERRIDES = ("deepcache", "cfg_cutoff", "tome")
+
+
 def _override_settings(overrides: dict, fields: dict, mapped: Mapped, resolve_checkpoint, options: dict
                        ) -> str | None:
     """sd_model_checkpoint picks the model and CLIP_stop_at_last_layers the CLIP skip (for this request only);
-    other settings are ignored when they equal the server's, else reported unsupported."""
+    deepcache, cfg_cutoff and tome turn on easel's lossy accelerations; other settings are ignored when they equal
+    the server's, else reported unsupported."""
     model = None
     for key, value in overrides.items():
         if key == "sd_model_checkpoint" and value:
             model = resolve_checkpoint(str(value))
         elif key == "CLIP_stop_at_last_layers" and value is not None:
             fields["clip_skip"] = int(value)
+        elif key in ACCEL_OVERRIDES:  # easel's opt-in lossy accelerations; GenerationRequest.check() rejects bad values
+            fields[key] = value
         elif key in options and options[key] == value:
             mapped.ignored.append(f"override_settings.{key}")
         else:

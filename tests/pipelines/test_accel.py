@@ -217,3 +217,25 @@ def test_native_api_rejects_bad_values():
         for body in ({"deepcache": 0}, {"cfg_cutoff": 1.5}, {"tome": 1.0}):
             r = c.post("/api/v1/jobs", json={"prompt": "x", "steps": 1, **body})
             assert 400 <= r.status_code < 500 and next(iter(body)) in r.text, r.text
+
+
+def test_a1111_override_settings_carry_the_accelerations():
+    from easel.serve.a1111_schema import to_request
+    body = {"prompt": "x", "override_settings": {"deepcache": 3, "cfg_cutoff": 0.6, "tome": 0.5}}
+    mapped = to_request(body, set(body), False, {}, lambda title: title)
+    req = mapped.request
+    assert (req.deepcache, req.cfg_cutoff, req.tome) == (3, 0.6, 0.5) and not mapped.unsupported
+    with pytest.raises(ValueError, match="tome"):
+        to_request({"prompt": "x", "override_settings": {"tome": 1.0}}, {"prompt"}, False, {}, lambda t: t)
+
+
+def test_a1111_api_rejects_bad_values():
+    from fastapi.testclient import TestClient
+    from easel.serve.app import Settings, create_app
+    from easel.serve.jobs import JobQueue
+
+    def no_model(name, device):
+        raise AssertionError("a rejected request must not load a model")
+    with TestClient(create_app(Settings(), JobQueue(loader=no_model))) as c:
+        r = c.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, "override_settings": {"deepcache": 0}})
+        assert 400 <= r.status_code < 500 and "deepcache" in r.text, r.text
