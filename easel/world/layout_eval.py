@@ -4,13 +4,15 @@ For every benchmark prompt and image k, the ground-truth scene of the prompt (`b
 relation placed clearly) is drawn as a rough layout sketch (`world.sketch`, jitter seeded by k), and the model draws
 the prompt with that sketch as the ControlNet's condition. The judge then finds the objects: an object of the
 prompt "lands on its blob" when an object of its colour and shape has its centre within the blob's radius of the
-blob's centre (a blob of a count prompt needs one of the counted objects). The same images are judged by the
+blob's centre (a blob of a count prompt needs one of the counted objects; only a relation says which of two blobs
+is whose, so for "a red star and a blue circle" either way round counts). The same images are judged by the
 benchmark as usual (does the image still follow the prompt?), and the same prompts and seeds drawn without the
 ControlNet give the chance rate of an object on a blob.
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Callable
 
 import numpy as np
@@ -62,13 +64,28 @@ def on_blob(found: list[Detected], obj: Obj, want: dict) -> bool:
                and np.hypot(d.cx - obj.cx, d.cy - obj.cy) <= BLOB_SLACK * obj.radius for d in found)
 
 
+def blobs_taken(found: list[Detected], prompt: Prompt, scene: Scene) -> list[int]:
+    """1 per blob with its object on it, else 0. Only a relation says which blob is whose: without one ("a red star
+    and a blue circle" on two blobs), any one-to-one assignment of the prompt's objects to the blobs counts, and the
+    best is scored."""
+    owners = blob_owners(prompt, scene)
+    if prompt.relation is not None:
+        return [int(on_blob(found, obj, want)) for obj, want in owners]
+    best: list[int] = []
+    for order in itertools.permutations(range(len(owners))):  # at most 5 blobs: 120 orders
+        hits = [int(on_blob(found, owners[b][0], owners[k][1])) for k, b in enumerate(order)]
+        if sum(hits) > sum(best) or not best:
+            best = hits
+        if sum(best) == len(owners):
+            break
+    return best
+
+
 def placement(images: list[Image.Image], chosen: list[LayoutCase]) -> dict[str, float]:
     """Share of blobs with their object on them, per category and overall (over every blob of every image)."""
     tally: dict[str, list[int]] = {}
     for image, case in zip(images, chosen):
-        found = parse(image)
-        for obj, want in blob_owners(case.prompt, case.scene):
-            tally.setdefault(case.prompt.category, []).append(int(on_blob(found, obj, want)))
+        tally.setdefault(case.prompt.category, []).extend(blobs_taken(parse(image), case.prompt, case.scene))
     out = {c: round(float(np.mean(v)), 3) for c, v in tally.items()}
     out["overall"] = round(float(np.mean([x for v in tally.values() for x in v])), 3) if tally else 0.0
     return out

@@ -44,3 +44,14 @@ def test_table_has_both_rows():
     row = {"on its blob": {"overall": 0.9, "position": 0.8}, "benchmark": {"overall": 0.7, "position": 0.5}}
     table = layout_markdown({"rows": {"with sketch": row, "without ControlNet": row}})
     assert "| with sketch: on its blob | 0.80 | 0.90 |" in table and "without ControlNet: benchmark" in table
+
+
+def test_a_list_may_fill_its_blobs_either_way_round_a_relation_may_not():
+    from easel.world.layout_eval import blobs_taken
+    for category, want in (("two_object", [1, 1]), ("position", [0, 0])):
+        c = next(c for c in _cases() if c.prompt.category == category)
+        a, b = c.scene.objects
+        swapped = (dataclasses.replace(a, cx=b.cx, cy=b.cy), dataclasses.replace(b, cx=a.cx, cy=a.cy))
+        image = render(Scene(c.scene.background, swapped, "swapped", 0), 64)
+        from easel.world.judge import parse
+        assert blobs_taken(parse(image), c.prompt, c.scene) == want, category
