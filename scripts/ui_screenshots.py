@@ -4,6 +4,7 @@
     python scripts/ui_screenshots.py --only inside   # just the Inside tab: docs/ui/inside.png, inside-phone.png
     python scripts/ui_screenshots.py --only train    # just the Train tab (a LoRA of hearts): docs/ui/train.png
     python scripts/ui_screenshots.py --only controlnet   # the ControlNet panel: docs/ui/controlnet.png
+    python scripts/ui_screenshots.py --only tasks    # the X/Y/Z, Animate and Extras tabs: docs/ui/{xyz,animate,extras}.png
     python scripts/ui_screenshots.py --out /tmp/shots --chromium /usr/bin/chromium
 
 Needs `pip install playwright` and a chromium binary (Debian: `apt-get install chromium`); no browser download.
@@ -279,6 +280,66 @@ def take_controlnet(browser, url: str, out: Path, steps: int) -> None:
     context.close()
 
 
+def take_xyz(browser, url: str, out: Path, steps: int) -> None:
+    """xyz.png: the X/Y/Z tab after a plot of seeds (X) by the star's colour (Y, Prompt S/R), a cell picked."""
+    context, page = open_page(browser, url, {"width": 1280, "height": 1180}, 1, "dark")
+    page.click("#tab-xyz")
+    set_fields(page, prompt=PROMPT, steps=steps, seed=7, cfg_scale=7)
+    page.select_option("#xyz-x-field", "seed")
+    page.fill("#xyz-x-values", "1,2,3")
+    page.select_option("#xyz-y-field", "prompt_sr")
+    page.fill("#xyz-y-values", "red star, green star, yellow star")
+    page.select_option("#xyz-z-field", "")
+    page.click("#generate")
+    page.wait_for_selector("body[data-plotted]", timeout=600_000)
+    page.wait_for_function("document.getElementById('xyz-grid').complete && "
+                           "[...document.querySelectorAll('#xyz-cells img')].every((i) => i.complete)")
+    shoot(page, out, "xyz")
+    context.close()
+
+
+def take_animate(browser, url: str, out: Path, steps: int) -> None:
+    """animate.png: the Animate tab after a 16-frame prompt travel with a slow zoom, the animation playing."""
+    context, page = open_page(browser, url, {"width": 1280, "height": 1000}, 1, "dark")
+    page.click("#tab-animate")
+    page.fill("#anim-prompts", "a red circle above a blue square\na yellow star left of a green triangle")
+    set_fields(page, **{"anim-frames": 16, "anim-steps": steps, "anim-seed": 11, "anim-zoom": "0:(1.0), 15:(1.04)",
+                        "anim-strength": "0:(0.7)"})
+    page.click("#anim-start")
+    page.wait_for_function("(+document.getElementById('anim-counter').textContent.split(' / ')[0]) >= 9",
+                           timeout=600_000)
+    shoot(page, out, "animate-running")  # the frame counter and the newest frame, mid-run
+    page.wait_for_selector("body[data-animated]", timeout=600_000)
+    page.wait_for_function("document.getElementById('anim-view').complete && "
+                           "[...document.querySelectorAll('#anim-strip img')].every((i) => i.complete)")
+    shoot(page, out, "animate")
+    context.close()
+
+
+def take_extras(browser, url: str, out: Path, steps: int) -> None:
+    """extras.png: the Extras tab after a generated 64 px image was upscaled 4x with Lanczos."""
+    context, page = open_page(browser, url, {"width": 1280, "height": 620}, 1, "dark")
+    set_fields(page, prompt=PROMPT, steps=steps, seed=7, batch_size=1)
+    generate(page)
+    png = page.evaluate("fetch(document.getElementById('selected-image').src).then(r => r.arrayBuffer())"
+                        ".then(b => Array.from(new Uint8Array(b)))")
+    page.click("#tab-extras")
+    page.set_input_files("#extras-file", files=[{"name": "easel.png", "mimeType": "image/png", "buffer": bytes(png)}])
+    page.fill("#extras-scale", "4")
+    page.dispatch_event("#extras-scale", "input")
+    page.click("#extras-start")
+    page.wait_for_selector("body[data-upscaled]", timeout=600_000)
+    page.wait_for_function("document.getElementById('extras-result').complete")
+    shoot(page, out, "extras")
+    context.close()
+
+
+def take_task_tabs(browser, url: str, out: Path, steps: int) -> None:
+    """The X/Y/Z, Animate and Extras tabs."""
+    for take in (take_xyz, take_animate, take_extras):
+        take(browser, url, out, steps)
+
+
 def take_all(browser, url: str, out: Path, steps: int) -> None:
     """Every picture of the README's web UI section: desktop, queue, full-size view, tabs, phone (dark, light),
     the Inside tab."""
@@ -295,6 +356,7 @@ def take_all(browser, url: str, out: Path, steps: int) -> None:
         context.close()
     take_inside_views(browser, url, out, steps)
     take_train(browser, url, out, 4 * steps)
+    take_task_tabs(browser, url, out, steps)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -304,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chromium", default=os.environ.get("EASEL_CHROMIUM") or shutil.which("chromium"),
                     help="chromium or chrome binary (default: chromium on PATH)")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--only", choices=["inside", "train", "controlnet"], help="take only these pictures")
+    ap.add_argument("--only", choices=["inside", "train", "controlnet", "xyz", "animate", "extras", "tasks"],
+                    help="take only these pictures")
     args = ap.parse_args(argv)
     if not args.chromium:
         sys.exit("no chromium found: apt-get install chromium, or pass --chromium PATH")
@@ -318,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     url, server = start_server(train_root=write_hearts(scratch / "root" / "hearts").parent, output_dir=scratch)
     take = {"inside": take_inside_views,
             "train": lambda b, u, o, s: take_train(b, u, o, 4 * s),
-            "controlnet": take_controlnet}.get(args.only, take_all)
+            "controlnet": take_controlnet, "xyz": take_xyz, "animate": take_animate, "extras": take_extras,
+            "tasks": take_task_tabs}.get(args.only, take_all)
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=args.chromium,

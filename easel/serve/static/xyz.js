@@ -165,6 +165,17 @@ function selectCell(n) {
   $("xyz-info").hidden = false;
 }
 
+// The picture in the view at the largest whole multiple of its size that fits (at most 3x the grid, a cell 6x:
+// a 64 px cell as large as a result); whole multiples keep the labels' pixels crisp.
+function fitView() {
+  const img = $("xyz-grid");
+  if (!img.naturalWidth) return;
+  const room = $("xyz-view").clientWidth - 16;
+  const most = img.src.includes("/cells/") ? 6 : 3;
+  const k = Math.max(1, Math.min(most, Math.floor(room / img.naturalWidth)));
+  img.style.width = `${Math.min(room, img.naturalWidth * k)}px`;
+}
+
 // -- start-up ----------------------------------------------------------------------------------------------------
 const STORE_KEY = "easel.xyz";
 
@@ -175,6 +186,8 @@ function save() {
 }
 
 export async function initXYZ() {
+  $("xyz-grid").addEventListener("load", fitView);
+  window.addEventListener("resize", fitView);
   let saved = null;
   try { saved = JSON.parse(localStorage.getItem(STORE_KEY) || "null"); } catch (e) { saved = null; }
   for (const a of AXES) {
