@@ -134,7 +134,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                                          "`easel models`, or hub id (default: the built-in model)")
     p.add_argument("--vae", help="a separate VAE file or folder that replaces the model's VAE")
     p.add_argument("--tokenizer", help="tokenizer folder, vocab.json or CLIP bpe .gz (for single files without one)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="compute dtype (default fp32)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16", "auto"],
+                   help="compute dtype (default fp32; auto: bf16 on CPUs with AVX512-BF16 or AMX, else fp32)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--prediction", choices=["eps", "v"], help="override the detected prediction type")
 

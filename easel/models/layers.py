@@ -7,11 +7,57 @@ slot only so that the indices of the modules with weights stay the same.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+# Lossless fast paths (same results up to float rounding), on unless EASEL_FAST_PATHS=0: 4-D activations on the CPU
+# run in channels_last, so oneDNN convolutions read and write them directly instead of reordering NCHW to their
+# blocked layout and back around every call, GroupNorm/SiLU/upsampling keep that layout, and the VAE attention's
+# q/k/v come out contiguous for SDPA's flash kernel.
+FAST_PATHS = os.environ.get("EASEL_FAST_PATHS", "1") != "0"
+
+
+@contextlib.contextmanager
+def exact_paths():
+    """Within the block, run the reference NCHW layouts instead of the fast paths (tests compare the two)."""
+    global FAST_PATHS
+    saved, FAST_PATHS = FAST_PATHS, False
+    try:
+        yield
+    finally:
+        FAST_PATHS = saved
+
+
+def fast_layout(x: torch.Tensor) -> torch.Tensor:
+    """`x` in channels_last when the fast paths are on and it is a 4-D CPU tensor; else `x` unchanged."""
+    if FAST_PATHS and x.ndim == 4 and x.device.type == "cpu":
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _fast_layout_in(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    return (fast_layout(args[0]), *args[1:]) if args else args, kwargs
+
+
+def _plain_layout_out(module: nn.Module, args: tuple, kwargs: dict, out):
+    # Callers may `.view` the result; a 4-channel latent costs next to nothing to copy back.
+    return out.contiguous() if isinstance(out, torch.Tensor) else out
+
+
+def use_fast_layout(module: nn.Module) -> nn.Module:
+    """Run `module` (a UNet or ControlNet: first argument a 4-D feature map) on channels_last activations when
+    the fast paths are on, returning a contiguous NCHW result; weights and state dict are left as they are."""
+    if not getattr(module, "_easel_fast_layout", False):
+        module.register_forward_pre_hook(_fast_layout_in, with_kwargs=True)
+        module.register_forward_hook(_plain_layout_out, with_kwargs=True)
+        module._easel_fast_layout = True
+    return module
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

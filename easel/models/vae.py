@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from easel.models.configs import VAEConfig
+from easel.models.layers import fast_layout
 
 # Largest attention score matrix (bytes) the VAE lets SDPA's math kernel build; above it the flash kernel runs.
 MATH_ATTENTION_BYTES = 16 << 20
@@ -67,7 +68,8 @@ class AttnBlock(nn.Module):
         if B * (H * W) ** 2 * q.element_size() > MATH_ATTENTION_BYTES:
             # A transposed view (channel stride H*W) sends CPU SDPA to its math kernel, which builds the whole
             # (HW)^2 score matrix (16 GiB for a 256x256 latent); with unit stride it runs the flash kernel in
-            # blocks. Small maps keep the math kernel: its scores are cheap there, and images stay bit-identical.
+            # blocks. Small NCHW maps keep the math kernel: its scores are cheap there. On channels_last maps
+            # (the fast path) q/k/v already have unit stride, so this is free and the flash kernel always runs.
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         out = F.scaled_dot_product_attention(q, k, v)  # (B, 1, H*W, C), scale 1/sqrt(C)
         out = out.squeeze(1).transpose(1, 2).reshape(B, C, H, W)
@@ -147,12 +149,12 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor, on_level: Callable[[], None] | None = None) -> torch.Tensor:
         """`on_level()` runs after each level (a point where a long encode can be cancelled by raising)."""
-        h = self.conv_in(x)
+        h = self.conv_in(fast_layout(x))  # channels_last on the CPU: see easel.models.layers.FAST_PATHS
         for level in self.down:
             h = level(h)
             if on_level is not None:
                 on_level()
-        return self.conv_out(_silu(self.norm_out(self.mid(h))))
+        return self.conv_out(_silu(self.norm_out(self.mid(h)))).contiguous()  # 8 channels: a cheap copy
 
 
 class Decoder(nn.Module):
@@ -179,12 +181,12 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor, on_level: Callable[[], None] | None = None) -> torch.Tensor:
         """`on_level()` runs after each level (a point where a long decode can be cancelled by raising)."""
-        h = self.mid(self.conv_in(z))
+        h = self.mid(self.conv_in(fast_layout(z)))  # channels_last on the CPU: see easel.models.layers.FAST_PATHS
         for level in reversed(self.up):
             h = level(h)
             if on_level is not None:
                 on_level()
-        return self.conv_out(_silu(self.norm_out(h)))
+        return self.conv_out(_silu(self.norm_out(h))).contiguous()  # 3 channels: a cheap copy
 
 
 class AutoencoderKL(nn.Module):

@@ -44,7 +44,7 @@ def estimate_breakdown(config: ModelConfig, req: GenerationRequest, refiner: Mod
                        ) -> dict[str, int]:
     """{'runtime', 'weights', 'activations', 'images'} bytes: the parts `estimate_peak_bytes` adds up."""
     item = _itemsize(req.dtype)
-    vae_item = 4 if req.dtype in ("fp16", "float16") else item  # an fp16 model keeps its VAE in fp32
+    vae_item = _vae_itemsize(req.dtype)
     batch = req.batch_size or config.default_batch
     f, tiled = config.vae.downsample, req_tiled(req)
     work = pixels = 0
@@ -188,9 +188,19 @@ def weight_bytes(config: ModelConfig, itemsize: int, vae_itemsize: int | None = 
     return rest * itemsize + vae * (vae_itemsize or itemsize)
 
 
+def _vae_itemsize(dtype: str) -> int:
+    """Bytes per VAE element: an fp16 model keeps its VAE in fp32, so does `auto` on CPUs without AMX."""
+    from easel.weights.model_io import vae_dtype_for
+    _itemsize(dtype)  # the error for an unknown name
+    return vae_dtype_for(dtype).itemsize
+
+
 def _itemsize(dtype: str) -> int:
+    if dtype == "auto":
+        from easel.weights.model_io import auto_dtype
+        dtype = auto_dtype()
     if dtype not in ITEMSIZE:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of fp32, bf16, fp16")
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of fp32, bf16, fp16, auto")
     return ITEMSIZE[dtype]
 
 

@@ -11,6 +11,7 @@ import torch
 
 from easel.files import atomic_folder, atomic_path
 from easel.models.configs import ModelConfig
+from easel.models.layers import use_fast_layout
 from easel.models.sd import StableDiffusion
 from easel.text.tokenizer import CLIPTokenizer, find_tokenizer
 from easel.weights import diffusers_folder, keys_vae, single_file
@@ -40,13 +41,59 @@ class LoadedModel:
         return Path(self.source).stem if self.source else self.model.config.name
 
 
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """'fp32' | 'bf16' | 'fp16' (or a torch dtype) -> torch dtype, with an error listing the choices."""
+def parse_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """'fp32' | 'bf16' | 'fp16' | 'auto' (or a torch dtype) -> torch dtype, with an error listing the choices."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        dtype = auto_dtype(device)
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of fp32, bf16, fp16")
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of fp32, bf16, fp16, auto")
     return DTYPES[dtype]
+
+
+def auto_dtype(device: str | torch.device = "cpu") -> str:
+    """What `--dtype auto` runs: 'bf16' on CPUs with native bfloat16 arithmetic (AVX512-BF16 or AMX) and on CUDA
+    GPUs that support it, else 'fp32' (emulated bf16 is slower than fp32)."""
+    if torch.device(device).type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if torch.device(device).type != "cpu":
+        return "fp32"
+    return "bf16" if cpu_bf16() else "fp32"
+
+
+def vae_dtype_for(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """The VAE's dtype for a model loaded in `dtype`: fp32 under fp16 (SD VAEs overflow to NaN in fp16, A1111's
+    --no-half-vae), and under `auto` on CPUs without AMX, where bf16 convolutions run slower than fp32 ones
+    (measured in bench/README.md: the VAE is nearly all convolutions, the UNet mostly matmuls)."""
+    if dtype == "auto" and torch.device(device).type == "cpu" and not cpu_amx():
+        return torch.float32
+    dtype = parse_dtype(dtype, device)
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def cpu_amx() -> bool:
+    """Whether this CPU has AMX tiles (bf16 matmuls and convolutions several times faster than AVX-512)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if probe is not None:
+        return bool(probe())
+    return "amx_bf16" in _cpu_flags()
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return set(text.split())
+
+
+def cpu_bf16() -> bool:
+    """Whether this CPU has native bf16 dot products (AVX512-BF16 or AMX-BF16)."""
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    if probe is not None:
+        return bool(probe()) or cpu_amx()
+    return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())  # older torch: read the flags ourselves
 
 
 def read_model(source: str | os.PathLike, prediction: str | None = None) -> tuple[ModelConfig, dict[str, dict], list[str]]:
@@ -68,14 +115,15 @@ def load_model(source: str | os.PathLike, dtype: str | torch.dtype = "fp32", dev
                vae: str | os.PathLike | None = None, tokenizer: str | None = None,
                prediction: str | None = None) -> LoadedModel:
     """Load a checkpoint into easel's model classes (strict), with tokenizers and an optional VAE override."""
-    dtype = parse_dtype(dtype)
+    vae_dtype = vae_dtype_for(dtype, device)
+    dtype = parse_dtype(dtype, device)
     cfg, parts, skipped = read_model(source, prediction)
     if vae is not None:
         parts["vae"] = read_vae(vae)
     model = StableDiffusion.empty(cfg)
-    # fp16 VAE decodes overflow to NaN on SD VAEs (A1111's --no-half-vae): keep the VAE in fp32 then.
-    model.load_components(parts, dtype=dtype, vae_dtype=torch.float32 if dtype == torch.float16 else dtype)
+    model.load_components(parts, dtype=dtype, vae_dtype=vae_dtype)
     model.to(device).eval().requires_grad_(False)
+    use_fast_layout(model.unet)  # channels_last activations on the CPU (easel.models.layers.FAST_PATHS)
     tokenizers = load_tokenizers(source, cfg, tokenizer)
     if skipped:
         log.info("skipped %d keys that are not network weights (e.g. %s)", len(skipped), skipped[0])
