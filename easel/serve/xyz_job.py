@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from typing import Literal
 
 from fastapi import APIRouter, FastAPI
@@ -37,7 +38,7 @@ class AxisBody(BaseModel):
     field: str = Field(..., min_length=1, max_length=64, description="a request field (steps, cfg_scale, sampler, "
                        "scheduler, seed, width, denoising_strength, ...), size (\"64x64\" values) or prompt_sr "
                        "(A1111's Prompt S/R: the first value is searched in the prompt, each value replaces it)")
-    values: str | list[str | int | float | bool] = Field(..., max_length=1000, description="comma-separated text with easel.xyz's "
+    values: str | list[str | int | float | bool] = Field(..., max_length=10_000, description="comma-separated text with easel.xyz's "
                                                          "ranges (\"1-9 [3]\", \"4-12 (+4)\"), or a list")
 
 
@@ -126,6 +127,10 @@ class XYZTask:
 def build_axes(body_axes: list) -> list:
     """easel.xyz axes from the body's; ValueError names the axis."""
     from easel.xyz import make_axis, split_values
+    names = [a.axis for a in body_axes]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"axes: give each of x, y and z at most once ({', '.join(twice)} given twice)")
     axes = []
     for i, a in enumerate(body_axes):
         # A list's items are read as text too, so that each field's own parsing (and its errors) apply.
@@ -156,7 +161,7 @@ def prepare(app: FastAPI, body) -> tuple[XYZTask, str | None]:
         raise ValueError("inspect: an X/Y/Z plot does not capture inside; send the cell you want to look at as a "
                          "job (POST /api/v1/jobs with \"inspect\": true)")
     axes = build_axes(body.axes)
-    full = _padded(axes)
+    full = _padded(axes)  # checked by build_axes: no error here
     count = math.prod(len(a.values) for a in full)
     if count > server.max_batch:
         raise LimitError("max_batch", count, server.max_batch, "the X/Y/Z plot's number of cells")
@@ -169,7 +174,10 @@ def prepare(app: FastAPI, body) -> tuple[XYZTask, str | None]:
     model = queue.check_model(model)
     check_names(request, queue)
     _check_named_values(full, queue)
-    cells = cell_requests(request, axes)
+    try:
+        cells = cell_requests(request, axes)
+    except ValueError as e:  # easel.xyz names axes as the CLI's flags: here they are the body's axes
+        raise ValueError(re.sub(r"--([xyz]) ", r"\1 axis ", str(e))) from None
     config = queue.model_config(model)
     for req in cells.values():
         check_names(dataclasses.replace(req), queue)  # a LoRA a Prompt S/R value brings in is checked too

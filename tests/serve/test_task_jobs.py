@@ -3,6 +3,7 @@ queue with the generations, report progress, stop on DELETE keeping what was mad
 what will not run with a 4xx naming the field or the limit (before anything is queued)."""
 from __future__ import annotations
 
+import collections
 import importlib.util
 import io
 import time
@@ -197,10 +198,14 @@ def test_xyz_job_makes_grid_and_cells(client):
     ([{"axis": "x", "field": "steps", "values": "a,b"}], 400, "axes[0] (x): steps: 'a' is not a whole number"),
     ([{"axis": "x", "field": "model", "values": "a,b"}], 400, "script_name \"x/y/z plot\""),
     ([{"axis": "x", "field": "seed", "values": "1-9"}], 400, "max_batch"),
-    ([{"axis": "x", "field": "steps", "values": "1"}, {"axis": "x", "field": "seed", "values": "1"}], 400, "two --x"),
+    ([{"axis": "x", "field": "steps", "values": "1"}, {"axis": "x", "field": "seed", "values": "1"}], 400,
+     "axes: give each of x, y and z at most once (x given twice)"),
+    ([{"axis": "x", "field": "seed", "values": "1,2"}, {"axis": "y", "field": "size", "values": "64x64,4x4"}], 400,
+     "x axis seed=1, y axis size=4x4: width must be a positive multiple of 8"),
     ([{"axis": "x", "field": "steps", "values": "20,30"}], 400, "max_steps"),
     ([{"axis": "x", "field": "hr_upscaler", "values": "/etc/passwd"}], 400, "never a path"),
-    ([{"axis": "x", "field": "prompt_sr", "values": "green,blue"}], 400, "is not in the prompt"),
+    ([{"axis": "x", "field": "prompt_sr", "values": "green,blue"}], 400, "x axis prompt_sr: the first value 'green' is "
+     "not in the prompt"),
     ([], 422, "axes"),
     ([{"axis": "w", "field": "steps", "values": "1"}], 422, "axes.0.axis"),
 ])
@@ -300,3 +305,37 @@ def test_extras_with_an_upscaler_file(start_server, tmp_path, monkeypatch):
         assert done["state"] == "done" and done["total"] >= 1 and done["step"] == done["total"]  # tiles
         out = image(c.get(done["task"]["image"]))
         assert out.size == (40, 24) and "Postprocess upscaler: R-ESRGAN 2x+" in out.info["parameters"]
+
+
+# -- the schema -----------------------------------------------------------------------------------------------------
+
+def test_task_routes_are_documented(client):
+    spec = client.get("/openapi.json").json()
+    for path in ("/api/v1/animate", "/api/v1/xyz", "/api/v1/extras"):
+        post = spec["paths"][path]["post"]
+        assert {"202", "400", "413", "422", "503"} <= set(post["responses"]), path
+        assert post["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    for path in ("/api/v1/animate/{job_id}/animation", "/api/v1/animate/{job_id}/frames/{n}.png",
+                 "/api/v1/xyz/{job_id}/grid.png", "/api/v1/xyz/{job_id}/cells/{n}.png", "/api/v1/extras/{job_id}/image.png"):
+        assert {"200", "400", "404", "409"} <= set(spec["paths"][path]["get"]["responses"]), path
+    kind = next(p for p in spec["paths"]["/api/v1/jobs"]["get"]["parameters"] if p["name"] == "kind")
+    assert kind["description"] == "only jobs of this kind: generate, train, animate, xyz, extras"
+
+
+@pytest.mark.slow
+def test_task_routes_under_schema_fuzzing(start_server):
+    """The schema fuzzing of tests/serve/test_fuzz.py, more examples, on these routes only."""
+    from tests.serve.test_fuzz import FUZZ_LIMITS, _fuzz_operation, describe, schemathesis
+    server = start_server(FUZZ_LIMITS)
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+    report = {"calls": 0, "by_status": collections.Counter(), "failures": [],
+              "by_operation": collections.defaultdict(collections.Counter)}
+    for result in schema.get_all_operations():
+        op = result.ok()
+        if op.path.startswith(("/api/v1/animate", "/api/v1/xyz", "/api/v1/extras", "/api/v1/upscalers")):
+            _fuzz_operation(op, server.url, 15, report)
+            _fuzz_operation(op, server.url, 5, report, negative=True)
+    assert len(report["by_operation"]) == 9 and report["calls"] > 100
+    assert not report["failures"], describe(report["failures"])
+    for job in server.queue.jobs():  # what the fuzzing queued: stopped, so the server closes quickly
+        server.queue.cancel(job.id)
