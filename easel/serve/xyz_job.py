@@ -93,6 +93,7 @@ class XYZTask:
                 break  # the interrupted cell is kept, as A1111 keeps an interrupted image
         if len(self.results) == len(self.cells):
             self._draw()
+        self.results = {}  # the cells live on as PNG bytes: the images need not stay in memory twice
         job.version += 1
 
     def _draw(self) -> None:

@@ -162,3 +162,32 @@ def test_phone_layout_of_the_new_tabs(browser, start_server):
         assert width <= 390, f"the {name} tab scrolls sideways on a phone ({width} px)"
     context.close()
     assert not errors, errors
+
+
+def test_animate_tab_counts_frames_live_and_cancels(browser, start_server):
+    """Held at its second frame: the counter says 1 / 4 and shows the first frame; Cancel keeps that frame."""
+    from easel.serve.jobs import JobQueue
+    from tests.serve.conftest import builtin_pipe
+    from tests.serve.test_task_jobs import LIMITS, GatedTask
+    gated = GatedTask(builtin_pipe(), hold_at=1)
+    server = start_server(LIMITS, JobQueue(max_queued=8, loader=lambda name, device: gated))
+    context, page, errors = open_ui(browser, server)
+    page.click("#tab-animate")
+    page.fill("#anim-prompts", "a red circle")
+    for selector, value in {"#anim-frames": "4", "#anim-steps": "2", "#anim-seed": "3", "#anim-zoom": ""}.items():
+        page.fill(selector, value)
+    page.click("#anim-start")
+    assert gated.reached.wait(60)
+    page.wait_for_function("document.getElementById('anim-counter').textContent === '1 / 4'")
+    assert page.inner_text("#anim-status").startswith("Frame 2 of 4")
+    page.wait_for_function("document.getElementById('anim-view').src.startsWith('data:image/png')")  # frame 0
+    assert page.locator("#anim-strip button").count() == 1
+    assert page.locator("#queue-list li[data-state=running] .detail").inner_text() == "frame 1/4"
+    page.click("#anim-cancel")
+    page.wait_for_function("document.getElementById('anim-status').textContent.startsWith('Cancelling')")
+    gated.gate.set()
+    page.wait_for_selector("body[data-animated]", timeout=60_000)
+    assert page.inner_text("#anim-status") == "Cancelled: kept the 1 frame(s) made"
+    assert page.get_attribute("#anim-view", "src").endswith("/animation") and page.is_disabled("#anim-cancel")
+    context.close()
+    assert not unexpected(errors), errors
