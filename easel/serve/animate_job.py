@@ -37,6 +37,7 @@ MAX_ANIMATION_PIXELS = 2**26  # frames x width x height: every frame is kept (RG
 FRAME_BYTES_PER_PIXEL = 3 * 3  # a frame kept, its PNG, and the encoder's copy
 MEDIA_TYPES = {"gif": "image/gif", "webp": "image/webp", "mp4": "video/mp4"}
 ScheduleText = Annotated[str, Field(max_length=1000)]
+Motion = ScheduleText | float | None
 Seed = Annotated[int, Field(ge=0, lt=2**32)]
 SCHEDULE = "a Deforum schedule such as \"0:(1.0), 30:(1.05)\" (frame:(value); values may use t), or a number"
 
@@ -48,18 +49,19 @@ class AnimateBody(BaseModel):
         "prompts": ["a red circle", "a blue square"], "frames": 8, "seed": 7, "steps": 8, "format": "gif"}})
     prompts: list[str] = Field(..., min_length=1, description="one prompt per keyframe (prompt travel between them)")
     frames: int = Field(16, ge=1, description=f"number of frames (at most {MAX_FRAMES} here)")
-    keyframes: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=MAX_PROMPTS, description="frame of each prompt, starting at 0 and increasing "
-                                        "(default: evenly spaced)")
-    seeds: list[Seed] | None = Field(None, max_length=MAX_PROMPTS, description="seed of each keyframe, noise slerped between them "
-                                    "(default: seed, seed + 1, ...)")
+    keyframes: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, max_length=MAX_PROMPTS, description="frame of each prompt, starting at 0 and increasing (default: evenly "
+        "spaced)")
+    seeds: list[Seed] | None = Field(None, max_length=MAX_PROMPTS, description="seed of each keyframe, noise slerped "
+                                     "between them (default: seed, seed + 1, ...)")
     seed: int = Field(-1, ge=-1, lt=2**32, description="first keyframe's seed (-1: random, reported in the job)")
-    zoom: ScheduleText | float | None = Field(None, description=f"zoom per frame (> 1 moves in): {SCHEDULE}; any motion "
-                                     "field turns on img2img feedback")
-    angle: ScheduleText | float | None = Field(None, description=f"turn per frame in degrees, counter-clockwise: {SCHEDULE}")
-    translation_x: ScheduleText | float | None = Field(None, description=f"shift per frame in pixels, right: {SCHEDULE}")
-    translation_y: ScheduleText | float | None = Field(None, description=f"shift per frame in pixels, down: {SCHEDULE}")
-    strength: ScheduleText | float | None = Field(None, description="Deforum's strength schedule: how much of the previous "
-                                         "frame each frame keeps, 0..1 (default 0.65)")
+    zoom: Motion = Field(None, description=f"zoom per frame (> 1 moves in): {SCHEDULE}; any motion field turns on "
+                         "img2img feedback")
+    angle: Motion = Field(None, description=f"turn per frame in degrees, counter-clockwise: {SCHEDULE}")
+    translation_x: Motion = Field(None, description=f"shift per frame in pixels, right: {SCHEDULE}")
+    translation_y: Motion = Field(None, description=f"shift per frame in pixels, down: {SCHEDULE}")
+    strength: Motion = Field(None, description="Deforum's strength schedule: how much of the previous frame each frame "
+                             "keeps, 0..1 (default 0.65)")
     color_coherence: bool = Field(True, description="match each frame's colours to the first frame's (LAB)")
     motion: bool | None = Field(None, description="force img2img feedback on or off (null: on when a motion "
                                 "schedule is given)")

@@ -38,8 +38,8 @@ class AxisBody(BaseModel):
     field: str = Field(..., min_length=1, max_length=64, description="a request field (steps, cfg_scale, sampler, "
                        "scheduler, seed, width, denoising_strength, ...), size (\"64x64\" values) or prompt_sr "
                        "(A1111's Prompt S/R: the first value is searched in the prompt, each value replaces it)")
-    values: str | list[str | int | float | bool] = Field(..., max_length=10_000, description="comma-separated text with easel.xyz's "
-                                                         "ranges (\"1-9 [3]\", \"4-12 (+4)\"), or a list")
+    values: str | list[str | int | float | bool] = Field(..., max_length=10_000, description=(
+        "comma-separated text with easel.xyz's ranges (\"1-9 [3]\", \"4-12 (+4)\"), or a list"))
 
 
 class XYZBody(JobBody):

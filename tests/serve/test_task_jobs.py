@@ -21,7 +21,8 @@ LIMITS = Settings(max_queue=8, max_pixels=96 * 96, max_steps=10, max_batch=8, ma
                   max_memory_bytes=2**30)
 TRAVEL = {"prompts": ["a red circle", "a blue square"], "frames": 3, "steps": 2, "seed": 5}
 PLOT = {"prompt": "a red star above a blue circle", "steps": 2, "seed": 3,
-        "axes": [{"axis": "x", "field": "cfg_scale", "values": "3,7"}, {"axis": "y", "field": "steps", "values": [1, 2]}]}
+        "axes": [{"axis": "x", "field": "cfg_scale", "values": "3,7"},
+                 {"axis": "y", "field": "steps", "values": [1, 2]}]}
 FINISHED = ("done", "failed", "cancelled", "interrupted")
 
 
@@ -252,7 +253,8 @@ def test_extras_job_upscales_and_keeps_parameters(client):
     assert done["state"] == "done", done["error"]
     out = image(client.get(done["task"]["image"]))
     assert out.size == (60, 36) and out.convert("RGB").tobytes() == src.resize((60, 36), Image.LANCZOS).tobytes()
-    assert out.info["parameters"] == "a red star\nSteps: 2, Seed: 7\nPostprocess upscale by: 3, Postprocess upscaler: lanczos"
+    assert out.info["parameters"] == ("a red star\nSteps: 2, Seed: 7\n"
+                                      "Postprocess upscale by: 3, Postprocess upscaler: lanczos")
 
 
 @pytest.mark.parametrize("fields, status, what", [
@@ -316,7 +318,8 @@ def test_task_routes_are_documented(client):
         assert {"202", "400", "413", "422", "503"} <= set(post["responses"]), path
         assert post["requestBody"]["content"]["application/json"]["schema"]["$ref"]
     for path in ("/api/v1/animate/{job_id}/animation", "/api/v1/animate/{job_id}/frames/{n}.png",
-                 "/api/v1/xyz/{job_id}/grid.png", "/api/v1/xyz/{job_id}/cells/{n}.png", "/api/v1/extras/{job_id}/image.png"):
+                 "/api/v1/xyz/{job_id}/grid.png", "/api/v1/xyz/{job_id}/cells/{n}.png",
+                 "/api/v1/extras/{job_id}/image.png"):
         assert {"200", "400", "404", "409"} <= set(spec["paths"][path]["get"]["responses"]), path
     kind = next(p for p in spec["paths"]["/api/v1/jobs"]["get"]["parameters"] if p["name"] == "kind")
     assert kind["description"] == "only jobs of this kind: generate, train, animate, xyz, extras"
