@@ -129,7 +129,6 @@ class AnimateTask:
         """What the job's JSON says about it: progress in frames, and the URLs of what is made."""
         s, base = self.settings, f"{PREFIX}/animate/{self.job_id}"
         return {"kind": KIND, "label": f"animate {len(s.prompts)} prompt(s), {s.frames} frames: {s.prompts[0][:80]}",
-                "name": s.prompts[0][:80], "dataset": f"{s.frames} frames",  # the web UI's queue list reads these
                 "frames": s.frames, "frames_done": len(self.frames), "frame_step": self.frame_step,
                 "format": self.fmt, "prompts": list(s.prompts), "seeds": s.seed_list(), "keyframes": s.keyframe_list(),
                 "smoothness": self.smoothness, "animation": f"{base}/animation" if self.file else None,

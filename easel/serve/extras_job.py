@@ -72,7 +72,6 @@ class ExtrasJobTask:
         """What the job's JSON says about it."""
         w, h = self.size
         return {"kind": KIND, "label": f"upscale {self.image.width}x{self.image.height} to {w}x{h} ({self.upscaler})",
-                "name": self.upscaler, "dataset": f"{w}x{h}",  # the web UI's queue list reads these
                 "upscaler": self.upscaler, "scale": self.scale, "input_size": list(self.image.size),
                 "output_size": [w, h],
                 "image": f"{PREFIX}/extras/{self.job_id}/image.png" if self.result is not None else None}

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException
 
 from easel import __version__
 from easel.pipelines.request import HR_UPSCALERS, INPAINTING_FILLS, PREVIEW_MODES, RESIZE_MODES, GenerationRequest
-from easel.serve.jobs import FINISHED
+from easel.serve.jobs import FINISHED, TRAIN
 from easel.serve.schema import ERROR_SCHEMA, NOT_FOUND
 from easel.serve.settings import TOKEN_COOKIE
 
@@ -95,8 +95,7 @@ def ui_job(job, queue, full: bool = False) -> dict:
     and A1111 texts (what the gallery shows)."""
     from easel.serve.api import PREFIX
     task = job.task.to_dict() if job.task is not None else None
-    prompt = (f"train {task['kind']} {task['name']} on {task['dataset']}" if task
-              else job.request.prompt[:PROMPT_CHARS])
+    prompt = job.request.prompt[:PROMPT_CHARS] if task is None else task_text(job.kind, task)
     out = {"id": job.id, "state": job.state, "mode": job.request.mode if task is None else job.kind, "prompt": prompt,
            "step": job.step, "total": job.total, "eta_s": job.eta_s(), "position": queue.position(job),
            "created": job.created, "started": job.started, "finished": job.finished, "error": job.error,
@@ -107,6 +106,14 @@ def ui_job(job, queue, full: bool = False) -> dict:
         out.update(images=[f"{PREFIX}/jobs/{job.id}/images/{i}.png" for i in range(len(job.results))],
                    params=[r.params for r in job.results], infotexts=[infotext(r.params) for r in job.results])
     return out
+
+
+def task_text(kind: str, task: dict) -> str:
+    """What the queue list says of a task job: a training run's kind, name and dataset, else the task's own label
+    (an upscale from A1111's Extras has none: its kind)."""
+    if kind == TRAIN:
+        return f"train {task['kind']} {task['name']} on {task['dataset']}"
+    return str(task.get("label") or kind)[:PROMPT_CHARS]
 
 
 def page_html() -> str:

@@ -117,7 +117,6 @@ class XYZTask:
         axes = [{"axis": a.name, "field": a.field, "labels": list(a.labels)} for a in self.axes if a.field]
         first = next(iter(self.cells.values()))
         return {"kind": KIND, "label": f"X/Y/Z plot, {len(self.cells)} cells: {first.prompt[:80]}",
-                "name": first.prompt[:80], "dataset": f"{len(self.cells)} cells",  # the web UI's queue list reads these
                 "axes": axes, "shape": [len(a.values) for a in self.axes], "cells": len(self.cells),
                 "cells_done": len(self.cell_pngs), "grid": f"{base}/grid.png" if self.grid else None,
                 "cell_urls": [f"{base}/cells/{n}.png" for n in range(len(self.cell_pngs))],

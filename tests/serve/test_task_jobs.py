@@ -291,6 +291,18 @@ def test_extras_cancelled_while_queued(start_server):
         assert wrong.status_code == 404 and "no upscale job" in wrong.json()["error"]
 
 
+def test_web_ui_queue_lists_every_task_kind(client):
+    """/ui/jobs read training fields off any task and answered 500 once an A1111 Extras job was remembered."""
+    assert client.post("/sdapi/v1/extra-single-image", json={"image": b64_png(picture()), "upscaler_1": "Lanczos"}
+                       ).status_code == 200
+    job = client.post("/api/v1/extras", json={"image": b64_png(picture()), "scale": 2}).json()
+    wait_job(client, job["id"])
+    listed = client.get("/ui/jobs")
+    assert listed.status_code == 200, listed.text
+    assert [(j["mode"], j["prompt"]) for j in listed.json()] == [("extras", "extras"),
+                                                                  ("extras", "upscale 20x12 to 40x24 (lanczos)")]
+
+
 @pytest.mark.skipif(importlib.util.find_spec("spandrel") is None, reason="spandrel is not installed")
 def test_extras_with_an_upscaler_file(start_server, tmp_path, monkeypatch):
     from tests.test_upscale import arch, write_safetensors
