@@ -25,10 +25,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from easel.pipelines.request import GenerationRequest
-from easel.serve.schema import MAX_PROMPT_CHARS, LimitError, MemoryLimit, base_size
+from easel.serve.schema import MAX_PROMPT_CHARS, MemoryLimit, base_size
 from easel.serve.service import admit
-from easel.serve.task_jobs import (FILE_ERRORS, PNG, PREFIX, SUBMIT_RESPONSES, StepReporter, finished, pick, png,
-                                   show_preview, submit, task_of)
+from easel.serve.task_jobs import (FILE_ERRORS, PNG, PREFIX, SUBMIT_RESPONSES, FixedLimit, StepReporter, finished,
+                                   pick, png, show_preview, submit, task_of)
 
 KIND = "animate"  # Job.kind
 MAX_FRAMES = 240  # of one animation over HTTP (the CLI allows easel.animate.MAX_FRAMES)
@@ -146,14 +146,14 @@ def encode(images: list, fmt: str, ms: int) -> bytes:
 def check_animation(frames: int, frame: GenerationRequest, server, config=None) -> None:
     """The server's limits on a whole animation: frames, frames x pixels, and each frame as a generation."""
     if frames > MAX_FRAMES:
-        raise LimitError("max_frames", frames, MAX_FRAMES, "frames")
+        raise FixedLimit("max_frames", frames, MAX_FRAMES, "frames")
     admit(frame, server, config)  # size, steps, prompt length, memory of one frame
     if config is None and (frame.width is None or frame.height is None):
         return  # the size is the model's default: checked again once the model is loaded
     w, h = base_size(frame, config.default_size if config is not None else 8)
     pixels = frames * w * h
     if pixels > MAX_ANIMATION_PIXELS:
-        raise LimitError("max_animation_pixels", pixels, MAX_ANIMATION_PIXELS,
+        raise FixedLimit("max_animation_pixels", pixels, MAX_ANIMATION_PIXELS,
                          f"frames x width x height ({frames} x {w}x{h})")
     need = pixels * FRAME_BYTES_PER_PIXEL
     if server.max_memory_bytes and need > server.max_memory_bytes:
@@ -169,12 +169,12 @@ def prepare(app: FastAPI, body: AnimateBody) -> tuple[AnimateTask, str | None]:
     from easel.serve.trust import check_names
     queue, server = app.state.queue, app.state.settings
     if len(body.prompts) > MAX_PROMPTS:
-        raise LimitError("max_prompts", len(body.prompts), MAX_PROMPTS, "the number of prompts")
+        raise FixedLimit("max_prompts", len(body.prompts), MAX_PROMPTS, "the number of prompts")
     chars = sum(len(p) for p in body.prompts) + len(body.negative_prompt)
     if chars > MAX_PROMPT_CHARS:
-        raise LimitError("max_prompt_chars", chars, MAX_PROMPT_CHARS, "the prompts' length in characters")
+        raise FixedLimit("max_prompt_chars", chars, MAX_PROMPT_CHARS, "the prompts' length in characters")
     if body.frames > MAX_FRAMES:  # before the schedules are evaluated at every frame
-        raise LimitError("max_frames", body.frames, MAX_FRAMES, "frames")
+        raise FixedLimit("max_frames", body.frames, MAX_FRAMES, "frames")
     model = queue.check_model(body.model)
     seed = body.seed if body.seed >= 0 else random.randrange(2**32)
     fields = body.model_dump(include={"negative_prompt", "steps", "cfg_scale", "sampler", "scheduler", "width",

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException
 from easel.pipelines.common import Interrupted
 from easel.pipelines.request import GenerationRequest
 from easel.serve.jobs import FAILED, FINISHED, SAMPLING, Job
-from easel.serve.schema import ERROR_SCHEMA, GENERATION_RESPONSES
+from easel.serve.schema import ERROR_SCHEMA, GENERATION_RESPONSES, LimitError
 from easel.serve.service import failure
 
 log = logging.getLogger("easel.serve")
@@ -29,6 +29,14 @@ FILE_ERRORS = {status: {"description": what, "content": {"application/json": {"s
                for status, what in ((404, "No such job of this kind, or no such file of it"),
                                     (409, "The job has not finished (or stopped before it made this file)"),
                                     (400, "The job failed: the request was at fault"))}
+
+
+class FixedLimit(LimitError):
+    """A limit of easel's own (no `easel serve` flag sets it): the message says to ask for less, nothing more."""
+
+    def __init__(self, limit: str, value, maximum, what: str):
+        super().__init__(limit, value, maximum, what)
+        self.args = (f"{what} is {value}, over this server's limit of {maximum} ({limit}); ask for less",)
 
 
 def stop_requested(job: Job) -> bool:
