@@ -6,8 +6,8 @@
 Run in a fresh process (it is one): prints the weight files' size, this process's RSS before loading (torch and
 easel imported), after `easel.load`, the peak RSS during the load (ru_maxrss), and the peak minus the baseline over
 the file size. safetensors files are memory-mapped and each tensor is handed to the model as it is read (no second
-copy), so at fp32 the growth should be about 1x the file size; a loader that kept the whole state dict beside the
-model would show about 2x.
+copy, pages read from disk only when first used), so at fp32 the growth after every weight has been read once should
+be about 1x the file size; a loader that kept the whole state dict beside the model would show about 2x.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def main() -> None:
     p.add_argument("path", help="a .safetensors checkpoint or a diffusers folder")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     args = p.parse_args()
-    import torch  # noqa: F401  (counted in the baseline)
+    import torch  # counted in the baseline
 
     import easel
     path = Path(args.path).expanduser()
@@ -52,6 +52,13 @@ def main() -> None:
           f"loaded in {took:.0f} s")
     print(f"RSS: before {base_now:.2f} GiB, after load {now:.2f} GiB (+{now - base_now:.2f}), peak during load "
           f"{peak:.2f} GiB (+{peak - base_peak:.2f} = {(peak - base_peak) / (size / 2**30):.2f}x the files)")
+    with torch.no_grad():  # read every page of every weight once, as a first generation would
+        for t in pipe.loaded.model.state_dict().values():
+            t.reshape(-1)[::1024].float().sum()
+    touched, peak = rss_gib()
+    print(f"RSS after reading every weight once: {touched:.2f} GiB (+{touched - base_now:.2f} = "
+          f"{(touched - base_now) / (size / 2**30):.2f}x the files; file-backed pages of the mapping count here), "
+          f"peak {peak:.2f} GiB")
     print(f"pid {os.getpid()}, ru_maxrss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB")
 
 

@@ -20,7 +20,8 @@ once as a diffusers folder (`--cache`, default ~/.cache/easel/bench) and load it
 Rounds alternate the sides so background load hits all alike. Each round records wall time and the process's CPU
 time: on a machine shared with other jobs the CPU time is the steadier number (it leaves out the time the process
 waited for the core) and the ratios use it. bf16 means weights and inputs in bfloat16 (no autocast). easel runs its
-default fast paths (channels_last activations); `--exact` adds easel on its reference NCHW path as a side. The
+default fast paths (channels_last activations in the VAE); `--exact` adds easel on its reference NCHW path as a
+side (for the UNet, whose default is NCHW, easel on channels_last instead: EASEL_UNET_CHANNELS_LAST=1). The
 peak RSS of the process is printed at the end (run with `--sides X` for one side's), and each side's working
 memory: the highest RSS sampled during its calls minus the RSS before each call.
 """
@@ -143,8 +144,9 @@ def unet_sides(args, dtype: torch.dtype) -> tuple[dict, tuple, torch.nn.Module]:
     finally:
         torch.set_default_dtype(before)
     ours.load_state_dict(from_diffusers(theirs.state_dict(), cfg), strict=True, assign=True)  # no second copy
-    from easel.models.layers import use_fast_layout
-    use_fast_layout(ours)  # as easel's loader does
+    from easel.models.layers import UNET_CHANNELS_LAST, use_fast_layout
+    if UNET_CHANNELS_LAST:  # as easel's loader does
+        use_fast_layout(ours)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, args.size, args.size, generator=g).to(dtype)
     t = torch.full((2,), 500.0)
@@ -158,6 +160,9 @@ def unet_sides(args, dtype: torch.dtype) -> tuple[dict, tuple, torch.nn.Module]:
         y = sdxl_vector(y[:, :1280])
     sides = {"easel": (ours, lambda: ours(x, t, ctx, y=y)),
              "diffusers": (theirs, lambda: theirs(x, t, encoder_hidden_states=ctx, **extra).sample)}
+    if args.exact and not UNET_CHANNELS_LAST:  # the UNet's default is NCHW: compare with the opt-in layout
+        xl = x.contiguous(memory_format=torch.channels_last)
+        sides["easel channels_last"] = (None, lambda: ours(xl, t, ctx, y=y))
     return sides, (x, t, ctx), UNetOut(theirs)
 
 
@@ -341,8 +346,8 @@ def build_calls(args, dtype: torch.dtype) -> tuple[dict, object, float]:
         if module is not None:
             module.to(dtype)
     ours, easel_call = sides["easel"]
-    calls = {name: call for name, (_, call) in sides.items() if name in wanted} | calls
-    if args.exact and "easel" in wanted:
+    calls = {name: call for name, (_, call) in sides.items() if name.split()[0] in wanted} | calls
+    if args.exact and "easel" in wanted and args.part != "unet":
         from easel.models.layers import exact_paths
 
         def exact():

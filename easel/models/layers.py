@@ -21,6 +21,10 @@ from torch import nn
 # blocked layout and back around every call, GroupNorm/SiLU/upsampling keep that layout, and the VAE attention's
 # q/k/v come out contiguous for SDPA's flash kernel.
 FAST_PATHS = os.environ.get("EASEL_FAST_PATHS", "1") != "0"
+# The UNet is left NCHW unless EASEL_UNET_CHANNELS_LAST=1: on an AVX512-BF16 Xeon without AMX its channels_last
+# step measured 1.5x slower in fp32 and 1.1x slower in bf16 (its convs are mostly at small maps with many channels,
+# where oneDNN's NCHW kernels win); see bench/README.md. The VAE (large maps) gains and stays channels_last.
+UNET_CHANNELS_LAST = os.environ.get("EASEL_UNET_CHANNELS_LAST", "0") == "1"
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ import torch
 
 from easel.files import atomic_folder, atomic_path
 from easel.models.configs import ModelConfig
-from easel.models.layers import use_fast_layout
+from easel.models.layers import UNET_CHANNELS_LAST, use_fast_layout
 from easel.models.sd import StableDiffusion
 from easel.text.tokenizer import CLIPTokenizer, find_tokenizer
 from easel.weights import diffusers_folder, keys_vae, single_file
@@ -123,7 +123,8 @@ def load_model(source: str | os.PathLike, dtype: str | torch.dtype = "fp32", dev
     model = StableDiffusion.empty(cfg)
     model.load_components(parts, dtype=dtype, vae_dtype=vae_dtype)
     model.to(device).eval().requires_grad_(False)
-    use_fast_layout(model.unet)  # channels_last activations on the CPU (easel.models.layers.FAST_PATHS)
+    if UNET_CHANNELS_LAST:  # opt-in: measured slower on AVX-512 without AMX (easel.models.layers)
+        use_fast_layout(model.unet)
     tokenizers = load_tokenizers(source, cfg, tokenizer)
     if skipped:
         log.info("skipped %d keys that are not network weights (e.g. %s)", len(skipped), skipped[0])
