@@ -33,6 +33,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"exact": {}, "deepcache 3": {"deepcache": 3}, "cfg-cutoff 0.6": {"cfg_cutoff": 0.6},
             "tome 0.5": {"tome": 0.5}, "int8": {"int8": True}}
+DEFAULT = list(SETTINGS)  # what runs without --only; the variants below only when named
+SETTINGS.update({"deepcache 2": {"deepcache": 2}, "deepcache 4": {"deepcache": 4}, "cfg-cutoff 0.4": {"cfg_cutoff": 0.4},
+                 "tome 0.3": {"tome": 0.3}, "deepcache 3 + cfg-cutoff 0.6": {"deepcache": 3, "cfg_cutoff": 0.6}})
 LCM = {"lora": "shapeworld-lcm:1", "sampler": "lcm", "scheduler": "sgm_uniform", "steps": 4, "cfg_scale": 1.0}
 PROMPT, NEGATIVE = "a red star above a blue circle, photograph, detailed", "blurry, low quality"
 
@@ -46,11 +49,15 @@ def parse_args() -> argparse.Namespace:
     s.add_argument("--steps", type=int, default=6)
     s.add_argument("--rounds", type=int, default=2)
     s.add_argument("--sampler", default="dpmpp_2m")
-    s.add_argument("--only", nargs="*", help="settings to run (default: all)")
+    s.add_argument("--batch", type=int, default=1, help="images per sampling run (the eval makes 2 per prompt)")
+    s.add_argument("--only", nargs="*", choices=list(SETTINGS), help="settings to run (default: the first five)")
+    s.add_argument("--builtin", action="store_true", help="the built-in model (its size; --size ignored) instead of "
+                   "random SD1.5 weights: same-run speed-ups of the eval's model")
     e = sub.add_parser("eval", help="the built-in model's easel eval per setting")
     e.add_argument("--per-category", type=int, default=8)
     e.add_argument("--images-per-prompt", type=int, default=2)
-    e.add_argument("--only", nargs="*", help="settings to run (default: all, plus lcm-lora)")
+    e.add_argument("--only", nargs="*", choices=[*SETTINGS, "lcm-lora"],
+                   help="settings to run (default: the first five, plus lcm-lora)")
     e.add_argument("--out", default="bench/out/accel_eval")
     for q in (s, e):
         q.add_argument("--threads", type=int, default=1)
@@ -82,7 +89,7 @@ def random_sd15(dtype: torch.dtype):
             if p.ndim >= 2 and float(p.abs().max()) == 0:
                 p.normal_(0, 0.02)
     tok = CLIPTokenizer.from_dir(ROOT / "easel/assets/shapeworld/shapeworld.tokenizer")
-    return LoadedModel(model.to(dtype), [tok], "random-sd15", "random")
+    return LoadedModel(model.to(dtype), [tok], "", "random")
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -97,14 +104,20 @@ def run_sd15(args) -> dict:
     from easel.pipelines.txt2img import sample_latents
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     t0 = time.perf_counter()
-    loaded = random_sd15(dtype)
+    if args.builtin:
+        import easel
+        loaded = easel.load(dtype=args.dtype).loaded
+        args.size = loaded.model.config.default_size // loaded.model.config.vae.downsample
+    else:
+        loaded = random_sd15(dtype)
     exact_unet = loaded.model.unet
-    names = args.only or list(SETTINGS)
+    names = args.only or DEFAULT
     quantized = int8_unet(exact_unet) if "int8" in names else None
-    print(f"built random SD1.5 ({args.dtype}) in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    px = args.size * 8
+    print(f"loaded {loaded.name} ({args.dtype}) in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    px = args.size * loaded.model.config.vae.downsample
     base = GenerationRequest(PROMPT, NEGATIVE, width=px, height=px, steps=args.steps, cfg_scale=7.0,
-                             sampler=args.sampler, scheduler="karras", seed=1, batch_size=1).resolved(px, 1)
+                             sampler=args.sampler, scheduler="karras", seed=1, batch_size=args.batch).resolved(px, 1)
+    seeds = list(range(1, args.batch + 1))
     times: dict[str, list[float]] = {n: [] for n in names}
     outs: dict[str, torch.Tensor] = {}
     for r in range(args.rounds):
@@ -116,13 +129,13 @@ def run_sd15(args) -> dict:
             try:
                 start = time.perf_counter()
                 with torch.no_grad():
-                    lat = sample_latents(loaded, req, [1])
+                    lat = sample_latents(loaded, req, seeds)
                 times[name].append(time.perf_counter() - start)
             finally:
                 loaded.model.unet = exact_unet
             outs.setdefault(name, lat)
             print(f"round {r} {name}: {times[name][-1]:.1f} s", file=sys.stderr, flush=True)
-    images = {n: np.asarray(common.decode(loaded.model, outs[n])[0]) for n in names}  # untimed
+    images = {n: np.stack([np.asarray(im) for im in common.decode(loaded.model, outs[n])]) for n in names}  # untimed
     ref = outs.get("exact")
     rows = {}
     for name in names:
@@ -133,14 +146,14 @@ def run_sd15(args) -> dict:
                        latent_scale=float(ref.float().abs().mean()), psnr_db=psnr(images[name], images["exact"]),
                        speedup=statistics.median(times["exact"]) / statistics.median(times[name]))
         rows[name] = row
-    return {"part": "sd15", "dtype": args.dtype, "size": args.size, "steps": args.steps, "sampler": args.sampler,
+    return {"part": "sd15", "batch": args.batch, "model": "built-in model" if args.builtin else "random SD1.5 weights", "dtype": args.dtype, "size": args.size, "steps": args.steps, "sampler": args.sampler,
             "threads": args.threads, "rows": rows}
 
 
 def print_sd15(res: dict) -> None:
-    print(f"\nrandom SD1.5 weights, latent {res['size']}x{res['size']}, {res['steps']} steps {res['sampler']}, "
-          f"{res['dtype']}, {res['threads']} thread(s); median of {len(next(iter(res['rows'].values()))['rounds_s'])}")
-    print("| setting | time / image (sampling) | speed-up | latent max abs err | latent mean abs err | "
+    print(f"\n{res['model']}, latent {res['size']}x{res['size']}, {res['steps']} steps {res['sampler']}, "
+          f"batch {res['batch']}, {res['dtype']}, {res['threads']} thread(s); median of {len(next(iter(res['rows'].values()))['rounds_s'])}")
+    print("| setting | time per sampling run | speed-up | latent max abs err | latent mean abs err | "
           "decoded PSNR vs exact |")
     print("|---|---|---|---|---|---|")
     for name, r in res["rows"].items():
@@ -172,7 +185,7 @@ class _Overridden:
 def run_eval_settings(args) -> dict:
     import easel
     from easel.world.evaluate import EvalSettings, run_eval
-    names = args.only or [*SETTINGS, "lcm-lora"]
+    names = args.only or [*DEFAULT, "lcm-lora"]
     pipe = easel.load()
     exact_unet = pipe.loaded.model.unet
     rows = {}
