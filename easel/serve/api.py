@@ -85,6 +85,9 @@ def router(app: FastAPI) -> APIRouter:
             # cancelled jobs keep the images finished before they stopped)
             status, message = failure(job)
             raise HTTPException(status, f"job {job_id} failed: {message}")
+        if job.task is not None and job.kind != GENERATE:  # an animation, plot, upscale or training run
+            raise HTTPException(404, f"job {job_id} ({job.kind}) is not a generation: the URLs of what it made are "
+                                     f"in its task (GET {PREFIX}/jobs/{job_id})")
         if not 0 <= n < len(job.results):
             raise HTTPException(404, f"job {job_id} has {len(job.results)} image(s); ask for 0..{len(job.results) - 1}")
         result = job.results[n]

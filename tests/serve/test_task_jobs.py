@@ -193,6 +193,8 @@ def test_xyz_job_makes_grid_and_cells(client):
     assert "Steps: 1" in texts[0] and "CFG scale: 3" in texts[0] and "CFG scale: 7" in texts[1]
     assert "Steps: 2" in texts[2] and all("Seed: 3" in t for t in texts)
     assert client.get(f"/api/v1/xyz/{job['id']}/cells/4.png").status_code == 404
+    wrong = client.get(f"/api/v1/jobs/{job['id']}/images/0.png")  # a generation's route: says where the files are
+    assert wrong.status_code == 404 and "(xyz) is not a generation" in wrong.json()["error"]
 
 
 @pytest.mark.parametrize("axes, status, what", [
