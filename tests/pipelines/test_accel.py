@@ -1,8 +1,7 @@
 """Opt-in lossy accelerations (easel.pipelines.accel) on tiny random-weight models: off is the exact path bit for
 bit, on changes the image a little and runs less of the UNet, the same seed gives the same image, bad values fail
 clearly. No timing: speed is measured by bench/accel.py."""
-import dataclasses
-
+import numpy as np
 import pytest
 import torch
 
@@ -239,3 +238,37 @@ def test_a1111_api_rejects_bad_values():
     with TestClient(create_app(Settings(), JobQueue(loader=no_model))) as c:
         r = c.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, "override_settings": {"deepcache": 0}})
         assert 400 <= r.status_code < 500 and "deepcache" in r.text, r.text
+
+
+def test_controlnet_and_inpainting_model_with_accelerations(tmp_path):
+    """ControlNet residuals still reach a cached call's shallow skips (control.hook_unet finds the UNetFn under
+    AccelUNet), and a 9-channel inpainting model's extra channels pass through."""
+    from PIL import Image
+    from tests.pipelines.test_control import control_image, controlnet_file
+    from easel.pipelines.control_unit import ControlUnit
+    from easel.pipelines.pipeline import Pipeline
+    kw = dict(width=32, height=32, steps=4, sampler="euler", seed=5, deepcache=2, tome=0.5, cfg_scale=5.0)
+    loaded = make_tiny(tmp_path / "sd1", "sd1")
+    path = controlnet_file(tmp_path)[0]
+    pipe = Pipeline(loaded)
+    with torch.no_grad():
+        plain, zero, on = (np.asarray(pipe.generate(GenerationRequest("a red cat", "blue dog", controlnets=units, **kw))
+                                      [0].image).astype(int)
+                           for units in ([], [ControlUnit(str(path), control_image(), weight=0.0)],
+                                         [ControlUnit(str(path), control_image())]))
+    assert np.array_equal(plain, zero) and np.abs(plain - on).max() > 3
+    inpaint = Pipeline(make_tiny(tmp_path / "inp", "sd1-inpaint"))
+    init = control_image(seed=4)
+    with torch.no_grad():
+        out = inpaint.generate(GenerationRequest("a red cat", init_images=[init], mask=Image.new("L", (32, 32), 255),
+                                                 **kw))
+    assert out[0].image.size == (32, 32) and out[0].params["deepcache"] == 2
+
+
+def test_compiled_unet_is_refused_clearly(models, monkeypatch):
+    from easel.pipelines.compile import CompiledForward
+    unet = models["sd1"].model.unet
+    fake = object.__new__(CompiledForward)  # only its type matters to the check; nothing is compiled
+    monkeypatch.setitem(unet.__dict__, "forward", fake)
+    with pytest.raises(ValueError, match="compile"):
+        latents(models["sd1"], deepcache=2)

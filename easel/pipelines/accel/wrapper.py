@@ -17,6 +17,7 @@ class AccelUNet:
         # Kept as `.model`: control.hook_unet walks `.model` down to the UNetFn and puts ControlNet's call there,
         # so ControlNet residuals still reach the UNet through this wrapper.
         self.model = model
+        _check_eager(find_unet(model))
         self.cache = FeatureCache(deepcache, branch) if deepcache > 1 else None
         self.tome = float(tome)
         self.generator = torch.Generator().manual_seed(tome_lib.TOME_SEED) if self.tome > 0 else None
@@ -41,3 +42,11 @@ def find_unet(fn) -> UNetModel:
             raise TypeError(f"token merging found no UNet under {type(fn).__name__}")
         fn, seen = nxt, seen + 1
     return fn
+
+
+def _check_eager(unet: UNetModel) -> None:
+    """Feature caching and token merging change what the UNet runs per call; a compiled UNet's graph is fixed."""
+    from easel.pipelines.compile import CompiledForward
+    if isinstance(unet.__dict__.get("forward"), CompiledForward):
+        raise ValueError("deepcache and tome need the eager UNet, and this one is compiled (--compile): leave out "
+                         "--compile, or the accelerations (cfg_cutoff works with both)")
