@@ -3,7 +3,7 @@ ControlNet 1.1 / CompVis layout or with diffusers keys, and diffusers `ControlNe
 
 Names are looked up in the ControlNet folders: $EASEL_CONTROLNETS (':'-separated), then `ControlNet/` and
 `controlnet/` inside every model folder (`easel models`: ./models, ~/.cache/easel/models, ...), as A1111 keeps
-them in `models/ControlNet`.
+them in `models/ControlNet`, and last the built-in model's own (`shapeworld-layout`).
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from easel.weights.model_io import parse_dtype
 from easel.weights.registry import BUILTIN_DIR, model_dirs
 
 SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+BUILTIN_CONTROLNETS = BUILTIN_DIR / "controlnet"  # ControlNets shipped for the built-in model (shapeworld-layout)
 FOLDER_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
                   "model.safetensors", "diffusion_pytorch_model.bin")
 
@@ -45,7 +46,7 @@ class LoadedControlNet:
 def controlnet_dirs() -> list[Path]:
     """Folders searched for ControlNets by name, in order (the built-in model's own ControlNets last)."""
     dirs = [Path(p) for p in os.environ.get("EASEL_CONTROLNETS", "").split(":") if p]
-    return dirs + [d / sub for d in model_dirs() for sub in CONTROLNET_FOLDERS] + [BUILTIN_DIR / "controlnet"]
+    return dirs + [d / sub for d in model_dirs() for sub in CONTROLNET_FOLDERS] + [BUILTIN_CONTROLNETS]
 
 
 def list_controlnets() -> list[Path]:

@@ -92,7 +92,9 @@ def test_native_controlnets_checked_like_a1111(client):
 
 def test_controlnet_lists_and_detect(client, controlnet_dir):
     models = client.get("/controlnet/model_list").json()["model_list"]
-    assert len(models) == 1 and models[0].startswith(f"{CN} [") and str(controlnet_dir) not in json.dumps(models)
+    # The user's ControlNet, then the built-in model's own (shapeworld-layout), each with its hash, no paths.
+    assert len(models) == 2 and models[0].startswith(f"{CN} [") and str(controlnet_dir) not in json.dumps(models)
+    assert models[1].startswith("shapeworld-layout [")
     modules = client.get("/controlnet/module_list").json()
     assert {"none", "canny", "scribble", "binary", "scribble_xdog"} <= set(modules["module_list"])
     assert modules["module_detail"]["canny"]["sliders"][0]["value"] == 100

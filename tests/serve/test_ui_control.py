@@ -60,7 +60,7 @@ def client(server):
 
 def test_lists_give_names_never_paths(client, models_dir):
     r = client.get("/api/v1/controlnets")
-    assert r.status_code == 200 and r.json() == [{"name": CN}]
+    assert r.status_code == 200 and r.json() == [{"name": CN}, {"name": "shapeworld-layout"}]  # then the built-in's
     assert str(models_dir) not in r.text
     pres = {p["name"]: p for p in client.get("/api/v1/preprocessors").json()}
     assert pres["canny"]["threshold_a"] == 100 and pres["canny"]["threshold_b"] == 200
@@ -142,7 +142,7 @@ def test_panel_uploads_draws_previews_and_submits(browser, server, tmp_path):
         assert page.locator("#styles option").all_inner_texts() == ["Sharp", "Plain"]
         page.click("#controlnet > summary")
         assert page.is_visible("#cn-units") and page.is_hidden("#cn-none")
-        assert page.locator("#cn0-model option").all_inner_texts() == [CN]
+        assert page.locator("#cn0-model option").all_inner_texts() == [CN, "shapeworld-layout"]
         assert page.locator("#cn-units .cn-unit").count() == 3
         # unit 0: an uploaded sketch, canny, previewed
         path = tmp_path / "sketch.png"
@@ -204,6 +204,8 @@ def test_panel_uploads_draws_previews_and_submits(browser, server, tmp_path):
 def test_panel_says_where_to_put_controlnets(browser, start_server, tmp_path, monkeypatch):
     mod = _browser_module()
     monkeypatch.setenv("EASEL_MODELS", str(tmp_path))  # no ControlNet folder
+    from easel.weights import controlnet_load
+    monkeypatch.setattr(controlnet_load, "BUILTIN_CONTROLNETS", tmp_path / "none")  # an install without them
     monkeypatch.delenv("EASEL_CONTROLNETS", raising=False)
     monkeypatch.setenv("EASEL_STYLES", "")  # no styles file either
     monkeypatch.chdir(tmp_path)
