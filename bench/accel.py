@@ -17,6 +17,7 @@ linear layers, fp32 activations; measured here only, no flag ships unless it pay
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -35,7 +36,11 @@ SETTINGS = {"exact": {}, "deepcache 3": {"deepcache": 3}, "cfg-cutoff 0.6": {"cf
             "tome 0.5": {"tome": 0.5}, "int8": {"int8": True}}
 DEFAULT = list(SETTINGS)  # what runs without --only; the variants below only when named
 SETTINGS.update({"deepcache 2": {"deepcache": 2}, "deepcache 4": {"deepcache": 4}, "cfg-cutoff 0.4": {"cfg_cutoff": 0.4},
-                 "tome 0.3": {"tome": 0.3}, "deepcache 3 + cfg-cutoff 0.6": {"deepcache": 3, "cfg_cutoff": 0.6}})
+                 "tome 0.3": {"tome": 0.3}, "deepcache 3 + cfg-cutoff 0.6": {"deepcache": 3, "cfg_cutoff": 0.6},
+                 # DeepCache at the shallowest skip branch (Python only: AccelUNet(branch=0)); the flag uses branch 1
+                 "deepcache 2 branch 0": {"deepcache": 2, "branch": 0}, "deepcache 3 branch 0": {"deepcache": 3, "branch": 0},
+                 "deepcache 4 branch 0": {"deepcache": 4, "branch": 0},
+                 "deepcache 3 branch 0 + cfg-cutoff 0.6": {"deepcache": 3, "branch": 0, "cfg_cutoff": 0.6}})
 LCM = {"lora": "shapeworld-lcm:1", "sampler": "lcm", "scheduler": "sgm_uniform", "steps": 4, "cfg_scale": 1.0}
 PROMPT, NEGATIVE = "a red star above a blue circle, photograph, detailed", "blurry, low quality"
 
@@ -72,6 +77,27 @@ def int8_unet(unet: torch.nn.Module) -> torch.nn.Module:
         warnings.simplefilter("ignore")  # torch.ao's deprecation notes (torchao is the successor; not installed)
         return torch.ao.quantization.quantize_dynamic(copy.deepcopy(unet).float(), {torch.nn.Linear},
                                                       dtype=torch.qint8)
+
+
+@contextlib.contextmanager
+def deepcache_branch(branch: int | None):
+    """Within the block, requests with deepcache > 1 cache at skip branch `branch` (None: the default)."""
+    from easel.pipelines import accel
+    from easel.pipelines.accel.wrapper import AccelUNet
+    if branch is None:
+        yield
+        return
+    original = accel.unet_wrapper
+    accel.unet_wrapper = lambda req: (lambda fn: AccelUNet(fn, deepcache=req.deepcache, tome=req.tome, branch=branch))
+    try:
+        yield
+    finally:
+        accel.unet_wrapper = original
+
+
+def request_fields(name: str) -> dict:
+    """The request fields of a setting (int8 and branch are applied around the request, not in it)."""
+    return {k: v for k, v in SETTINGS.get(name, {}).items() if k not in ("int8", "branch")}
 
 
 # --- part 1: random SD1.5 weights ---------------------------------------------------------------------------------
@@ -122,13 +148,12 @@ def run_sd15(args) -> dict:
     outs: dict[str, torch.Tensor] = {}
     for r in range(args.rounds):
         for name in names:  # alternating: every round runs every setting once, in the same order
-            fields = {k: v for k, v in SETTINGS[name].items() if k != "int8"}
-            req = dataclasses.replace(base, **fields)
+            req = dataclasses.replace(base, **request_fields(name))
             if name == "int8":
                 loaded.model.unet = quantized
             try:
                 start = time.perf_counter()
-                with torch.no_grad():
+                with torch.no_grad(), deepcache_branch(SETTINGS[name].get("branch")):
                     lat = sample_latents(loaded, req, seeds)
                 times[name].append(time.perf_counter() - start)
             finally:
@@ -190,7 +215,7 @@ def run_eval_settings(args) -> dict:
     exact_unet = pipe.loaded.model.unet
     rows = {}
     for name in names:
-        fields = {k: v for k, v in SETTINGS.get(name, {}).items() if k != "int8"}
+        fields = request_fields(name)
         s = EvalSettings(per_category=args.per_category, images_per_prompt=args.images_per_prompt)
         if name == "lcm-lora":
             s = dataclasses.replace(s, steps=LCM["steps"], sampler=LCM["sampler"], scheduler=LCM["scheduler"],
@@ -199,7 +224,8 @@ def run_eval_settings(args) -> dict:
             pipe.loaded.model.unet = int8_unet(exact_unet)
         overridden = _Overridden(pipe, fields)
         try:
-            report = run_eval(overridden, s, Path(args.out) / name.replace(" ", "_"))
+            with deepcache_branch(SETTINGS.get(name, {}).get("branch")):
+                report = run_eval(overridden, s, Path(args.out) / name.replace(" ", "_"))
         finally:
             pipe.loaded.model.unet = exact_unet
         rows[name] = {"scores": report["rows"]["generated"], "seconds": overridden.seconds}

@@ -125,7 +125,7 @@ def test_on_changes_a_little_and_runs_less(models, family, name):
     assert rel < TOLERANCE[name], rel
     assert torch.equal(latents(loaded, **ON[name]), on)  # same seed, same latents
     if name == "deepcache":  # 8 calls, the full UNet at calls 0, 3, 6: 3 of 8 run every block
-        assert on_count.blocks < exact_count.blocks * 0.7
+        assert on_count.blocks < exact_count.blocks * 0.75
         assert on_count.rows == exact_count.rows
     elif name == "cfg_cutoff":  # 4 of 8 steps without the negative half
         assert on_count.rows == exact_count.rows * 3 // 4
