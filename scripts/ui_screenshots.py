@@ -240,34 +240,24 @@ def sketch_png(path: Path) -> Path:
 
 
 def take_controlnet(browser, url: str, out: Path, steps: int) -> None:
-    """controlnet.png: the ControlNet panel (an uploaded sketch with its canny hint, a drawn unit) beside the job's
-    result (two element screenshots side by side: the panel is below the fold of the form)."""
+    """controlnet.png: the ControlNet panel with two blobs drawn for the built-in layout ControlNet
+    (shapeworld-layout) beside the job's result (element screenshots side by side: the panel is below the fold)."""
     import io
-    import tempfile
 
     from PIL import Image
     context, page = open_page(browser, url, {"width": 1280, "height": 1500}, 1, "dark")
-    set_fields(page, prompt=PROMPT, steps=steps, seed=7, batch_size=1)
-    page.select_option("#styles", ["Sharp"])
+    set_fields(page, prompt="a red star and a blue circle", steps=steps, seed=8, batch_size=2)
     page.click("#controlnet > summary")
-    page.set_input_files("#cn0-file", str(sketch_png(Path(tempfile.mkdtemp()) / "sketch.png")))
-    page.wait_for_selector("#cn0-canvas:not([hidden])")
+    page.click("#cn0-draw")
     page.check("#cn0-enabled")
-    page.select_option("#cn0-preprocessor", "canny")
-    page.click("#cn0-preview")
-    page.wait_for_selector("#cn0[data-previewed=canny]")
-    page.fill("#cn0-weight", "0.8")
-    page.click("#cn1 > summary")
-    page.click("#cn1-draw")
-    page.check("#cn1-enabled")
-    page.fill("#cn1-brush", "40")
-    box = page.locator("#cn1-canvas").bounding_box()
-    for (x0, y0), (x1, y1) in (((0.2, 0.25), (0.35, 0.3)), ((0.6, 0.65), (0.75, 0.7))):  # two rough blobs
+    page.select_option("#cn0-model", "shapeworld-layout")
+    page.fill("#cn0-brush", "44")
+    box = page.locator("#cn0-canvas").bounding_box()
+    for (x0, y0), (x1, y1) in (((0.18, 0.62), (0.3, 0.7)), ((0.68, 0.25), (0.8, 0.33))):  # two rough blobs
         page.mouse.move(box["x"] + box["width"] * x0, box["y"] + box["height"] * y0)
         page.mouse.down()
         page.mouse.move(box["x"] + box["width"] * x1, box["y"] + box["height"] * y1, steps=6)
         page.mouse.up()
-    page.select_option("#cn1-control_mode", "control")
     generate(page)
     page.evaluate("document.activeElement && document.activeElement.blur()")
     panel = Image.open(io.BytesIO(page.locator("#controlnet").screenshot()))  # the panel beside the result
