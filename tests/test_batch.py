@@ -231,3 +231,12 @@ def test_lines_with_styles_or_wildcards_never_join(tmp_path, monkeypatch, fields
     monkeypatch.setenv("EASEL_STYLES", str(tmp_path / "styles.csv"))
     lines = read_batch_file(write(tmp_path, "a star", json.dumps(fields)))
     assert joint_key(lines[0].request) is not None and joint_key(lines[1].request) is None
+
+
+@pytest.mark.parametrize("field", [{"deepcache": 3}, {"tome": 0.5}, {"cfg_cutoff": 0.6}])
+def test_lines_with_other_accelerations_never_share_a_batch(tmp_path, field):
+    """An acceleration changes how the whole model batch samples: a line may share one only with equal settings."""
+    from easel.pipelines.batch_run import joint_key
+    lines = read_batch_file(write(tmp_path, "a star", json.dumps({"prompt": "a circle", **field}),
+                                  json.dumps({"prompt": "a square", **field})))
+    assert joint_key(lines[0].request) != joint_key(lines[1].request) == joint_key(lines[2].request)

@@ -167,7 +167,9 @@ def joint_key(req: GenerationRequest) -> tuple | None:
         return None
     sampler, scheduler = sampler_and_schedule(req.sampler, req.scheduler)
     # the size as written (None: the model's): groups depend on the file alone, known before the model loads
-    return req.width, req.height, req.steps, sampler, scheduler, req.eta, req.tiled_vae
+    # The accelerations change how the whole batch samples: lines share a batch only with the same settings.
+    accel = (req.deepcache, req.tome, req.cfg_cutoff)
+    return req.width, req.height, req.steps, sampler, scheduler, req.eta, req.tiled_vae, accel
 
 
 def _dynamic(req: GenerationRequest) -> bool:
