@@ -27,8 +27,8 @@ from starlette.exceptions import HTTPException
 from easel.pipelines.request import GenerationRequest
 from easel.serve.schema import MAX_PROMPT_CHARS, MemoryLimit, base_size
 from easel.serve.service import admit
-from easel.serve.task_jobs import (FILE_ERRORS, PNG, PREFIX, SUBMIT_RESPONSES, FixedLimit, StepReporter, finished,
-                                   pick, png, show_preview, submit, task_of)
+from easel.serve.task_jobs import (FILE_ERRORS, PNG, PREFIX, SUBMIT_RESPONSES, FixedLimit, StepReporter, accepted,
+                                   finished, pick, png, show_preview, submit, task_of)
 
 KIND = "animate"  # Job.kind
 MAX_FRAMES = 240  # of one animation over HTTP (the CLI allows easel.animate.MAX_FRAMES)
@@ -207,7 +207,7 @@ def router(app: FastAPI, job_summary) -> APIRouter:
     def submit_animation(body: AnimateBody) -> JSONResponse:
         task, model = prepare(app, body)
         job = submit(app, KIND, task, model, body.frames, task.request)
-        return JSONResponse(job_summary(job, queue), status_code=202, headers={"Location": f"{PREFIX}/jobs/{job.id}"})
+        return accepted(job, job_summary(job, queue))
 
     @r.get("/animate/{job_id}/animation", summary="The finished animation (GIF, WebP or MP4) of the frames made",
            response_class=Response, responses={200: {"content": {t: {"schema": {"type": "string", "format": "binary"}}

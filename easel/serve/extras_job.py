@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException
 from easel.pipelines.common import Interrupted
 from easel.pipelines.request import GenerationRequest
 from easel.serve.jobs import EXTRAS
-from easel.serve.task_jobs import (FILE_ERRORS, PNG, PREFIX, SUBMIT_RESPONSES, finished, png, show_preview,
+from easel.serve.task_jobs import (FILE_ERRORS, PNG, PREFIX, SUBMIT_RESPONSES, accepted, finished, png, show_preview,
                                    stop_requested, submit, task_of)
 
 KIND = EXTRAS  # the same kind as A1111's Extras jobs: an upscale, whichever API asked
@@ -137,7 +137,7 @@ def router(app: FastAPI, job_summary) -> APIRouter:
         task = prepare(app, body)
         job = submit(app, KIND, task, None, 1, GenerationRequest(width=task.size[0], height=task.size[1]),
                      previews=False)
-        return JSONResponse(job_summary(job, queue), status_code=202, headers={"Location": f"{PREFIX}/jobs/{job.id}"})
+        return accepted(job, job_summary(job, queue))
 
     @r.get("/extras/{job_id}/image.png", summary="The upscaled image, with the input's parameters and the upscale",
            response_class=Response, responses=PNG | FILE_ERRORS)

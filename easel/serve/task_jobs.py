@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import time
 
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from easel.pipelines.common import Interrupted
@@ -57,6 +57,11 @@ def submit(app, kind: str, task, model: str | None, total: int, request: Generat
     job.version += 1
     log.info("task queued", extra={"event": "task_queued", "job": job.id, "kind": kind})
     return job
+
+
+def accepted(job: Job, summary: dict) -> JSONResponse:
+    """202 Accepted with the job's JSON and where to follow it (every queued task answers so)."""
+    return JSONResponse(summary, status_code=202, headers={"Location": f"{PREFIX}/jobs/{job.id}"})
 
 
 class StepReporter:

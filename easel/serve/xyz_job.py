@@ -24,8 +24,8 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from easel.serve.schema import JobBody, LimitError
-from easel.serve.task_jobs import (FILE_ERRORS, PNG, PREFIX, SUBMIT_RESPONSES, StepReporter, finished, pick, png,
-                                   show_preview, submit, task_of)
+from easel.serve.task_jobs import (FILE_ERRORS, PNG, PREFIX, SUBMIT_RESPONSES, StepReporter, accepted, finished, pick,
+                                   png, show_preview, submit, task_of)
 
 KIND = "xyz"  # Job.kind
 
@@ -198,7 +198,7 @@ def router(app: FastAPI, job_summary) -> APIRouter:
         task, model = prepare(app, body)
         first = next(iter(task.cells.values()))
         job = submit(app, KIND, task, model, sum(count_steps(c) for c in task.cells.values()), first)
-        return JSONResponse(job_summary(job, queue), status_code=202, headers={"Location": f"{PREFIX}/jobs/{job.id}"})
+        return accepted(job, job_summary(job, queue))
 
     @r.get("/xyz/{job_id}/grid.png", summary="The plot's labelled grid with its infotext (when every cell was made)",
            response_class=Response, responses=PNG | FILE_ERRORS)

@@ -1,6 +1,6 @@
 // The Extras tab: upscale an image (POST /api/v1/extras) with an upscaler the server lists (GET /api/v1/upscalers:
 // lanczos, nearest, the upscaler files in its model folders) by a scale; the result with its size and a download.
-import { $, api } from "./form.js";
+import { $, api, fileDrop } from "./form.js";
 import { submitted } from "./jobs.js";
 import { FINISHED, cancelTask, followJob, inlineError, latestJob, setBar } from "./tasks.js";
 
@@ -107,18 +107,6 @@ function finish(summary) {
   document.body.dataset.upscaled = summary.id;  // tests (and scripts) wait on this
 }
 
-function drop(zone) {
-  zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
-  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
-  zone.addEventListener("drop", async (e) => {
-    e.preventDefault();
-    zone.classList.remove("over");
-    const file = e.dataTransfer.files[0];
-    const url = e.dataTransfer.getData("text/uri-list");
-    if (file) choose(file);
-    else if (url) choose(await (await fetch(url)).blob());  // an image dragged from the gallery
-  });
-}
 
 // The upscaler list: lanczos first (needs no file), then the server's files with their scale.
 export async function initExtras() {
@@ -131,7 +119,7 @@ export async function initExtras() {
     showError(`could not list the server's upscalers: ${e.message}`);
   }
   $("extras-file").addEventListener("change", (e) => { if (e.target.files[0]) choose(e.target.files[0]); });
-  drop($("extras-drop"));
+  fileDrop($("extras-drop"), choose);
   $("extras-drop").tabIndex = 0;  // the box opens the file chooser from the keyboard too
   $("extras-drop").addEventListener("keydown", (e) => {
     if (e.key === "Enter" || e.key === " ") { e.preventDefault(); $("extras-file").click(); }

@@ -255,3 +255,17 @@ export function restoreForm() {
   if ([...model.options].some((o) => o.value === saved.model)) model.value = saved.model;
   return saved;
 }
+
+/** Files (or gallery images) dropped on `zone` go to `onFile` as a File or Blob. */
+export function fileDrop(zone, onFile) {
+  zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", async (e) => {
+    e.preventDefault();
+    zone.classList.remove("over");
+    const file = e.dataTransfer.files[0];
+    const url = e.dataTransfer.getData("text/uri-list");
+    if (file) onFile(file);
+    else if (url) onFile(await (await fetch(url)).blob());  // an image dragged from the gallery
+  });
+}

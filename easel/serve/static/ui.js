@@ -1,5 +1,5 @@
 // easel's web UI: tabs, the form (kept across reloads), generate / cancel over the native API (/api/v1), PNG info.
-import { $, api, initForm, initLoras, initStyles, inMode, readForm, restoreForm, saveForm, writeForm } from "./form.js";
+import { $, api, fileDrop, initForm, initLoras, initStyles, inMode, readForm, restoreForm, saveForm, writeForm } from "./form.js";
 import { controlUnits, initControl } from "./control.js";
 import { clearSource, hasSource, initMaskBrush, maskDataUrl, maskEmpty, render, setSource,
          sourceDataUrl } from "./canvas.js";
@@ -171,18 +171,6 @@ async function pngInfoTo(target) {
 }
 
 // -- wiring ---------------------------------------------------------------------------------------------------
-function fileDrop(zone, onFile) {
-  zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
-  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
-  zone.addEventListener("drop", async (e) => {
-    e.preventDefault();
-    zone.classList.remove("over");
-    const file = e.dataTransfer.files[0];
-    const url = e.dataTransfer.getData("text/uri-list");
-    if (file) onFile(file);
-    else if (url) onFile(await (await fetch(url)).blob());  // an image dragged from the gallery
-  });
-}
 
 function wire() {
   for (const tab of tabs()) tab.addEventListener("click", () => setMode(tab.dataset.tab));
