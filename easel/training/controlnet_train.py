@@ -49,8 +49,8 @@ class ControlledUNet(nn.Module):
 def controlnet_from_unet(base: LoadedModel) -> ControlNet:
     """A fresh ControlNet for the model: its encoder copied from the UNet, zero convs and hint output zero."""
     net = ControlNet(ControlNetConfig.for_model(base.model.config))
-    unet_sd = base.model.unet.state_dict()
-    copied = {k: unet_sd[k] for k in net.state_dict() if k in unet_sd and unet_sd[k].shape == net.state_dict()[k].shape}
+    unet_sd, own = base.model.unet.state_dict(), net.state_dict()
+    copied = {k: unet_sd[k] for k, v in own.items() if k in unet_sd and unet_sd[k].shape == v.shape}
     net.load_state_dict(copied, strict=False)
     return net
 
@@ -108,7 +108,7 @@ def _context(base: LoadedModel, ids: Tensor) -> Tensor:
     return context.float()
 
 
-def control_step(run: ControlRun, denoiser, batches: LatentBatches, places: Tensor, step: int,
+def control_step(run: ControlRun, denoiser, batches: LatentBatches, places: Tensor, empty_ids: Tensor, step: int,
                  info: DistInfo) -> tuple[Tensor, dict]:
     """Loss of one step on this rank's slice of the global batch."""
     idx, paraphrase, drop, sigma, noise = sample_inputs(run, step, batches, denoiser.schedule)
@@ -117,7 +117,7 @@ def control_step(run: ControlRun, denoiser, batches: LatentBatches, places: Tens
     mine = info.shard(run.loop.batch_size)
     idx, paraphrase, drop, sigma, noise, hint = (v[mine] for v in (idx, paraphrase, drop, sigma, noise, hint))
     ids = batches.ids[idx, paraphrase].long()
-    ids[drop] = run.base.tokenizers[0]([""], max_length=77)[0]
+    ids[drop] = empty_ids
     x0 = batches.latents[idx].float()
     loss = denoiser.loss(x0, noise, sigma, min_snr_gamma=run.min_snr_gamma, context=_context(run.base, ids),
                          hint=hint)
@@ -166,7 +166,8 @@ def train_controlnet(run: ControlRun, info: DistInfo | None = None) -> dict:
     batches = LatentBatches(run.data["train"], run.loop.batch_size, run.loop.seed)
     places = run.data["train"]["objects"]
     trainer = Trainer("controlnet", run.out, net, run.loop, info)
-    trainer.run(lambda step: control_step(run, denoiser, batches, places, step, info))
+    empty_ids = base.tokenizers[0]([""], max_length=77)[0]  # the unconditional caption's token ids
+    trainer.run(lambda step: control_step(run, denoiser, batches, places, empty_ids, step, info))
     if not info.main:
         return {}
     net.eval()
