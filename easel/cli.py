@@ -406,8 +406,8 @@ def _eval_layout(pipe, settings, args: argparse.Namespace) -> int:
     import json
     from tqdm import tqdm
     from easel.files import save_image, write_text
-    from easel.world.benchmark import CORE_CATEGORIES, make_prompts
-    from easel.world.layout_eval import cases, layout_markdown, layout_sheet, run_layout_eval
+    from easel.world.benchmark import CORE_CATEGORIES
+    from easel.world.layout_eval import layout_markdown, layout_sheet, run_layout_eval
     overrides = {k: v for k in ("steps", "sampler", "scheduler", "cfg_scale") if (v := getattr(settings, k)) is not None}
     total = 2 * len(CORE_CATEGORIES) * settings.per_category * settings.images_per_prompt
     with tqdm(total=total, unit="image", file=sys.stderr, leave=False) as bar:
@@ -415,16 +415,12 @@ def _eval_layout(pipe, settings, args: argparse.Namespace) -> int:
                                  args.control_weight, settings.seed, overrides,
                                  progress=lambda i: bar.update(i - bar.n))
     out = Path(args.out)
-    chosen = cases(make_prompts(settings.seed, settings.per_category, CORE_CATEGORIES), settings.images_per_prompt,
-                   pipe.config.default_size, settings.seed)
-    step = max(1, len(chosen) // 12)  # spread the sheet over the categories
-    picked = list(range(0, len(chosen), step))[:12]
-    sheet = layout_sheet({"images": {k: [v[i] for i in picked] for k, v in report["images"].items()}},
-                         [chosen[i].sketch for i in picked], [chosen[i].prompt.text for i in picked])
+    sheet = layout_sheet(report)
     save_image(sheet, out / "layout.png")
     table = layout_markdown(report)
     write_text(out / "layout.md", table + "\n")
-    write_text(out / "layout.json", json.dumps({k: v for k, v in report.items() if k != "images"}, indent=2))
+    write_text(out / "layout.json", json.dumps({k: v for k, v in report.items() if k not in ("images", "cases")},
+                                               indent=2))
     print(table)
     print(f"report: {out / 'layout.json'}; sketches and images: {out / 'layout.png'}")
     return 0

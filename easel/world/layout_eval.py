@@ -114,7 +114,7 @@ def run_layout_eval(pipe, controlnet: str, per_category: int = 16, images_per_pr
     chosen = cases(prompts, images_per_prompt, pipe.config.default_size, seed)
     flat = [c.prompt for c in chosen]
     report: dict = {"controlnet": controlnet, "weight": weight, "per_category": per_category,
-                    "images_per_prompt": images_per_prompt, "rows": {}, "images": {}}
+                    "images_per_prompt": images_per_prompt, "rows": {}, "images": {}, "cases": chosen}
     done = 0
     for row, net in (("with sketch", controlnet), ("without ControlNet", None)):
         step = lambda n, base=done: progress(base + n) if progress else None  # noqa: E731
@@ -137,11 +137,12 @@ def layout_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def layout_sheet(report: dict, chosen_sketches: list[Image.Image], prompts: list[str], n: int = 12) -> Image.Image:
-    """Sketch, image with the ControlNet, image without, for the first n cases: a captioned grid."""
+def layout_sheet(report: dict, n: int = 12) -> Image.Image:
+    """Sketch, image with the ControlNet, image without, for n cases spread over the categories: a captioned grid."""
     from easel.world.grid import captioned_grid
+    chosen, images = report["cases"], report["images"]
     tiles, captions = [], []
-    for i in range(min(n, len(prompts))):
-        tiles += [chosen_sketches[i], report["images"]["with sketch"][i], report["images"]["without ControlNet"][i]]
-        captions += [prompts[i], "with sketch", "without"]
+    for i in list(range(0, len(chosen), max(1, len(chosen) // n)))[:n]:
+        tiles += [chosen[i].sketch, images["with sketch"][i], images["without ControlNet"][i]]
+        captions += [chosen[i].prompt.text, "with sketch", "without"]
     return captioned_grid(tiles, captions, cols=6, lines=3)

@@ -55,3 +55,11 @@ def test_a_list_may_fill_its_blobs_either_way_round_a_relation_may_not():
         image = render(Scene(c.scene.background, swapped, "swapped", 0), 64)
         from easel.world.judge import parse
         assert blobs_taken(parse(image), c.prompt, c.scene) == want, category
+
+
+def test_sheet_shows_sketch_with_and_without_for_cases_across_categories():
+    from easel.world.layout_eval import layout_sheet
+    chosen = _cases()  # 24 cases: every second one is picked for 12 rows-of-three
+    images = [render(c.scene, 64) for c in chosen]
+    sheet = layout_sheet({"cases": chosen, "images": {"with sketch": images, "without ControlNet": images}})
+    assert sheet.width == 6 * 192 and sheet.height > 6 * 192  # 36 tiles, 6 per row, captions under each
