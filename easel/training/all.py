@@ -217,6 +217,8 @@ def stage_clip(layout: Layout, base: ModelConfig, loop: LoopConfig, info: DistIn
     vision = vision or presets.VISION_PRESETS["tiny" if base.name == presets.TINY.name else "shapeworld"]
     vision = dataclasses.replace(vision, image_size=base.default_size)
     info = info or DistInfo()
+    if layout.init is not None and loop.minutes is None and loop.steps == 0:
+        return keep_init_clip(layout, text, vision, info)
     loop = guard_resume(layout, "clip", loop, info)
     init = _init_clip_weights(layout) if layout.init is not None else None
     run = ClipRun(layout.stage("clip"), layout.tokenizer, text, vision, loop, mix=BILINGUAL_MIX, init=init, langs=LANGS,
@@ -224,6 +226,24 @@ def stage_clip(layout: Layout, base: ModelConfig, loop: LoopConfig, info: DistIn
     metrics = train_clip(run, info)
     if info.main:
         mark_done(layout, "clip", metrics)
+    return metrics
+
+
+def keep_init_clip(layout: Layout, text, vision, info: DistInfo) -> dict:
+    """`--clip-steps 0` with `--init-from`: the init model's CLIP as it is (token rows remapped), no training, so
+    that the UNet it was trained with keeps reading the same English states."""
+    from easel.training.clip import ContrastiveCLIP, save_clip
+    from easel.training.common import warm_start
+    metrics = {}
+    if info.main:
+        model = ContrastiveCLIP(text, vision)
+        fresh = warm_start(model, _init_clip_weights(layout), "CLIP")
+        if any(k.startswith("text.") for k in fresh):
+            raise TrainingError(f"--clip-steps 0: the init model's text encoder lacks {fresh[0]}")
+        save_clip(model, layout.stage("clip"))
+        metrics = {"steps": 0, "kept_from": str(layout.init)}
+        mark_done(layout, "clip", metrics)
+    barrier(info)
     return metrics
 
 
@@ -248,7 +268,7 @@ def stage_vae(layout: Layout, base: ModelConfig, loop: LoopConfig, info: DistInf
 
 
 def stage_unet(layout: Layout, base: ModelConfig, loop: LoopConfig, info: DistInfo | None = None,
-               n_latents: int = 60000, n_val: int = 512) -> dict:
+               n_latents: int = 60000, n_val: int = 512, text_lr_scale: float | None = None) -> dict:
     """UNet training on cached latents (cache built by rank 0, then read by every rank)."""
     from easel.training.clip import load_text_encoder
     from easel.training.unet import UnetRun, load_or_build_cache, train_unet
@@ -268,7 +288,7 @@ def stage_unet(layout: Layout, base: ModelConfig, loop: LoopConfig, info: DistIn
     empty = tok([""], max_length=77)[0]
     loop = guard_resume(layout, "unet", loop, info)
     init = init_model(layout).model.unet.state_dict() if layout.init is not None else None
-    run = UnetRun(layout.stage("unet"), cfg, text, empty, data, loop, init=init)
+    run = UnetRun(layout.stage("unet"), cfg, text, empty, data, loop, init=init, text_lr_scale=text_lr_scale)
     metrics = train_unet(run, info)
     if info.main:
         mark_done(layout, "unet", metrics)
@@ -288,12 +308,22 @@ def build_model(layout: Layout, base: ModelConfig, unet_variant: str) -> LoadedM
     if vae.config != cfg.vae:
         raise TrainingError(f"the trained VAE ({vae.config}) is not the preset's ({cfg.vae}): use the same --preset")
     unet_file = _require(layout.stage("unet") / f"unet_{unet_variant}.safetensors", "unet", layout.root)
-    text_file = layout.bilingual_text_encoder if layout.bilingual_text_encoder.is_file() else layout.text_encoder
+    text_file = text_encoder_file(layout, unet_variant)
     parts = {"unet": load_file(str(unet_file)), "vae": vae.state_dict(),
              "text_encoder.0": load_file(str(_require(text_file, "clip", layout.root)))}
     model = StableDiffusion.empty(cfg)
     model.load_components(parts, dtype=torch.float32)
     return LoadedModel(model.eval().requires_grad_(False), [tok], str(layout.model), "")
+
+
+def text_encoder_file(layout: Layout, unet_variant: str) -> Path:
+    """The text encoder the model ships: the bilingual distillation's, else the one trained with the UNet, else
+    CLIP's."""
+    joint = layout.stage("unet") / f"text_encoder_{unet_variant}.safetensors"
+    for path in (layout.bilingual_text_encoder, joint):
+        if path.is_file():
+            return path
+    return layout.text_encoder
 
 
 def sample_batch(loaded: LoadedModel, prompts: list[str], seed: int = 1000, steps: int = 20,
@@ -383,7 +413,7 @@ def assemble(layout: Layout, base: ModelConfig = presets.SHAPEWORLD, use_judge: 
 
 def train_all(layout: Layout, base: ModelConfig, loops: dict[str, LoopConfig], info: DistInfo | None = None,
               redo: tuple[str, ...] = (), n_captions: int = 20000, n_latents: int = 60000,
-              use_judge: bool = True) -> Path | None:
+              use_judge: bool = True, text_lr_scale: float | None = None) -> Path | None:
     """Run every stage that is not done (or is in `redo`), then assemble the model; -> its path on rank 0."""
     info = info or DistInfo()
     for stage in STAGES:
@@ -400,6 +430,6 @@ def train_all(layout: Layout, base: ModelConfig, loops: dict[str, LoopConfig], i
         elif stage == "vae":
             stage_vae(layout, base, loops["vae"], info)
         else:
-            stage_unet(layout, base, loops["unet"], info, n_latents)
+            stage_unet(layout, base, loops["unet"], info, n_latents, text_lr_scale=text_lr_scale)
         barrier(info)
     return assemble(layout, base, use_judge) if info.main else None

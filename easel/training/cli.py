@@ -43,6 +43,12 @@ def _loop_flags(p: argparse.ArgumentParser) -> None:
                    help="bf16 autocast (default: on for the VAE, off otherwise)")
 
 
+def _text_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--train-text-encoder", type=float, metavar="FRACTION", dest="text_lr_scale",
+                   help="train the text encoder with the UNet at FRACTION of its learning rate (e.g. 0.3; default: "
+                        "frozen CLIP). With --init-from, --clip-steps 0 keeps the init model's CLIP untrained")
+
+
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     """Register `train` with its sub-commands on an argparse sub-parsers object."""
     train = subparsers.add_parser("train", help="train the ShapeWorld model from scratch, or a LoRA / embedding "
@@ -59,6 +65,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
         _loop_flags(p)
         if stage == "unet":
             p.add_argument("--latents", type=int, default=60000, help="training images to encode (default 60000)")
+            _text_flag(p)
     a = sub.add_parser("all", help="every stage in order (finished ones skipped), then the built-in model")
     _common(a)
     a.add_argument("--preset", default="shapeworld", choices=["shapeworld", "tiny"])
@@ -77,6 +84,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                         "shapeworld.safetensors): its tokenizer extended, text encoder, image tower, VAE and UNet")
     a.add_argument("--no-judge", dest="judge", action="store_false",
                    help="choose raw vs EMA UNet by validation loss only (skip the benchmark)")
+    _text_flag(a)
     from easel.training.lcm_cli import add_lcm_parser
     add_lcm_parser(sub, _common)
     from easel.training.controlnet_cli import add_controlnet_parser
@@ -104,9 +112,11 @@ def all_loops(args: argparse.Namespace) -> dict[str, LoopConfig]:
             base = INIT_LOOPS.get(stage, base)
         minutes = getattr(args, f"{stage}_minutes") or DEFAULT_MINUTES[stage] * scale
         steps = getattr(args, f"{stage}_steps")
-        cfg = dataclasses.replace(base, minutes=None if steps else minutes, steps=steps or base.steps,
-                                  resume=args.resume, progress=args.progress)
-        check_loop(cfg)
+        cfg = dataclasses.replace(base, minutes=None if steps is not None else minutes,
+                                  steps=base.steps if steps is None else steps, resume=args.resume,
+                                  progress=args.progress)
+        if not (stage == "clip" and steps == 0 and getattr(args, "init_from", None)):  # 0: keep the init's CLIP
+            check_loop(cfg)
         loops[stage] = cfg
     return loops
 
@@ -143,14 +153,14 @@ def cmd_train(args: argparse.Namespace) -> int:
                 print(metrics)
         elif args.stage == "all":
             path = stages.train_all(layout, MODEL_PRESETS[args.preset], all_loops(args), info, tuple(args.redo),
-                                    args.captions, args.latents, args.judge)
+                                    args.captions, args.latents, args.judge, args.text_lr_scale)
             if path is not None:
                 print(path)
         else:
             base, loop = MODEL_PRESETS[args.preset], loop_from_args(args.stage, args)
             run = {"clip": stages.stage_clip, "vae": stages.stage_vae}.get(args.stage)
             metrics = (run(layout, base, loop, info) if run else
-                       stages.stage_unet(layout, base, loop, info, args.latents))
+                       stages.stage_unet(layout, base, loop, info, args.latents, text_lr_scale=args.text_lr_scale))
             if info.main:
                 print(metrics)
     finally:

@@ -204,9 +204,12 @@ class EMA:
         return {k: (self.shadow[k].to(v.dtype) if k in self.shadow else v).clone() for k, v in out.items()}
 
 
-def warm_start(model: nn.Module, weights: dict, what: str) -> list[str]:
-    """Load `weights` into `model` where shapes match; -> the model's keys left at their fresh initialisation."""
+def warm_start(model: nn.Module, weights: dict, what: str, drop_missing: bool = False) -> list[str]:
+    """Load `weights` into `model` where shapes match; -> the model's keys left at their fresh initialisation.
+    `drop_missing`: weights the model has no place for (a block the new architecture removed) are left out."""
     own = model.state_dict()
+    if drop_missing:
+        weights = {k: v for k, v in weights.items() if k in own}
     bad = [k for k, v in weights.items() if k not in own or own[k].shape != v.shape]
     if bad:
         raise ValueError(f"{what}: the warm-start weights do not fit the model: {bad[:5]}")

@@ -9,11 +9,16 @@ timesteps, 10% empty captions so that classifier-free guidance works (Ho & Salim
 
 Bilingual caches hold each scene's caption in every language of `langs` (paraphrase r is in langs[r % len]), and
 can draw relation scenes more often than the world does (`relation_share`): relations are learnt last.
-A warm start (`UnetRun.init`) continues from another model's UNet instead of fresh weights.
+A warm start (`UnetRun.init`) continues from another model's UNet instead of fresh weights, also into a UNet
+with attention at other levels (the blocks both have are kept, new ones start as identities). With
+`text_lr_scale` the text encoder trains with the UNet (as Imagen's and the prototype's did): the diffusion loss
+teaches it what the UNet needs from the words (which object a relation puts left), which contrastive CLIP
+training alone did not.
 """
 from __future__ import annotations
 
 import hashlib
+import re
 import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -22,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from easel.models.clip import CLIPTextModel
 from easel.models.configs import ModelConfig
@@ -137,6 +142,31 @@ class UnetRun:
     caption_dropout: float = 0.1
     min_snr_gamma: float | None = 5.0
     init: dict | None = None  # UNet weights to start from; a grown UNet's extra blocks keep their (identity) init
+    text_lr_scale: float | None = None  # train the text encoder too, at this fraction of the UNet's learning rate
+
+
+class UNetAndText(nn.Module):
+    """The UNet and the text encoder as one trainable module (joint training: one optimizer, one EMA)."""
+
+    def __init__(self, unet: UNetModel, text_encoder: CLIPTextModel):
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+
+
+_UPSAMPLE = re.compile(r"^(output_blocks\.\d+)\.(\d+)\.conv\.(weight|bias)$")
+
+
+def regrow_unet_weights(weights: dict[str, Tensor], own: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`weights` renamed for a UNet with attention at other levels: an up block's upsampler sits after its
+    transformer, so adding or removing that transformer moves `output_blocks.I.J.conv` to another J."""
+    out = {}
+    for key, value in weights.items():
+        m = _UPSAMPLE.match(key)
+        if m and key not in own:
+            moved = [f"{m[1]}.{j}.conv.{m[3]}" for j in range(1, 4)]
+            key = next((k for k in moved if k in own and k not in weights and own[k].shape == value.shape), key)
+        out[key] = value
+    return out
 
 
 def sample_inputs(run: UnetRun, step: int, batches: LatentBatches, schedule: DiscreteSchedule):
@@ -158,7 +188,7 @@ def unet_step(run: UnetRun, denoiser, batches: LatentBatches, step: int, info: D
     idx, paraphrase, drop, sigma, noise = idx[mine], paraphrase[mine], drop[mine], sigma[mine], noise[mine]
     ids = batches.ids[idx, paraphrase].long()  # (b, 77)
     ids[drop] = run.empty_ids
-    with torch.no_grad():
+    with torch.set_grad_enabled(run.text_lr_scale is not None):
         context, _ = run.text_encoder(ids.to(info.device), clip_skip=run.model.clip_skip,
                                       final_norm=run.model.text_final_norm)
     x0 = batches.latents[idx].float().to(info.device)
@@ -197,25 +227,42 @@ def train_unet(run: UnetRun, info: DistInfo | None = None) -> dict:
     torch.manual_seed(run.loop.seed)
     unet = UNetModel(run.model.unet).to(info.device)
     if run.init is not None:
-        fresh = warm_start(unet, run.init, "UNet")
-        if info.main and fresh:
-            print(f"[unet] warm start: {len(fresh)} tensors start fresh ({fresh[0]} ...)", file=sys.stderr)
-    run.text_encoder.to(info.device).eval().requires_grad_(False)
+        own = unet.state_dict()
+        init = regrow_unet_weights(run.init, own)
+        dropped = sorted(set(init) - set(own))
+        fresh = warm_start(unet, init, "UNet", drop_missing=True)
+        if info.main and (fresh or dropped):
+            print(f"[unet] warm start: {len(fresh)} tensors start fresh, {len(dropped)} of the old UNet's have no "
+                  f"place in this one", file=sys.stderr)
+    joint = run.text_lr_scale is not None
+    run.text_encoder.to(info.device).eval().requires_grad_(joint)
     denoiser = make_denoiser(unet, run.model)
     batches = LatentBatches(run.data["train"], run.loop.batch_size, run.loop.seed)
-    trainer = Trainer("unet", run.out, unet, run.loop, info)
+    trained = UNetAndText(unet, run.text_encoder) if joint else unet
+    trainer = Trainer("unet", run.out, trained, run.loop, info,
+                      lr_scale={"text_encoder.": run.text_lr_scale} if joint else None)
     trainer.run(lambda step: unet_step(run, denoiser, batches, step, info))
     if not info.main:
         return {}
-    unet.eval()
+    trained.eval()
     metrics = {"steps": trainer.step, "samples_seen": trainer.step * run.loop.batch_size}
     for name in ("raw", "ema") if trainer.ema else ("raw",):
         weights = trainer.final_weights(name == "ema")
-        unet.load_state_dict(weights)
+        trained.load_state_dict(weights)
         metrics[f"{name}_val_loss"] = round(validation_loss(run, denoiser), 5)
-        cpu = {k: v.float().cpu().contiguous() for k, v in weights.items()}
-        save_file(cpu, str(run.out / f"unet_{name}.safetensors"))
+        save_weights(weights, run.out, name, joint)
     metrics["chosen_by_val_loss"] = min(("raw", "ema") if trainer.ema else ("raw",),
                                         key=lambda k: metrics[f"{k}_val_loss"])
     write_json(run.out / "metrics.json", metrics)
     return metrics
+
+
+def save_weights(weights: dict[str, Tensor], out: Path, name: str, joint: bool) -> None:
+    """unet_NAME.safetensors, and with joint training text_encoder_NAME.safetensors beside it."""
+    cpu = {k: v.float().cpu().contiguous() for k, v in weights.items()}
+    if not joint:
+        save_file(cpu, str(out / f"unet_{name}.safetensors"))
+        return
+    for part in ("unet", "text_encoder"):
+        sub = {k[len(part) + 1:]: v for k, v in cpu.items() if k.startswith(part + ".")}
+        save_file(sub, str(out / f"{part}_{name}.safetensors"))
