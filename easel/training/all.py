@@ -316,14 +316,17 @@ def build_model(layout: Layout, base: ModelConfig, unet_variant: str) -> LoadedM
     return LoadedModel(model.eval().requires_grad_(False), [tok], str(layout.model), "")
 
 
-def text_encoder_file(layout: Layout, unet_variant: str) -> Path:
-    """The text encoder the model ships: the bilingual distillation's, else the one trained with the UNet, else
-    CLIP's."""
+def unet_text_encoder_file(layout: Layout, unet_variant: str) -> Path:
+    """The text encoder the UNet learnt from: the one trained with it (`--train-text-encoder`), else CLIP's."""
     joint = layout.stage("unet") / f"text_encoder_{unet_variant}.safetensors"
-    for path in (layout.bilingual_text_encoder, joint):
-        if path.is_file():
-            return path
-    return layout.text_encoder
+    return joint if joint.is_file() else layout.text_encoder
+
+
+def text_encoder_file(layout: Layout, unet_variant: str) -> Path:
+    """The text encoder the model ships: the bilingual distillation's, else the one the UNet learnt from."""
+    if layout.bilingual_text_encoder.is_file():
+        return layout.bilingual_text_encoder
+    return unet_text_encoder_file(layout, unet_variant)
 
 
 def sample_batch(loaded: LoadedModel, prompts: list[str], seed: int = 1000, steps: int = 20,

@@ -129,13 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     loop = LoopConfig(steps=args.steps or 1, minutes=None if args.steps else args.minutes, batch_size=32, lr=args.lr,
                       warmup=20, ema_decay=None, ckpt_every=100, progress=False)
     from easel.training.clip import load_text_encoder
-    text = load_text_encoder(layout.text_encoder, loaded.model.config.text_encoders[0])  # the one the UNet learnt from
+    variant = json.loads((layout.root / "model.json").read_text())["unet"]
+    text = load_text_encoder(stages.unet_text_encoder_file(layout, variant), loaded.model.config.text_encoders[0])
     run = DistillRun(layout.stage("bilingual"), loaded.model.config, text,
                      loaded.model.unet.float(), loaded.tokenizers[0], cache["train"]["latents"],
                      cache["key"].get("relation_share", 0.0), loop=loop)
     metrics = distill_language(run)
     print(f"[bilingual] {metrics}", file=sys.stderr)
-    variant = json.loads((layout.root / "model.json").read_text())["unet"]
     print(stages.assemble(layout, stages.presets.MODEL_PRESETS[args.preset], variant=variant))
     return 0
 
