@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from easel.models.layers import BasicTransformerBlock, CrossAttention
+from easel.models.layers import SCORE_BYTES, BasicTransformerBlock, CrossAttention, attention_probs  # noqa: F401
 
 
 @dataclass
@@ -258,7 +258,8 @@ class Capture:
         x = args[0] if args else kwargs["x"]
         context = args[1] if len(args) > 1 else kwargs.get("context")
         size = _query_size(x.shape[1], call.size)
-        probs = attention_probs(module, x[call.rows], context[call.rows])  # (B, T, S)
+        with torch.no_grad():
+            probs = attention_probs(module, x[call.rows], context[call.rows])  # (B, T, S)
         sums = call.run.attention.get(call.text)
         if sums is None:
             sums = call.run.attention[call.text] = AttentionSum(call.text)
@@ -277,31 +278,11 @@ class Capture:
         fy, fx = call.run.self_attention.query
         index = min(int(fy * size[0]), size[0] - 1) * size[1] + min(int(fx * size[1]), size[1] - 1)
         rows = x[call.rows]
-        probs = attention_probs(module, rows[:, index:index + 1], rows)[:, 0]  # (B, h*w)
+        with torch.no_grad():
+            probs = attention_probs(module, rows[:, index:index + 1], rows)[:, 0]  # (B, h*w)
         sums = call.run.self_attention
         sums.sums[size] = sums.sums[size] + probs if size in sums.sums else probs.detach().float()
         sums.count[size] = sums.count.get(size, 0) + 1
-
-
-SCORE_BYTES = 64 * 2**20  # heads go through the softmax in groups whose (B, heads, T, S) scores stay under this
-
-
-@torch.no_grad()
-def attention_probs(attn: CrossAttention, x: Tensor, context: Tensor) -> Tensor:
-    """softmax(Q K^T / sqrt(d)) of a cross-attention layer, averaged over heads: (B, T, S) in float32.
-
-    Q and K come from the layer's own projections. Heads go in groups so that the score tensor stays under
-    SCORE_BYTES (at 1024 px the finest level has 16384 queries)."""
-    B, T, _ = x.shape
-    S = context.shape[1]
-    q = attn.to_q(x).float().view(B, T, attn.heads, -1).transpose(1, 2)  # (B, h, T, d)
-    k = attn.to_k(context).float().view(B, S, attn.heads, -1).transpose(1, 2)  # (B, h, S, d)
-    q = q * q.shape[-1] ** -0.5  # scaling q (d values per query) is cheaper than scaling the scores (S per query)
-    group = max(1, min(attn.heads, SCORE_BYTES // max(1, B * T * S * 4)))
-    total = torch.zeros(B, T, S, device=q.device)
-    for h in range(0, attn.heads, group):
-        total += (q[:, h:h + group] @ k[:, h:h + group].transpose(-1, -2)).softmax(dim=-1).sum(dim=1)  # (B, T, S)
-    return total / attn.heads
 
 
 STEP_GRID = 32  # per-step attention maps are kept at most this many cells a side (bounded memory at 1024 px)

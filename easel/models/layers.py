@@ -135,6 +135,26 @@ class CrossAttention(nn.Module):
         return self.to_out(out)
 
 
+SCORE_BYTES = 64 * 2**20  # heads go through the softmax in groups whose (B, heads, T, S) scores stay under this
+
+
+def attention_probs(attn: CrossAttention, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d)) of a cross-attention layer, averaged over heads: (B, T, S) in float32.
+
+    Q and K come from the layer's own projections. Heads go in groups so that the score tensor stays under
+    SCORE_BYTES (at 1024 px the finest level has 16384 queries). Differentiable: training can steer them."""
+    B, T, _ = x.shape
+    S = context.shape[1]
+    q = attn.to_q(x).float().view(B, T, attn.heads, -1).transpose(1, 2)  # (B, h, T, d)
+    k = attn.to_k(context).float().view(B, S, attn.heads, -1).transpose(1, 2)  # (B, h, S, d)
+    q = q * q.shape[-1] ** -0.5  # scaling q (d values per query) is cheaper than scaling the scores (S per query)
+    group = max(1, min(attn.heads, SCORE_BYTES // max(1, B * T * S * 4)))
+    total = torch.zeros(B, T, S, device=q.device)
+    for h in range(0, attn.heads, group):
+        total += (q[:, h:h + group] @ k[:, h:h + group].transpose(-1, -2)).softmax(dim=-1).sum(dim=1)  # (B, T, S)
+    return total / attn.heads
+
+
 class GEGLU(nn.Module):
     """Gated GELU projection (Shazeer 2020): half of the projection gates the other half."""
 

@@ -268,7 +268,8 @@ def stage_vae(layout: Layout, base: ModelConfig, loop: LoopConfig, info: DistInf
 
 
 def stage_unet(layout: Layout, base: ModelConfig, loop: LoopConfig, info: DistInfo | None = None,
-               n_latents: int = 60000, n_val: int = 512, text_lr_scale: float | None = None) -> dict:
+               n_latents: int = 60000, n_val: int = 512, text_lr_scale: float | None = None,
+               ground_weight: float = 0.0) -> dict:
     """UNet training on cached latents (cache built by rank 0, then read by every rank)."""
     from easel.training.clip import load_text_encoder
     from easel.training.unet import UnetRun, load_or_build_cache, train_unet
@@ -288,7 +289,13 @@ def stage_unet(layout: Layout, base: ModelConfig, loop: LoopConfig, info: DistIn
     empty = tok([""], max_length=77)[0]
     loop = guard_resume(layout, "unet", loop, info)
     init = init_model(layout).model.unet.state_dict() if layout.init is not None else None
-    run = UnetRun(layout.stage("unet"), cfg, text, empty, data, loop, init=init, text_lr_scale=text_lr_scale)
+    grounding = None
+    if ground_weight:
+        from easel.training.grounding import load_or_build_grounding
+        grounding = load_or_build_grounding(layout.stage("unet") / "grounding.pt", data, tok, LANGS, RELATION_SHARE,
+                                            loop.progress and info.main)
+    run = UnetRun(layout.stage("unet"), cfg, text, empty, data, loop, init=init, text_lr_scale=text_lr_scale,
+                  ground_weight=ground_weight, grounding=grounding)
     metrics = train_unet(run, info)
     if info.main:
         mark_done(layout, "unet", metrics)
@@ -416,7 +423,7 @@ def assemble(layout: Layout, base: ModelConfig = presets.SHAPEWORLD, use_judge: 
 
 def train_all(layout: Layout, base: ModelConfig, loops: dict[str, LoopConfig], info: DistInfo | None = None,
               redo: tuple[str, ...] = (), n_captions: int = 20000, n_latents: int = 60000,
-              use_judge: bool = True, text_lr_scale: float | None = None) -> Path | None:
+              use_judge: bool = True, text_lr_scale: float | None = None, ground_weight: float = 0.0) -> Path | None:
     """Run every stage that is not done (or is in `redo`), then assemble the model; -> its path on rank 0."""
     info = info or DistInfo()
     for stage in STAGES:
@@ -433,6 +440,7 @@ def train_all(layout: Layout, base: ModelConfig, loops: dict[str, LoopConfig], i
         elif stage == "vae":
             stage_vae(layout, base, loops["vae"], info)
         else:
-            stage_unet(layout, base, loops["unet"], info, n_latents, text_lr_scale=text_lr_scale)
+            stage_unet(layout, base, loops["unet"], info, n_latents, text_lr_scale=text_lr_scale,
+                       ground_weight=ground_weight)
         barrier(info)
     return assemble(layout, base, use_judge) if info.main else None

@@ -47,6 +47,9 @@ def _text_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-text-encoder", type=float, metavar="FRACTION", dest="text_lr_scale",
                    help="train the text encoder with the UNet at FRACTION of its learning rate (e.g. 0.3; default: "
                         "frozen CLIP). With --init-from, --clip-steps 0 keeps the init model's CLIP untrained")
+    p.add_argument("--ground", type=float, default=0.0, metavar="WEIGHT", dest="ground_weight",
+                   help="pull each colour and shape word's cross-attention onto its objects while the UNet trains "
+                        "(TokenCompose's token loss at this weight, e.g. 0.02; default 0: off)")
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
@@ -153,14 +156,15 @@ def cmd_train(args: argparse.Namespace) -> int:
                 print(metrics)
         elif args.stage == "all":
             path = stages.train_all(layout, MODEL_PRESETS[args.preset], all_loops(args), info, tuple(args.redo),
-                                    args.captions, args.latents, args.judge, args.text_lr_scale)
+                                    args.captions, args.latents, args.judge, args.text_lr_scale, args.ground_weight)
             if path is not None:
                 print(path)
         else:
             base, loop = MODEL_PRESETS[args.preset], loop_from_args(args.stage, args)
             run = {"clip": stages.stage_clip, "vae": stages.stage_vae}.get(args.stage)
             metrics = (run(layout, base, loop, info) if run else
-                       stages.stage_unet(layout, base, loop, info, args.latents, text_lr_scale=args.text_lr_scale))
+                       stages.stage_unet(layout, base, loop, info, args.latents, text_lr_scale=args.text_lr_scale,
+                                         ground_weight=args.ground_weight))
             if info.main:
                 print(metrics)
     finally:

@@ -143,6 +143,8 @@ class UnetRun:
     min_snr_gamma: float | None = 5.0
     init: dict | None = None  # UNet weights to start from; a grown UNet's extra blocks keep their (identity) init
     text_lr_scale: float | None = None  # train the text encoder too, at this fraction of the UNet's learning rate
+    ground_weight: float = 0.0  # weight of the token-grounding loss (easel.training.grounding); 0: off
+    grounding: dict | None = None  # its cache: object masks and token bitmasks of the training scenes
 
 
 class UNetAndText(nn.Module):
@@ -192,9 +194,17 @@ def unet_step(run: UnetRun, denoiser, batches: LatentBatches, step: int, info: D
         context, _ = run.text_encoder(ids.to(info.device), clip_skip=run.model.clip_skip,
                                       final_norm=run.model.text_final_norm)
     x0 = batches.latents[idx].float().to(info.device)
-    loss = denoiser.loss(x0, noise.to(info.device), sigma.to(info.device), min_snr_gamma=run.min_snr_gamma,
-                         context=context.float())
-    return loss, {}
+    if not run.ground_weight:
+        return denoiser.loss(x0, noise.to(info.device), sigma.to(info.device), min_snr_gamma=run.min_snr_gamma,
+                             context=context.float()), {}
+    from easel.training.grounding import AttentionTap, grounding_loss
+    bits = run.grounding["tokens"][idx, paraphrase].to(info.device)
+    bits[drop] = 0  # an empty caption names nothing
+    with AttentionTap(denoiser) as tap:
+        loss = denoiser.loss(x0, noise.to(info.device), sigma.to(info.device), min_snr_gamma=run.min_snr_gamma,
+                             context=context.float())
+    ground = grounding_loss(tap.maps, bits, run.grounding["masks"][idx].to(info.device))
+    return loss + run.ground_weight * ground, {"ground": float(ground.detach())}
 
 
 @torch.no_grad()

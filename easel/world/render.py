@@ -53,17 +53,33 @@ def polygon(shape: str, cx: float, cy: float, r: float, rotation: float) -> list
     return [(cx + r * (c * x - s * y), cy + r * (s * x + c * y)) for x, y in _UNIT_POLYGONS[shape]]
 
 
+def _draw_object(draw: ImageDraw.ImageDraw, o, side: int, fill) -> None:
+    """Draw one object on a canvas `side` pixels wide."""
+    cx, cy, r = o.cx * side, o.cy * side, o.radius * side
+    if o.shape == "circle":
+        rc = r * CIRCLE_SCALE
+        draw.ellipse((cx - rc, cy - rc, cx + rc, cy + rc), fill=fill)
+    elif o.shape in _UNIT_POLYGONS:
+        draw.polygon(polygon(o.shape, cx, cy, r, o.rotation), fill=fill)
+    else:
+        raise ValueError(f"unknown shape {o.shape!r}: choose one of circle, {', '.join(_UNIT_POLYGONS)}")
+
+
 def _draw_objects(draw: ImageDraw.ImageDraw, scene: Scene, side: int) -> None:
     """Draw every object of the scene on a canvas `side` pixels wide."""
     for o in scene.objects:
-        cx, cy, r = o.cx * side, o.cy * side, o.radius * side
-        if o.shape == "circle":
-            rc = r * CIRCLE_SCALE
-            draw.ellipse((cx - rc, cy - rc, cx + rc, cy + rc), fill=COLOURS[o.colour])
-        elif o.shape in _UNIT_POLYGONS:
-            draw.polygon(polygon(o.shape, cx, cy, r, o.rotation), fill=COLOURS[o.colour])
-        else:
-            raise ValueError(f"unknown shape {o.shape!r}: choose one of circle, {', '.join(_UNIT_POLYGONS)}")
+        _draw_object(draw, o, side, COLOURS[o.colour])
+
+
+def object_coverage(scene: Scene, size: int = 16) -> np.ndarray:
+    """(objects, size, size) float32: the fraction of each cell each object covers (its mask on a coarse grid)."""
+    side = size * SUPERSAMPLE
+    out = np.zeros((len(scene.objects), size, size), dtype=np.float32)
+    for i, o in enumerate(scene.objects):
+        canvas = Image.new("L", (side, side), 0)
+        _draw_object(ImageDraw.Draw(canvas), o, side, 255)
+        out[i] = np.asarray(canvas.reduce(SUPERSAMPLE), dtype=np.float32) / 255
+    return out
 
 
 def render_array(scene: Scene, size: int = 64) -> np.ndarray:
