@@ -412,7 +412,13 @@ def assemble(layout: Layout, base: ModelConfig = presets.SHAPEWORLD, use_judge: 
     loaded = build_model(layout, base, variant)
     from easel.pipelines.preview import latent_rgb_metadata  # the preview map ships inside the model
     path = save_model(loaded, layout.model, extra_metadata={**vocabulary_metadata(), **latent_rgb_metadata(loaded)})
-    write_tower(layout, path, base)
+    if text_encoder_file(layout, variant) == layout.text_encoder:
+        write_tower(layout, path, base)
+    else:  # CLIP's image tower was trained against another text encoder: it does not pair with this one
+        (path.parent / TOWER_FILE).unlink(missing_ok=True)
+        print(f"[all] the text encoder trained on after CLIP, so CLIP's image tower does not fit it: fit one with "
+              f"`python3 -m easel.training.clip_image_tower --model {path} --out {path.parent / TOWER_FILE}`",
+              file=sys.stderr)
     mb = path.stat().st_size / 2**20
     write_json(layout.root / "model.json", {"unet": variant, "size_mb": round(mb, 2), **report})
     if mb > MAX_MODEL_MB:

@@ -73,6 +73,7 @@ def test_clip_steps_zero_keeps_the_init_models_text_encoder(tmp_path):
     old_text = old.model.text_encoders[0].state_dict()
     assert all(torch.equal(kept[k], v.float()) for k, v in old_text.items() if "token_embedding" not in k)
     assert (tmp_path / "v2" / "unet" / "text_encoder_ema.safetensors").is_file()
+    assert not (tmp_path / "v2" / "clip_vision.safetensors").exists()  # CLIP's tower was fitted to another encoder
     shipped = new.model.text_encoders[0].state_dict()  # the model ships the text encoder trained with its UNet
     joint = load_file(str(tmp_path / "v2" / "unet" / f"text_encoder_{_variant(tmp_path / 'v2')}.safetensors"))
     assert all(torch.equal(shipped[k].float(), joint[k]) for k in joint)
