@@ -2,8 +2,10 @@
 
 Each colour or shape word of a training caption names objects of the scene ("red" every red object, "stars" every
 star). While the UNet denoises, the cross-attention each such token gets at the 16x16 and 8x8 query levels is
-pulled onto those objects' masks: L = mean over grounded tokens and layers of (1 - mass on its objects / its
-total mass)^2, added to the denoising loss with a small weight. Why: learnt from the denoising loss alone, the
+pulled onto those objects' masks and made to cover them: per grounded token and layer, (1 - mass on its objects /
+its total mass)^2 (TokenCompose's token loss) + (1 - soft Dice of the map, scaled to its peak, with the objects'
+coverage) (in place of TokenCompose's pixel loss: without it the maps shrink to the objects' cores), added to the
+denoising loss with a small weight. Why: learnt from the denoising loss alone, the
 16x16 cross-attention stayed spread over every token (the 8x8 level already carries the words), so its per-word
 maps said nothing; and a word that attends to its own object is what binding a colour to a shape needs.
 
@@ -118,7 +120,9 @@ def token_masks(bits: Tensor, masks: Tensor) -> Tensor:
 
 
 def grounding_loss(maps: list[tuple[int, Tensor]], bits: Tensor, masks: Tensor) -> Tensor:
-    """mean (1 - own mass / total mass)^2 over grounded tokens and layers; 0 when nothing is grounded."""
+    """Mean over grounded tokens and layers of (1 - own mass / total mass)^2 (TokenCompose's token loss: the mass
+    on its objects) + (1 - soft Dice of the map scaled to its peak with the objects' coverage) (the map covers
+    them, as TokenCompose's pixel loss asks); 0 when nothing is grounded."""
     grounded = bits != 0  # (B, S)
     if not maps or not bool(grounded.any()):
         return masks.new_zeros((), dtype=torch.float32)
@@ -128,7 +132,9 @@ def grounding_loss(maps: list[tuple[int, Tensor]], bits: Tensor, masks: Tensor) 
         m = F.adaptive_avg_pool2d(full, side).flatten(2)  # (B, S, side*side)
         a = probs.transpose(1, 2)  # (B, S, side*side)
         own = (a * m).sum(-1) / a.sum(-1).clamp(min=1e-8)  # (B, S)
-        losses.append(((1 - own) ** 2)[grounded])
+        peak = a / a.amax(-1, keepdim=True).clamp(min=1e-8)  # (B, S, side*side) in [0, 1]
+        dice = 2 * (peak * m).sum(-1) / (peak.sum(-1) + m.sum(-1)).clamp(min=1e-8)
+        losses.append(((1 - own) ** 2 + (1 - dice))[grounded])
     return torch.cat(losses).mean()
 
 
