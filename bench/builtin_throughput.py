@@ -2,6 +2,7 @@
 in one process, per dtype, with easel's fast paths and (`--exact`) without.
 
     python bench/builtin_throughput.py --batch 4,16 --dtype fp32,bf16 --rounds 2 --threads 1 --exact
+    python bench/builtin_throughput.py --batch 4 --dtype fp32 --model old.safetensors --model shapeworld  # two models
 
 Each configuration: one warm-up call, then `--rounds` timed calls of `pipe.txt2img(PROMPT, batch_size=N)` with the
 model's defaults (size, steps, sampler), alternating configurations. Prints medians of wall and process CPU time and
@@ -31,24 +32,27 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--exact", action="store_true", help="also time easel's exact (NCHW) path")
+    p.add_argument("--model", action="append", default=[],
+                   help="a model to time instead of the built-in one (repeat to compare models in one run)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     import easel
     from easel.models.layers import exact_paths
-    pipes = {d: easel.load(dtype=d) for d in args.dtype.split(",")}
-    first = next(iter(pipes.values()))
-    cfg = first.loaded.model.config
-    print(f"built-in model {cfg.name}, {cfg.default_size} px, torch {torch.__version__}, {args.threads} thread(s); "
-          f"CPU: {cpu_line()}", flush=True)
+    models = args.model or [None]
+    pipes = {(m, d): easel.load(m, dtype=d) for m in models for d in args.dtype.split(",")}
+    for (m, _), pipe in pipes.items():
+        cfg = pipe.loaded.model.config
+        print(f"model {m or 'built-in'}: {cfg.name}, {cfg.default_size} px", flush=True)
+    print(f"torch {torch.__version__}, {args.threads} thread(s); CPU: {cpu_line()}", flush=True)
     paths = ["fast", "exact"] if args.exact else ["fast"]
-    configs = [(d, int(b), path) for d in pipes for b in args.batch.split(",") for path in paths]
+    configs = [(key, int(b), path) for key in pipes for b in args.batch.split(",") for path in paths]
 
-    def call(d: str, n: int, path: str):
+    def call(key: tuple, n: int, path: str):
         def run():
             if path == "exact":
                 with exact_paths():
-                    return pipes[d].txt2img(PROMPT, batch_size=n, seed=1)
-            return pipes[d].txt2img(PROMPT, batch_size=n, seed=1)
+                    return pipes[key].txt2img(PROMPT, batch_size=n, seed=1)
+            return pipes[key].txt2img(PROMPT, batch_size=n, seed=1)
         return run
 
     times = {c: [] for c in configs}
@@ -57,11 +61,11 @@ def main() -> None:
     for _ in range(args.rounds):
         for c in configs:
             times[c].append(timed(call(*c)))
-    print("| dtype | batch | path | median wall s | median CPU s | images/s (wall) | images per CPU s |")
-    print("|---|---|---|---|---|---|---|")
-    for (d, n, path), ts in times.items():
+    print("| model | dtype | batch | path | median wall s | median CPU s | images/s (wall) | images per CPU s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for ((m, d), n, path), ts in times.items():
         wall, cpu = statistics.median(w for w, _ in ts), statistics.median(c for _, c in ts)
-        print(f"| {d} | {n} | {path} | {wall:.2f} | {cpu:.2f} | {n / wall:.2f} | {n / cpu:.2f} |")
+        print(f"| {m or 'built-in'} | {d} | {n} | {path} | {wall:.2f} | {cpu:.2f} | {n / wall:.2f} | {n / cpu:.2f} |")
     print(f"peak RSS {rss_gib()[1]:.2f} GiB")
 
 
