@@ -63,7 +63,7 @@ def test_builtin_model_table_and_json(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("EASEL_CACHE", str(tmp_path / "cache"))
     assert main(["inspect", "model", "--json", "-o", str(tmp_path / "m")]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["cross_attention_at"] == ["8x8", "4x4"]  # the built-in UNet: transformer_depth (0, 1, 1)
+    assert info["cross_attention_at"] == ["16x16", "8x8", "4x4"]  # the built-in UNet: (1, 1, 0) and the 4x4 middle
     assert sum(b["params"] for b in info["unet_blocks"]) == next(
         c["params"] for c in info["components"] if c["component"] == "UNet")
     assert sum(c["params"] for c in info["components"]) == info["total_params"]
