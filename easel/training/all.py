@@ -292,8 +292,7 @@ def stage_unet(layout: Layout, base: ModelConfig, loop: LoopConfig, info: DistIn
     grounding = None
     if ground_weight:
         from easel.training.grounding import load_or_build_grounding
-        grounding = load_or_build_grounding(layout.stage("unet") / "grounding.pt", data, tok, LANGS, RELATION_SHARE,
-                                            loop.progress and info.main)
+        grounding = load_or_build_grounding(layout.stage("unet") / "grounding.pt", data, tok, loop.progress and info.main)
     run = UnetRun(layout.stage("unet"), cfg, text, empty, data, loop, init=init, text_lr_scale=text_lr_scale,
                   ground_weight=ground_weight, grounding=grounding)
     metrics = train_unet(run, info)

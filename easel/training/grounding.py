@@ -139,9 +139,9 @@ def grounding_loss(maps: list[tuple[int, Tensor]], bits: Tensor, masks: Tensor) 
 
 
 
-def load_or_build_grounding(path, data: dict, tok: CLIPTokenizer, langs: tuple[str, ...], relation_share: float,
-                            progress: bool = True) -> dict:
-    """The grounding cache of a latent cache's training scenes, rebuilt when the latent cache changed."""
+def load_or_build_grounding(path, data: dict, tok: CLIPTokenizer, progress: bool = True) -> dict:
+    """The grounding cache of a latent cache's training scenes (drawn with the languages and relation share its key
+    records), rebuilt when the latent cache changed."""
     from easel.training.common import load_checkpoint, save_atomic
     key = data["key"]
     if path.exists():
@@ -149,7 +149,7 @@ def load_or_build_grounding(path, data: dict, tok: CLIPTokenizer, langs: tuple[s
         if cache.get("key") == key:
             return cache
     n = len(data["train"]["latents"])
-    cache = {"key": key, **build_grounding(list(range(n)), data["train"]["captions"], langs, relation_share, tok,
-                                           progress)}
+    cache = {"key": key, **build_grounding(list(range(n)), data["train"]["captions"], tuple(key["langs"]),
+                                           key["relation_share"], tok, progress)}
     save_atomic(cache, path)
     return cache
